@@ -1,0 +1,1 @@
+"""Multifaceted Feature Visualization (Nguyen, Yosinski, Clune 2016) in PyTorch."""

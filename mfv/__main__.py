@@ -1,0 +1,3 @@
+from mfv.cli import main
+
+raise SystemExit(main())

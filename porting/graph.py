@@ -1,0 +1,163 @@
+"""A plain graph between the protobuf messages and the torch module.
+
+``build_graph`` takes an upgraded (V2, Input-layer) NetParameter, keeps the layers of the
+requested phase, refuses unsupported types all at once, instantiates each registered
+layer to infer shapes, and attaches weights matched by layer name. ``Graph.table()`` is
+what ``porting inspect`` prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from porting import caffe_pb2
+from porting.errors import PortingError, UnsupportedLayers
+from porting.layers import LAYERS, REFUSED, CaffeLayer
+
+
+@dataclass
+class WeightBlob:
+    """One parameter blob as stored: flat float32 data plus its declared shape.
+
+    ``shape`` is the BlobShape dims when present; otherwise ``legacy_dims`` holds the
+    deprecated (num, channels, height, width).
+    """
+
+    data: np.ndarray
+    shape: tuple[int, ...] | None = None
+    legacy_dims: tuple[int, int, int, int] | None = None
+
+    def declared(self) -> tuple[int, ...]:
+        return self.shape if self.shape is not None else tuple(self.legacy_dims or ())
+
+    def matches(self, target: tuple[int, ...]) -> bool:
+        """Caffe's Blob::ShapeEquals: legacy 4-D dims match a shape left-padded with 1s."""
+        if self.shape is not None:
+            return tuple(self.shape) == tuple(target)
+        if len(target) > 4:
+            return False
+        return tuple(self.legacy_dims) == (1,) * (4 - len(target)) + tuple(target)
+
+
+@dataclass
+class LayerSpec:
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    param: caffe_pb2.LayerParameter
+    module: CaffeLayer | None = None
+    weights: list[WeightBlob] | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return bool(self.tops) and self.tops == self.bottoms[: len(self.tops)]
+
+
+@dataclass
+class Graph:
+    name: str
+    inputs: dict[str, tuple[int, ...]]
+    layers: list[LayerSpec] = field(default_factory=list)
+    blob_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerSpec:
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def table(self) -> str:
+        """A fixed-width table: layer, type, bottoms -> tops, output shape, params, support."""
+        rows = [("layer", "type", "bottoms -> tops", "output shape", "params", "supported")]
+        for spec in self.layers:
+            shape = "" if spec.module is None else " ".join("x".join(map(str, s)) for s in spec.module.top_shapes)
+            count = 0 if spec.module is None else sum(int(np.prod(s)) for s in spec.module.param_shapes)
+            rows.append((spec.name, spec.type, f"{','.join(spec.bottoms)} -> {','.join(spec.tops)}",
+                         shape, f"{count:,}", "yes" if spec.type in LAYERS else "NO"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _phase_allowed(layer: caffe_pb2.LayerParameter, phase: int, level: int = 0, stages=()) -> bool:
+    """Caffe's Net::StateMeetsRule: include rules (any must match) else exclude rules (none may)."""
+
+    def meets(rule) -> bool:
+        if rule.HasField("phase") and rule.phase != phase:
+            return False
+        if rule.HasField("min_level") and level < rule.min_level:
+            return False
+        if rule.HasField("max_level") and level > rule.max_level:
+            return False
+        if any(s not in stages for s in rule.stage) or any(s in stages for s in rule.not_stage):
+            return False
+        return True
+
+    if layer.include:
+        return any(meets(r) for r in layer.include)
+    return not any(meets(r) for r in layer.exclude)
+
+
+def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
+                weights: dict[str, list[WeightBlob]] | None = None, source: object = None,
+                shape_only: bool = False) -> Graph:
+    """Build the graph of an upgraded NetParameter; ``source`` names the file in errors.
+
+    With ``shape_only`` unsupported layers are kept (for ``inspect``) instead of refused,
+    and shape inference stops at the first of them.
+    """
+    phase_id = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}[phase.lower()]
+    specs = [LayerSpec(l.name, l.type, list(l.bottom), list(l.top), l)
+             for l in net.layer if _phase_allowed(l, phase_id)]
+    bad = [f"{s.name} ({s.type}{': ' + REFUSED[s.type] if s.type in REFUSED else ''})"
+           for s in specs if s.type not in LAYERS or s.type in REFUSED]
+    if bad and not shape_only:
+        raise UnsupportedLayers("unsupported layer types: " + "; ".join(bad), source)
+    graph = Graph(net.name, {}, specs)
+    for spec in specs:
+        if spec.type not in LAYERS or spec.type in REFUSED:
+            break
+        missing = [b for b in spec.bottoms if b not in graph.blob_shapes]
+        if missing:
+            raise PortingError(f"bottom blob(s) {', '.join(missing)} not produced by any earlier layer",
+                               source, f"layer {spec.name}")
+        try:
+            spec.module = LAYERS[spec.type](spec, [graph.blob_shapes[b] for b in spec.bottoms])
+        except PortingError:
+            raise
+        except (ValueError, IndexError) as err:
+            raise PortingError(str(err), source, f"layer {spec.name} ({spec.type})") from None
+        if spec.type == "Input":
+            graph.inputs.update(zip(spec.tops, spec.module.top_shapes))
+        for top, shape in zip(spec.tops, spec.module.top_shapes):
+            graph.blob_shapes[top] = tuple(shape)
+        _attach_weights(spec, (weights or {}).get(spec.name), weights is not None, source)
+    return graph
+
+
+def _attach_weights(spec: LayerSpec, blobs: list[WeightBlob] | None, have_file: bool, source) -> None:
+    """Match stored blobs to the layer's expected shapes (Caffe's CopyTrainedLayersFrom)."""
+    expected = spec.module.param_shapes
+    if blobs is None:
+        if expected and have_file:
+            raise PortingError(f"weighted layer has no weights in the caffemodel (expects "
+                               f"{_fmt_shapes(expected)})", source, f"layer {spec.name}")
+        spec.module.init_blobs(None)
+        return
+    if len(blobs) != len(expected):
+        raise PortingError(f"caffemodel has {len(blobs)} blob(s) {_fmt_shapes([b.declared() for b in blobs])}, "
+                           f"layer expects {len(expected)} {_fmt_shapes(expected)}", source, f"layer {spec.name}")
+    for i, (blob, shape) in enumerate(zip(blobs, expected)):
+        if not blob.matches(shape) or blob.data.size != int(np.prod(shape)):
+            raise PortingError(f"blob {i} shape mismatch: caffemodel {_fmt_shapes([blob.declared()])} "
+                               f"({blob.data.size} values), layer expects {_fmt_shapes([shape])}",
+                               source, f"layer {spec.name}")
+    spec.weights = blobs
+    spec.module.init_blobs([b.data for b in blobs])
+
+
+def _fmt_shapes(shapes) -> str:
+    return ", ".join("(" + "x".join(map(str, s)) + ")" for s in shapes)

@@ -1,0 +1,81 @@
+"""CaffeNet: the torch module that interprets a Graph layer by layer, pycaffe-style."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from porting.graph import Graph
+
+
+def module_key(layer_name: str) -> str:
+    """Caffe layer names may hold '.', which torch module names cannot."""
+    return layer_name.replace(".", "\u2024")  # one-dot leader, looks the same in tables
+
+
+class CaffeNet(nn.Module):
+    """A Caffe net as an ``nn.Module``.
+
+    ``net(x)`` or ``net(data=x, ...)`` runs the layers in prototxt order and returns an
+    OrderedDict of every blob by Caffe name (an in-place layer overwrites its blob, as in
+    Caffe). ``end="fc8"`` stops after that layer (pycaffe's ``forward(end=)``). After a
+    call, ``layer_outputs[name]`` holds each layer's own tops, so the value of a blob before
+    an in-place layer overwrote it stays reachable. Inputs are NCHW float tensors in the
+    net's own preprocessing (for CaffeNet: BGR, 0-255 minus the mean).
+    """
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        self.graph = graph
+        self.layers = nn.ModuleDict()
+        for spec in graph.layers:
+            self.layers[module_key(spec.name)] = spec.module
+        self.layer_outputs: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    @property
+    def inputs(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.graph.inputs)
+
+    @property
+    def blobs_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.graph.blob_shapes)
+
+    @property
+    def params(self) -> OrderedDict[str, list[nn.Parameter]]:
+        """Each weighted layer's blobs in Caffe order (pycaffe's ``net.params``)."""
+        return OrderedDict((s.name, s.module.blobs) for s in self.graph.layers if s.module.param_shapes)
+
+
+    def state_dict(self, *args, **kwargs):
+        """Keys read ``<layer name>.<blob index>`` (no ``layers.`` prefix)."""
+        state = super().state_dict(*args, **kwargs)
+        return OrderedDict((k.removeprefix("layers."), v) for k, v in state.items())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(OrderedDict(("layers." + k, v) for k, v in state_dict.items()),
+                                       strict=strict, assign=assign)
+
+    def forward(self, *args: torch.Tensor, end: str | None = None, **inputs: torch.Tensor):
+        names = list(self.graph.inputs)
+        if args:
+            if len(args) > len(names):
+                raise TypeError(f"net takes {len(names)} input(s) ({', '.join(names)}), got {len(args)}")
+            inputs = {**dict(zip(names, args)), **inputs}
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise TypeError(f"missing input blob(s): {', '.join(missing)}")
+        if end is not None and end not in {s.name for s in self.graph.layers}:
+            raise KeyError(f"no layer named {end!r}")
+        blobs: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.layer_outputs = OrderedDict()
+        for spec in self.graph.layers:
+            if spec.type == "Input":
+                tops = tuple(inputs[t] for t in spec.tops)
+            else:
+                tops = spec.module(*(blobs[b] for b in spec.bottoms))
+            self.layer_outputs[spec.name] = tops
+            blobs.update(zip(spec.tops, tops))
+            if spec.name == end:
+                break
+        return blobs
