@@ -68,6 +68,15 @@ class Graph:
                 return spec
         raise KeyError(name)
 
+    def to_netparameter(self) -> caffe_pb2.NetParameter:
+        """The graph's layers as a V2 NetParameter without weights (for saving and export)."""
+        net = caffe_pb2.NetParameter(name=self.name)
+        for spec in self.layers:
+            layer = net.layer.add()
+            layer.CopyFrom(spec.param)
+            del layer.blobs[:]
+        return net
+
     def table(self) -> str:
         """A fixed-width table: layer, type, bottoms -> tops, output shape, params, support."""
         rows = [("layer", "type", "bottoms -> tops", "output shape", "params", "supported")]
@@ -101,6 +110,15 @@ def _phase_allowed(layer: caffe_pb2.LayerParameter, phase: int, level: int = 0, 
     return not any(meets(r) for r in layer.exclude)
 
 
+def _with_phase(layer: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerParameter:
+    """A copy of the layer with the net's phase set, as Caffe's Net::Init does; no blob data."""
+    copy = caffe_pb2.LayerParameter()
+    copy.CopyFrom(layer)
+    del copy.blobs[:]
+    copy.phase = phase
+    return copy
+
+
 def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
                 weights: dict[str, list[WeightBlob]] | None = None, source: object = None,
                 shape_only: bool = False) -> Graph:
@@ -110,7 +128,7 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
     and shape inference stops at the first of them.
     """
     phase_id = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}[phase.lower()]
-    specs = [LayerSpec(l.name, l.type, list(l.bottom), list(l.top), l)
+    specs = [LayerSpec(l.name, l.type, list(l.bottom), list(l.top), _with_phase(l, phase_id))
              for l in net.layer if _phase_allowed(l, phase_id)]
     bad = [f"{s.name} ({s.type}{': ' + REFUSED[s.type] if s.type in REFUSED else ''})"
            for s in specs if s.type not in LAYERS or s.type in REFUSED]

@@ -1,0 +1,84 @@
+"""`porting` command line: convert, inspect, env, verify, export, drift-diff, demo.
+
+Exit status: 0 success, 1 internal error (or, for verify, a blob out of tolerance),
+2 bad input (one line on stderr naming the file, the place and the problem).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from porting.errors import PortingError
+
+
+def _convert(args) -> int:
+    from porting import load_caffe
+    from porting.saved import save_converted
+
+    net = load_caffe(args.prototxt, args.caffemodel, phase=args.phase)
+    save_converted(net, args.output, phase=args.phase)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"wrote {args.output}: {len(net.graph.layers)} layers, {n_params:,} parameters")
+    return 0
+
+
+def _inspect(args) -> int:
+    from porting.graph import build_graph
+    from porting.parse import read_caffemodel, read_prototxt
+    from porting.upgrade import upgrade_needed, upgrade_net
+
+    raw = read_prototxt(args.prototxt)
+    upgrades = upgrade_needed(raw)
+    weights = read_caffemodel(args.caffemodel) if args.caffemodel else None
+    graph = build_graph(upgrade_net(raw, source=args.prototxt), args.phase, weights,
+                        source=args.prototxt, shape_only=True)
+    print(f"net {graph.name or '(unnamed)'}: {len(graph.layers)} layers, phase {args.phase}"
+          + (f"; upgraded from: {', '.join(upgrades)}" if upgrades else ""))
+    print(graph.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="porting", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Caffe model to a safetensors file")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel", nargs="?")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    p.add_argument("--phase", default="test", choices=["test", "train"])
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("inspect", help="print the layer table of a Caffe model")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel", nargs="?")
+    p.add_argument("--phase", default="test", choices=["test", "train"])
+    p.set_defaults(func=_inspect)
+
+    for module in _FEATURE_MODULES:
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    return parser
+
+
+# Modules that add their own subcommands with add_parser(subparsers).
+_FEATURE_MODULES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PortingError as err:
+        print(f"porting: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # an internal error: keep the traceback for the bug report
+        traceback.print_exc()
+        print("porting: internal error (the traceback above belongs in a bug report)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Converted models on disk: one safetensors file, no pickled code.
+
+The file holds every parameter blob as a tensor under its state_dict key
+(``<layer>.<blob index>``) and, in the safetensors metadata, the upgraded V2 net
+definition as prototxt text plus the phase. Loading rebuilds the graph from that text
+and needs neither the original prototxt nor the caffemodel.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from google.protobuf import text_format
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from porting import caffe_pb2
+from porting.errors import PortingError
+
+FORMAT = "caffe-port-harness/1"
+
+
+def save_converted(net, path: str | os.PathLike, phase: str = "test") -> None:
+    """Write ``net`` (a CaffeNet) to ``path`` atomically."""
+    path = Path(path)
+    meta = {"format": FORMAT, "phase": phase,
+            "prototxt": text_format.MessageToString(net.graph.to_netparameter())}
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_converted(path: str | os.PathLike):
+    """Load a file written by ``save_converted`` into a CaffeNet."""
+    from safetensors import safe_open
+
+    from porting.graph import WeightBlob, build_graph
+    from porting.net import CaffeNet
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise PortingError("no such file", path) from None
+    except (SafetensorsError, OSError, ValueError) as err:
+        raise PortingError(f"not a converted model ({err})", path) from None
+    if meta.get("format") != FORMAT:
+        raise PortingError(f"not a converted model (format {meta.get('format')!r}, expected {FORMAT!r})", path)
+    net = caffe_pb2.NetParameter()
+    text_format.Parse(meta["prototxt"], net)
+    weights: dict[str, list[WeightBlob]] = {}
+    for key, tensor in tensors.items():
+        layer, index = key.rsplit(".", 1)
+        weights.setdefault(layer.replace("\u2024", "."), []).append((int(index), tensor))
+    weights = {name: [WeightBlob(t.numpy().reshape(-1), tuple(t.shape)) for _, t in sorted(blobs)]
+               for name, blobs in weights.items()}
+    return CaffeNet(build_graph(net, meta.get("phase", "test"), weights, source=path))
