@@ -1,0 +1,90 @@
+"""`porting convert` / `porting inspect`: exit 0 on success, 2 with one line on bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from porting import load_caffe, models
+from porting.upgrade import upgrade_net
+from porting.parse import read_prototxt
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
+NET = """name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 5 dim: 5 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 3 kernel_size: 3 } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param { num_output: 4 } }
+"""
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "porting", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "small.prototxt"
+    path.write_text(NET)
+    return path
+
+
+def test_inspect_prints_table(small):
+    out = run("inspect", small)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "layer" in lines[1] and "output shape" in lines[1]
+    row = next(l for l in lines if l.startswith("conv "))
+    assert "1x3x3x3" in row and "57" in row and row.rstrip().endswith("yes")  # 3*2*3*3 + 3 params
+
+
+def test_inspect_marks_unsupported_layers(tmp_path):
+    path = tmp_path / "lstm.prototxt"
+    path.write_text(NET + 'layer { name: "rnn" type: "LSTM" bottom: "fc" top: "rnn" }\n'
+                    'layer { name: "py" type: "Python" bottom: "fc" top: "py" }\n')
+    out = run("inspect", path)
+    assert out.returncode == 0
+    assert [l.split()[-1] for l in out.stdout.splitlines() if l.startswith(("rnn", "py "))] == ["NO", "NO"]
+    conv = run("convert", path, "-o", tmp_path / "x.safetensors")
+    assert conv.returncode == 2
+    assert conv.stderr.count("\n") == 1 and "rnn (LSTM)" in conv.stderr and "py (Python" in conv.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_writes_loadable_file(small, tmp_path):
+    out = run("convert", small, "-o", tmp_path / "small.safetensors")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "small.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("case", ["missing", "syntax", "truncated", "foreign"])
+def test_bad_input_is_one_line_exit_2(case, small, tmp_path):
+    model = tmp_path / "w.caffemodel"
+    if case == "missing":
+        args = [tmp_path / "nope.prototxt"]
+    elif case == "syntax":
+        bad = tmp_path / "bad.prototxt"
+        bad.write_text('name: "x"\nlayer { name: "a" type: "ReLU" bottom: "x" top: "x"\n  relu_param { negative_slope: oops } }\n')
+        args = [bad]
+    elif case == "truncated":
+        model.write_bytes(b"\x0a\x05small\xa2\x06\xff\xff\x01")  # a layer field that claims more bytes than exist
+        args = [small, model]
+    else:
+        model.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)))
+        args = [small, model]
+    out = run("convert", *args, "-o", tmp_path / "o.safetensors")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    named = {"missing": "nope.prototxt", "syntax": "bad.prototxt:", "truncated": "w.caffemodel", "foreign": "w.caffemodel"}
+    assert named[case] in out.stderr
+    if case == "syntax":
+        assert "line 3" in out.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_shipped_caffenet_equals_mfv_deploy():
+    mfv = SHARED / "mfv-original" / "deploy_alexnet_updated.prototxt"
+    if not mfv.exists():
+        pytest.skip("reference data absent")
+    ours, theirs = (upgrade_net(read_prototxt(p)) for p in (models.path("caffenet"), mfv))
+    assert ours.layer == theirs.layer and ours.force_backward == theirs.force_backward
+    assert load_caffe(models.path("caffenet")).graph.blob_shapes["fc8"] == (1, 1000)
