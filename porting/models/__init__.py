@@ -14,3 +14,35 @@ def path(name: str) -> Path:
 
 def available() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.prototxt"))
+
+
+# Published weights the shipped nets accept (not downloadable on every machine: pass
+# the path). sha1 from the model's readme in the Caffe model zoo.
+KNOWN_WEIGHTS = {
+    "caffenet": {
+        "file": "bvlc_reference_caffenet.caffemodel",
+        "url": "http://dl.caffe.berkeleyvision.org/bvlc_reference_caffenet.caffemodel",
+        "sha1": "4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46",
+    },
+}
+
+
+def sha1_of(path: str | Path, chunk: int = 1 << 22) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights(name: str, path: str | Path) -> None:
+    """Raise PortingError unless ``path`` is the published weights file ``name`` (by SHA-1)."""
+    from porting.errors import PortingError
+
+    known = KNOWN_WEIGHTS[name]
+    got = sha1_of(path)
+    if got != known["sha1"]:
+        raise PortingError(f"SHA-1 {got} is not that of {known['file']} ({known['sha1']}); "
+                           f"download it again from {known['url']}", path)
