@@ -6,12 +6,23 @@ parameter blobs and of its tops, and maps bottom tensors (NCHW, float) to top te
 with Caffe 1.0's semantics. Its parameter blobs are registered in Caffe's order under the
 names "0", "1", ... so a state_dict key reads ``<layer name>.<blob index>`` and
 ``net.params[name][i]`` is pycaffe's ``net.params[name][i].data``.
+
+Conventions every layer keeps: ``__init__`` raises ``ValueError`` (one clear sentence) on a
+configuration Caffe would refuse or could not run; ``forward`` never writes into its
+bottoms (the net keeps pre-in-place values) and computes in the dtype of its inputs, so a
+net converted with ``.double()`` runs in float64. Layers whose backward in Caffe is not the
+exact derivative of the forward (LRN, Power, Eltwise MAX, pooling ties) reproduce Caffe's
+backward formula; the others rely on autograd.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
+
+from porting import caffe_pb2
 
 LAYERS: dict[str, type["CaffeLayer"]] = {}
 V1_TYPES: dict[str, str] = {}  # V1LayerParameter.LayerType name -> V2 type string
@@ -33,6 +44,18 @@ def register(type_name: str, v1: str | None = None):
     return wrap
 
 
+def canonical_axis(axis: int, num_axes: int) -> int:
+    """Caffe's Blob::CanonicalAxisIndex: a negative axis counts from the end."""
+    if not -num_axes <= axis < num_axes:
+        raise ValueError(f"axis {axis} out of range for a {num_axes}-axis blob")
+    return axis + num_axes if axis < 0 else axis
+
+
+def count(shape, start: int = 0, end: int | None = None) -> int:
+    """Caffe's Blob::count(start, end): the product of the dims in [start, end)."""
+    return int(np.prod(shape[start:end], dtype=np.int64))
+
+
 class CaffeLayer(nn.Module):
     """Base class. Subclasses set ``param_shapes`` and ``top_shapes`` in ``__init__``.
 
@@ -48,9 +71,29 @@ class CaffeLayer(nn.Module):
     def __init__(self, spec, bottom_shapes: list[tuple[int, ...]]):
         super().__init__()
         self.spec = spec
-        self.bottom_shapes = [tuple(s) for s in bottom_shapes]
+        self.bottom_shapes = [tuple(int(d) for d in s) for s in bottom_shapes]
         self.param_shapes: list[tuple[int, ...]] = []
         self.top_shapes: list[tuple[int, ...]] = []
+
+    # -- helpers for subclasses -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return getattr(self.spec, "name", "") or self.type_name
+
+    @property
+    def phase(self) -> str:
+        """"test" or "train": the layer's phase as the graph set it (TEST when unset)."""
+        param = self.spec.param
+        if param.HasField("phase") and param.phase == caffe_pb2.TRAIN:
+            return "train"
+        return "test"
+
+    def expect_bottoms(self, low: int, high: int | None = None) -> None:
+        """Raise ValueError unless the layer has between low and high (inclusive) bottoms."""
+        n, high = len(self.bottom_shapes), low if high is None else high
+        if n < low or (high >= 0 and n > high):
+            want = str(low) if high == low else f"{low}+" if high < 0 else f"{low} to {high}"
+            raise ValueError(f"{self.type_name} takes {want} bottom blob(s), got {n}")
 
     # -- parameter blobs -------------------------------------------------------
     def init_blobs(self, arrays: list[np.ndarray] | None = None) -> None:
@@ -69,3 +112,31 @@ class CaffeLayer(nn.Module):
     def describe(self) -> str:
         """Short text of the parameters that matter (for tables and drift reports)."""
         return ""
+
+
+def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None) -> CaffeLayer:
+    """One layer outside any net, from a LayerParameter or its prototxt text.
+
+    ``bottom_shapes`` is a list of shapes; ``blobs`` optional arrays in Caffe order (zeros
+    otherwise). V1 enum type names (``CONVOLUTION``) are accepted. Raises ValueError on an
+    impossible configuration and KeyError on an unknown type.
+    """
+    if isinstance(param, str):
+        from google.protobuf import text_format
+
+        param = text_format.Parse(param, caffe_pb2.LayerParameter())
+    type_name = V1_TYPES.get(param.type, param.type)
+    if type_name in REFUSED:
+        raise KeyError(f"{type_name}: {REFUSED[type_name]}")
+    spec = SimpleNamespace(name=param.name, type=type_name, bottoms=list(param.bottom),
+                           tops=list(param.top), param=param)
+    layer = LAYERS[type_name](spec, [tuple(s) for s in bottom_shapes])
+    layer.init_blobs(blobs)
+    return layer
+
+
+# Registration happens on import of the modules below (kept last: they import the names above).
+from porting.layers import (  # noqa: E402,F401
+    argmax, batch_norm, convolution, eltwise, inner_product, input_layer, lrn, neuron, pooling,
+    scale_bias, shape, softmax,
+)

@@ -1,0 +1,152 @@
+"""Convolution and Deconvolution (Caffe 1.0 base_conv_layer.cpp, conv_layer.cpp, deconv_layer.cpp).
+
+Caffe's im2col + GEMM convolution is the cross-correlation that ``torch.nn.functional.conv*d``
+computes, with the same weight layout, symmetric zero padding, dilation, groups and floor
+output size; Deconvolution is Caffe's convolution backward-data, i.e. ``conv_transpose*d``
+with output_padding 0. Both are verified against float64 NumPy loops in
+tests/test_layers_conv.py. Bottoms are (N..., C, spatial...) with the channel axis at
+``convolution_param.axis`` (default 1); axes before it are batch axes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from porting.layers import CaffeLayer, canonical_axis, register
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_geometry(cp, num_spatial: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Kernel, stride, pad, dilation per spatial axis, with Caffe's rules for _h/_w and repeats."""
+
+    def per_axis(name: str, values, default: int | None) -> list[int]:
+        n = len(values)
+        if n == 0 and default is not None:
+            return [default] * num_spatial
+        if n not in (1, num_spatial):
+            raise ValueError(f"{name} must be given once, or once per spatial axis "
+                             f"(given {n} times for {num_spatial} spatial axes)")
+        return [int(values[0 if n == 1 else i]) for i in range(num_spatial)]
+
+    def with_hw(name: str, default: int | None) -> list[int]:
+        has_h, has_w = cp.HasField(f"{name}_h"), cp.HasField(f"{name}_w")
+        repeated = getattr(cp, "kernel_size" if name == "kernel" else name)
+        if has_h or has_w:
+            if num_spatial != 2:
+                raise ValueError(f"{name}_h and {name}_w can only be used for 2-D convolution")
+            if len(repeated):
+                raise ValueError(f"give either {name if name != 'kernel' else 'kernel_size'} "
+                                 f"or {name}_h/{name}_w, not both")
+            return [int(getattr(cp, f"{name}_h")), int(getattr(cp, f"{name}_w"))]
+        return per_axis("kernel_size" if name == "kernel" else name, repeated, default)
+
+    kernel = with_hw("kernel", None)
+    stride = with_hw("stride", 1)
+    pad = with_hw("pad", 0)
+    dilation = per_axis("dilation", cp.dilation, 1)
+    if any(k <= 0 for k in kernel):
+        raise ValueError(f"kernel dimensions must be nonzero, got {kernel}")
+    if any(s <= 0 for s in stride):
+        raise ValueError(f"stride dimensions must be nonzero, got {stride}")
+    if any(d <= 0 for d in dilation):
+        raise ValueError(f"dilation must be nonzero, got {dilation}")
+    return kernel, stride, pad, dilation
+
+
+class _ConvBase(CaffeLayer):
+    """Shared parameter handling; ``reverse`` is True for Deconvolution."""
+
+    reverse = False
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(1, -1)
+        if any(s != self.bottom_shapes[0] for s in self.bottom_shapes):
+            raise ValueError(f"all bottoms must have the same shape, got {self.bottom_shapes}")
+        cp = spec.param.convolution_param
+        shape = self.bottom_shapes[0]
+        self.axis = canonical_axis(cp.axis, len(shape))
+        self.num_spatial = len(shape) - self.axis - 1
+        if self.num_spatial not in _CONV:
+            raise ValueError(f"{self.type_name} supports 1 to 3 spatial axes, bottom {shape} has "
+                             f"{self.num_spatial} after channel axis {self.axis}")
+        self.kernel, self.stride, self.pad, self.dilation = conv_geometry(cp, self.num_spatial)
+        self.channels = shape[self.axis]
+        self.num_output = int(cp.num_output)
+        self.group = int(cp.group)
+        self.bias_term = bool(cp.bias_term)
+        if self.num_output <= 0:
+            raise ValueError("convolution_param.num_output must be positive")
+        if self.group <= 0 or self.channels % self.group or self.num_output % self.group:
+            raise ValueError(f"group {self.group} must divide the input channels ({self.channels}) "
+                             f"and num_output ({self.num_output})")
+        if self.reverse:
+            weight = (self.channels, self.num_output // self.group)
+        else:
+            weight = (self.num_output, self.channels // self.group)
+        self.param_shapes = [weight + tuple(self.kernel)]
+        if self.bias_term:
+            self.param_shapes.append((self.num_output,))
+        out_spatial = [self._out_size(i, shape[self.axis + 1 + i]) for i in range(self.num_spatial)]
+        if any(o <= 0 for o in out_spatial):
+            raise ValueError(f"{self.type_name} output would be empty: input {shape}, kernel "
+                             f"{self.kernel}, stride {self.stride}, pad {self.pad}, dilation {self.dilation}")
+        top = shape[: self.axis] + (self.num_output,) + tuple(out_spatial)
+        self.top_shapes = [top] * len(self.bottom_shapes)
+
+    def _extent(self, i: int) -> int:
+        return self.dilation[i] * (self.kernel[i] - 1) + 1
+
+    def _out_size(self, i: int, size: int) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, *bottoms):
+        weight = self.blobs[0]
+        bias = self.blobs[1] if self.bias_term else None
+        tops = []
+        for x in bottoms:
+            batch = x.shape[: self.axis]
+            x = x.reshape((-1,) + tuple(x.shape[self.axis:]))
+            y = self._apply(x, weight, bias)
+            tops.append(y.reshape(tuple(batch) + tuple(y.shape[1:])))
+        return tuple(tops)
+
+    def describe(self) -> str:
+        def fmt(values):
+            return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+        text = f"k{fmt(self.kernel)} s{fmt(self.stride)} p{fmt(self.pad)} g{self.group}"
+        if any(d != 1 for d in self.dilation):
+            text += f" d{fmt(self.dilation)}"
+        return text
+
+
+@register("Convolution", v1="CONVOLUTION")
+class Convolution(_ConvBase):
+    """Weights (num_output, C/group, k...), bias (num_output,); out = (in + 2p - ext) // s + 1."""
+
+    def _out_size(self, i, size):
+        span = size + 2 * self.pad[i] - self._extent(i)
+        if span < 0:  # C++ division truncates toward zero here; the result is meaningless
+            return 0
+        return span // self.stride[i] + 1
+
+    def _apply(self, x, weight, bias):
+        return _CONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
+                                       dilation=self.dilation, groups=self.group)
+
+
+@register("Deconvolution", v1="DECONVOLUTION")
+class Deconvolution(_ConvBase):
+    """Weights (C, num_output/group, k...), bias (num_output,); out = s*(in-1) + ext - 2p."""
+
+    reverse = True
+
+    def _out_size(self, i, size):
+        return self.stride[i] * (size - 1) + self._extent(i) - 2 * self.pad[i]
+
+    def _apply(self, x, weight, bias):
+        return _DECONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
+                                         output_padding=0, groups=self.group, dilation=self.dilation)

@@ -1,0 +1,40 @@
+"""InnerProduct (Caffe 1.0 inner_product_layer.cpp): a fully connected layer.
+
+The bottom is flattened from ``axis`` (default 1) on: (M, K) with M = count(0, axis) and
+K = count(axis). Weights are (num_output, K), or (K, num_output) with ``transpose: true``;
+bias (num_output,). The top is bottom.shape[:axis] + (num_output,).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from porting.layers import CaffeLayer, canonical_axis, count, register
+
+
+@register("InnerProduct", v1="INNER_PRODUCT")
+class InnerProduct(CaffeLayer):
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(1)
+        ip = spec.param.inner_product_param
+        shape = self.bottom_shapes[0]
+        self.axis = canonical_axis(ip.axis, len(shape))
+        self.num_output = int(ip.num_output)
+        if self.num_output <= 0:
+            raise ValueError("inner_product_param.num_output must be positive")
+        self.transpose = bool(ip.transpose)
+        self.bias_term = bool(ip.bias_term)
+        k = count(shape, self.axis)
+        self.param_shapes = [(k, self.num_output) if self.transpose else (self.num_output, k)]
+        if self.bias_term:
+            self.param_shapes.append((self.num_output,))
+        self.top_shapes = [shape[: self.axis] + (self.num_output,)]
+
+    def forward(self, x):
+        flat = x.reshape(tuple(x.shape[: self.axis]) + (-1,))
+        weight = self.blobs[0].t() if self.transpose else self.blobs[0]
+        bias = self.blobs[1] if self.bias_term else None
+        return (F.linear(flat, weight, bias),)
+
+    def describe(self) -> str:
+        return f"{self.num_output}" + (" T" if self.transpose else "") + ("" if self.bias_term else " nobias")

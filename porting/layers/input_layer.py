@@ -1,0 +1,32 @@
+"""Input: declares the shapes of the net's input blobs (Caffe 1.0 input_layer.cpp)."""
+from __future__ import annotations
+
+from porting.layers import CaffeLayer, register
+
+
+@register("Input")
+class Input(CaffeLayer):
+    """``input_param { shape {...} }`` once for all tops or once per top; no bottoms.
+
+    The net feeds the tops itself; ``forward(*tops)`` returns what it is given.
+    """
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(0)
+        shapes = [tuple(int(d) for d in s.dim) for s in spec.param.input_param.shape]
+        n_tops = len(spec.param.top)
+        if not shapes:
+            raise ValueError("Input layer needs input_param { shape { dim: ... } }")
+        if len(shapes) not in (1, n_tops):
+            raise ValueError(f"Input layer gives {len(shapes)} shapes for {n_tops} tops; "
+                             "give one shape, or one per top")
+        if any(d < 0 for s in shapes for d in s):
+            raise ValueError(f"Input shape has a negative dim: {shapes}")
+        self.top_shapes = shapes * n_tops if len(shapes) == 1 else shapes
+
+    def forward(self, *tops):
+        return tuple(tops)
+
+    def describe(self) -> str:
+        return " ".join("x".join(map(str, s)) for s in self.top_shapes)

@@ -1,0 +1,143 @@
+"""Pooling with Caffe 1.0's own geometry (pooling_layer.cpp, CAFFE engine).
+
+Why not plain ``max_pool2d``/``avg_pool2d``: Caffe's output size rounds up (``round_mode``
+CEIL, the default) and, only when pad > 0, drops a last window that would start in the
+right/bottom padding; torch limits pad to kernel/2 and applies its own clip rule even
+without padding. Caffe's AVE divisor counts padded cells up to the padded border
+(``min(start + kernel, size + pad) - start``), which neither ``count_include_pad`` setting
+reproduces at the bottom/right edge. So the input is padded here by hand (-inf for MAX,
+0 for AVE) to exactly cover Caffe's windows, the windows are pooled without torch
+padding, and AVE divides the window sums by Caffe's divisor map.
+
+Tie-breaking: Caffe routes the MAX gradient to the first maximum of a window in row-major
+scan order; torch's CPU max_pool2d keeps the first strictly greater value too, so its
+backward matches (tests/test_layers_pooling.py checks this on ReLU-style ties at 0).
+A window with no image cell (possible only with pad 0 and stride > kernel) gives Caffe's
+-FLT_MAX for MAX and 0 / divisor for AVE (NaN when the divisor is 0), as Caffe does.
+STOCHASTIC pooling (random at TRAIN, GPU-only at TEST) is refused.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from porting import caffe_pb2
+from porting.layers import CaffeLayer, register
+
+P = caffe_pb2.PoolingParameter
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool = True) -> int:
+    """Caffe's pooled size before the pad clip rule: float32 division, ceil (or floor), + 1."""
+    ratio = float(np.float32(size + 2 * pad - kernel) / np.float32(stride))
+    return int(math.ceil(ratio) if ceil_mode else math.floor(ratio)) + 1
+
+
+def pooling_geometry(pp, height: int, width: int):
+    """(kernel, stride, pad, pooled) as (h, w) pairs, with Caffe's parameter rules."""
+    if pp.global_pooling:
+        if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+            raise ValueError("with global_pooling: true the kernel size cannot be given")
+        kernel = (height, width)
+    elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
+        raise ValueError("give kernel_size, or kernel_h and kernel_w; not both, not neither")
+    elif pp.HasField("kernel_size"):
+        kernel = (pp.kernel_size, pp.kernel_size)
+    else:
+        kernel = (pp.kernel_h, pp.kernel_w)
+    if pp.HasField("pad") and (pp.HasField("pad_h") or pp.HasField("pad_w")) or \
+            pp.HasField("pad_h") != pp.HasField("pad_w"):
+        raise ValueError("give pad, or pad_h and pad_w")
+    pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad, pp.pad)
+    if pp.HasField("stride") and (pp.HasField("stride_h") or pp.HasField("stride_w")) or \
+            pp.HasField("stride_h") != pp.HasField("stride_w"):
+        raise ValueError("give stride, or stride_h and stride_w")
+    stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
+    kernel, pad, stride = tuple(map(int, kernel)), tuple(map(int, pad)), tuple(map(int, stride))
+    if min(kernel) <= 0:
+        raise ValueError(f"kernel dimensions must be nonzero, got {kernel}")
+    if min(stride) <= 0:
+        raise ValueError(f"stride must be nonzero, got {stride}")
+    if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
+        raise ValueError("with global_pooling: true only pad = 0 and stride = 1 are allowed")
+    if any(p >= k for p, k in zip(pad, kernel)):
+        raise ValueError(f"pad {pad} must be smaller than the kernel {kernel}")
+    ceil_mode = pp.round_mode == P.CEIL
+    pooled = [pooled_size(s, k, st, p, ceil_mode) for s, k, st, p in zip((height, width), kernel, stride, pad)]
+    if pad != (0, 0):  # the last window must start strictly inside the image (Caffe's clip rule)
+        for i, size in enumerate((height, width)):
+            if (pooled[i] - 1) * stride[i] >= size + pad[i]:
+                pooled[i] -= 1
+    if min(pooled) <= 0:
+        raise ValueError(f"pooling output would be empty: input {height}x{width}, kernel {kernel}, "
+                         f"stride {stride}, pad {pad}")
+    return kernel, stride, pad, tuple(pooled)
+
+
+def _cover(x, kernel, stride, pad, pooled, value):
+    """Pad x (N, C, H, W) with ``value`` so that Caffe's windows tile it without torch padding."""
+    need = [(o - 1) * s + k for o, s, k in zip(pooled, stride, kernel)]
+    extra = [n - size - p for n, size, p in zip(need, x.shape[2:], pad)]
+    x = F.pad(x, (pad[1], max(extra[1], 0), pad[0], max(extra[0], 0)), value=value)
+    return x[:, :, : need[0], : need[1]]
+
+
+def caffe_max_pool(x, kernel, stride, pad, pooled):
+    """MAX pooling over Caffe's windows; empty windows give -FLT_MAX as in Caffe."""
+    y = F.max_pool2d(_cover(x, kernel, stride, pad, pooled, -math.inf), kernel, stride)
+    return y.clamp_min(-FLT_MAX)
+
+
+def ave_divisor(size: int, kernel: int, stride: int, pad: int, pooled: int) -> np.ndarray:
+    """Caffe's AVE pool_size factor along one axis: min(start + k, size + pad) - start."""
+    start = np.arange(pooled) * stride - pad
+    return np.minimum(start + kernel, size + pad) - start
+
+
+def caffe_ave_pool(x, kernel, stride, pad, pooled):
+    """AVE pooling: window sums over the image divided by Caffe's divisor (counts padding)."""
+    sums = F.avg_pool2d(_cover(x, kernel, stride, pad, pooled, 0.0), kernel, stride, divisor_override=1)
+    dh = ave_divisor(x.shape[2], kernel[0], stride[0], pad[0], pooled[0])
+    dw = ave_divisor(x.shape[3], kernel[1], stride[1], pad[1], pooled[1])
+    divisor = torch.as_tensor(np.outer(dh, dw), dtype=x.dtype, device=x.device)
+    return sums / divisor
+
+
+@register("Pooling", v1="POOLING")
+class Pooling(CaffeLayer):
+    """MAX or AVE pooling of an (N, C, H, W) blob; see the module docstring for the rules."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(1)
+        pp = spec.param.pooling_param
+        if pp.pool == P.STOCHASTIC:
+            raise ValueError("STOCHASTIC pooling is not supported (random at TRAIN, GPU-only at TEST)")
+        if len(spec.param.top) > 1:
+            raise ValueError("Pooling with a second (mask) top is not supported")
+        shape = self.bottom_shapes[0]
+        if len(shape) != 4:
+            raise ValueError(f"Pooling needs a 4-axis (N, C, H, W) bottom, got {shape}")
+        self.method = "MAX" if pp.pool == P.MAX else "AVE"
+        self.global_pooling = bool(pp.global_pooling)
+        self.kernel, self.stride, self.pad, self.pooled = pooling_geometry(pp, shape[2], shape[3])
+        self.top_shapes = [shape[:2] + self.pooled]
+
+    def forward(self, x):
+        pool = caffe_max_pool if self.method == "MAX" else caffe_ave_pool
+        geometry = (self.kernel, self.stride, self.pad, self.pooled)
+        if tuple(x.shape[2:]) != self.bottom_shapes[0][2:]:  # Caffe reshapes to a new input size
+            geometry = pooling_geometry(self.spec.param.pooling_param, x.shape[2], x.shape[3])
+        return (pool(x, *geometry),)
+
+    def describe(self) -> str:
+        def fmt(pair):
+            return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+        if self.global_pooling:
+            return f"{self.method} global"
+        return f"{self.method} k{fmt(self.kernel)} s{fmt(self.stride)} p{fmt(self.pad)}"
