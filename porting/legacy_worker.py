@@ -1,0 +1,413 @@
+"""Host client of the reference worker: real Caffe 1.0 (and Python 2.7) from the harness.
+
+``Worker`` keeps one ``python3 -m reference.worker`` process running inside the legacy
+root (``unshare`` + ``chroot``, see porting/legacy_build.py), so a test session or an
+optimisation loop pays Caffe's start-up once. Requests are JSON lines over its pipes;
+arrays travel as .npy/.npz files in a per-worker job folder inside the root; input files
+(prototxt, caffemodel, images) enter that folder once per worker, by hard link when on
+the same filesystem, else by copy, named by their sha256.
+
+Failures are raised, never swallowed: a failed Caffe CHECK kills the worker, and the
+client raises ``CaffeError`` with glog's "Check failed" line and the layer it came from,
+then starts a fresh worker on the next call; a worker silent past ``timeout`` seconds is
+killed (``CaffeTimeout``); a missing root raises ``PortingError`` saying how to build it.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from porting.errors import PortingError
+from porting.legacy_build import (CHROOT_ENV, INSIDE_JOBS, INSIDE_REFERENCE, REFERENCE_DIR, chroot_argv,
+                                  require_built, resolve_root)
+
+_GLOG_FATAL = re.compile(r"^F\d{4} [\d:.]+\s+\d+ ([^\]]+)\] (.*)$")
+_LAYER_STEP = re.compile(r"\] (Creating layer|Setting up|Forward layer|Backward layer) (.+?)\s*$")
+_STEP_WORDS = {"Creating layer": "while creating it", "Setting up": "while setting it up",
+               "Forward layer": "in its forward pass", "Backward layer": "in its backward pass"}
+
+
+class CaffeError(PortingError):
+    """Caffe refused a job: ``check`` (glog's fatal line, or the Python error of the
+    worker), ``layer`` (the layer it came from, when known), ``log_tail`` (last stderr lines)."""
+
+    def __init__(self, problem: str, path: object = None, layer: str | None = None,
+                 log_tail: str = "", check: str | None = None):
+        super().__init__(problem, path, f"layer {layer}" if layer else None)
+        self.layer, self.log_tail, self.check = layer, log_tail, check or problem
+
+
+class CaffeTimeout(CaffeError):
+    """The worker gave no answer in time and was killed."""
+
+
+class CaffeResult(dict):
+    """Arrays of one job by key (``blob/<name>/data`` ...), plus ``provenance``: versions,
+    BLAS, seed, sha256 of every input (prototxt, caffemodel, arrays)."""
+
+    def __init__(self, arrays=(), provenance: dict | None = None):
+        super().__init__(arrays)
+        self.provenance = provenance or {}
+
+
+def parse_caffe_log(lines: list[str]) -> tuple[str | None, str | None]:
+    """(fatal message with its source place, layer) from a worker's stderr lines.
+
+    The message is glog's last F line (e.g. "eltwise_layer.cpp:34] Check failed: ...");
+    the layer comes from the last "Creating layer"/"Setting up" line of Caffe's net set-up,
+    or the worker's own "Forward layer"/"Backward layer" marker before it.
+    """
+    fatal_at = None
+    for i in range(len(lines) - 1, -1, -1):
+        if _GLOG_FATAL.match(lines[i]):
+            fatal_at = i
+            break
+    if fatal_at is None:
+        return None, None
+    where, message = _GLOG_FATAL.match(lines[fatal_at]).groups()
+    for line in reversed(lines[:fatal_at]):
+        step = _LAYER_STEP.search(line)
+        if step:
+            return f"{message} [{where.strip()}, {_STEP_WORDS[step.group(1)]}]", step.group(2)
+    return f"{message} [{where.strip()}]", None
+
+
+class Worker:
+    """One long-lived reference worker (Python 3 + pycaffe in the legacy root).
+
+    ``timeout``: seconds a job may take before the worker is killed (CaffeTimeout).
+    ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: OpenBLAS's default, all cores);
+    recorded in every result's provenance. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, timeout: float = 600.0,
+                 start_timeout: float = 120.0, blas_threads: int | None = None, start: bool = True):
+        self.root = resolve_root(root)
+        require_built(self.root)
+        if os.geteuid() != 0:
+            raise PortingError("running real Caffe needs root privileges (chroot into the legacy root); "
+                               "run as root, or use the Docker image from docker/Dockerfile", self.root)
+        self.timeout, self.start_timeout, self.blas_threads = timeout, start_timeout, blas_threads
+        self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.jobdir = self.root / INSIDE_JOBS.lstrip("/") / self.name
+        self._inside = f"{INSIDE_JOBS}/{self.name}"
+        self._proc: subprocess.Popen | None = None
+        self._log: collections.deque[str] = collections.deque(maxlen=3000)
+        self._drain: threading.Thread | None = None
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self._inputs: dict[tuple, str] = {}  # (dev, inode, size, mtime) -> name inside the job folder
+        self.versions_python3: dict | None = None
+        self.starts = 0
+        _remove_orphan_jobdirs(self.root)
+        (self.jobdir / "in").mkdir(parents=True, exist_ok=True)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------ process
+
+    def start(self) -> None:
+        """Start the worker process (a no-op when it runs) and wait for it to be ready."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        env = dict(CHROOT_ENV, PYTHONPATH="/opt/porting", PYTHONDONTWRITEBYTECODE="1", GLOG_logtostderr="1")
+        if self.blas_threads is not None:
+            env["OPENBLAS_NUM_THREADS"] = str(int(self.blas_threads))
+        argv = chroot_argv(self.root, ["/bin/sh", "-c", 'cd /opt/porting && exec python3 -m reference.worker "$0"',
+                                       self._inside],
+                           [(REFERENCE_DIR, INSIDE_REFERENCE, "ro")])
+        self._log.clear()
+        self._buffer = b""
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
+        self._drain = threading.Thread(target=self._drain_stderr, args=(self._proc,), daemon=True)
+        self._drain.start()
+        self.starts += 1
+        self._sent = time.monotonic()
+        ready = self._read_reply(time.monotonic() + self.start_timeout, "start")
+        self.versions_python3 = ready["versions"]
+
+    def _drain_stderr(self, proc: subprocess.Popen) -> None:
+        for raw in proc.stderr:
+            self._log.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def close(self) -> None:
+        """Stop the worker and remove its job folder."""
+        self._stop(graceful=True)
+        shutil.rmtree(self.jobdir, ignore_errors=True)
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._stop(graceful=False)
+        except Exception:
+            pass
+
+    def _stop(self, graceful: bool) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if graceful and proc.poll() is None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if proc.poll() is None or graceful:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the python2.7 child too
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if self._drain is not None:
+            self._drain.join(timeout=5)
+
+    @property
+    def log(self) -> list[str]:
+        """The worker's recent stderr lines (glog and Python)."""
+        return list(self._log)
+
+    # ------------------------------------------------------------ messages
+
+    def _read_reply(self, deadline: float, what: str, prototxt: object = None) -> dict:
+        proc = self._proc
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(timeout=left):
+                    self._stop(graceful=False)
+                    raise CaffeTimeout(f"the Caffe worker gave no answer to {what} in "
+                                       f"{deadline - self._sent:.0f} s; killed it (the next call starts "
+                                       f"a new one)", prototxt, log_tail="\n".join(self._log))
+                chunk = os.read(proc.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    raise self._died(what, prototxt)
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _died(self, what: str, prototxt: object) -> CaffeError:
+        proc = self._proc
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        code = proc.returncode
+        self._stop(graceful=False)
+        lines = list(self._log)
+        message, layer = parse_caffe_log(lines)
+        tail = "\n".join(lines[-40:])
+        if message is None:
+            last = next((s for s in reversed(lines) if s.strip()), "(no output)")
+            message = f"the Caffe worker exited (status {code}) during {what}: {last.strip()}"
+        return CaffeError(message, prototxt, layer, tail, check=message)
+
+    def _request(self, op: str, args: dict, timeout: float | None = None, prototxt: object = None) -> dict:
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop(graceful=False)
+            self.start()
+        rid = next(self._ids)
+        line = json.dumps({"id": rid, "op": op, "args": args, "arrays": []}) + "\n"
+        self._sent = time.monotonic()
+        try:
+            self._proc.stdin.write(line.encode())
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died(op, prototxt) from None
+        reply = self._read_reply(self._sent + (self.timeout if timeout is None else timeout), op, prototxt)
+        if reply.get("id") != rid:
+            self._stop(graceful=False)
+            raise CaffeError(f"protocol error: reply {reply.get('id')} to request {rid}", prototxt)
+        if not reply["ok"]:
+            raise CaffeError(reply["error"], prototxt, log_tail=reply.get("traceback", ""))
+        return reply["result"]
+
+    # ------------------------------------------------------------ files
+
+    def _file_inside(self, path: str | os.PathLike) -> str:
+        """Path inside the root of a host file, placed in the job folder once per content."""
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError as err:
+            raise PortingError(f"cannot read: {err.strerror}", path) from None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._inputs:
+            digest = _sha256(path)
+            name = digest + "".join(path.suffixes[-1:])
+            target = self.jobdir / "in" / name
+            if not target.exists():
+                tmp = target.with_name(name + ".tmp")
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            self._inputs[key] = name
+        return f"{self._inside}/in/{self._inputs[key]}"
+
+    def _call_dir(self) -> tuple[Path, str]:
+        name = f"call-{next(self._ids)}"
+        (self.jobdir / name).mkdir()
+        return self.jobdir / name, f"{self._inside}/{name}"
+
+    @staticmethod
+    def _load_npz(path: Path) -> CaffeResult:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        provenance = json.loads(arrays.pop("provenance.json").tobytes()) if "provenance.json" in arrays else {}
+        return CaffeResult(arrays, provenance)
+
+    # ------------------------------------------------------------ operations
+
+    def run_net(self, prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
+                inputs: dict[str, np.ndarray] | None = None, blobs="all",
+                top_diffs: dict[str, np.ndarray] | None = None, capture_tops=True, params: bool = False,
+                timeout: float | None = None) -> CaffeResult:
+        """Run the net in real Caffe (TEST phase); every array float32 NCHW.
+
+        ``inputs``: blob name -> array (an input of another shape reshapes the net).
+        ``top_diffs``: blob name -> diff to inject after the forward pass; backward then
+        runs from the last layer writing that blob down to the first (force_backward on).
+        Keys: ``blob/<name>/data`` and, after a backward, ``blob/<name>/diff`` (Caffe's
+        view: in-place layers overwrite); ``top/<layer>/<i>/data|diff`` (each layer's own
+        outputs, taken before any in-place layer overwrote them; ``capture_tops`` may
+        also be a list of layer names); ``param/<layer>/<i>`` when ``params``.
+        ``blobs``: "all" or a list of blob names.
+        """
+        call_host, call_inside = self._call_dir()
+        try:
+            def put(group: dict | None, prefix: str) -> dict:
+                paths = {}
+                for i, (name, value) in enumerate((group or {}).items()):
+                    file = f"{prefix}{i}.npy"
+                    np.save(call_host / file, np.ascontiguousarray(value, dtype=np.float32))
+                    paths[name] = f"{call_inside}/{file}"
+                return paths
+
+            args = {"prototxt": self._file_inside(prototxt),
+                    "caffemodel": self._file_inside(caffemodel) if caffemodel else None,
+                    "inputs": put(inputs, "input"), "top_diffs": put(top_diffs, "diff"),
+                    "blobs": blobs if blobs == "all" else list(blobs),
+                    "capture_tops": capture_tops if isinstance(capture_tops, bool) else list(capture_tops),
+                    "params": params, "out": f"{call_inside}/out.npz"}
+            result = self._request("run_net", args, timeout, prototxt)
+            out = self._load_npz(call_host / "out.npz")
+            out.provenance = result["provenance"]
+            return out
+        finally:
+            shutil.rmtree(call_host, ignore_errors=True)
+
+    def make_weights(self, prototxt: str | os.PathLike, out_path: str | os.PathLike, filler="gaussian",
+                     std: float = 0.01, bias_filler="constant", bias_std: float = 0.01,
+                     bias_value: float = 0.0, seed: int = 0, timeout: float | None = None) -> dict:
+        """Write a caffemodel for ``prototxt`` with weights drawn by Caffe's own fillers.
+
+        ``filler``/``bias_filler``: a Caffe filler type ("gaussian" uses ``std``/``bias_std``,
+        "constant" uses ``bias_value``; "msra", "xavier", "uniform", ...) or a dict of
+        FillerParameter fields. Seeded with ``caffe.set_random_seed(seed)``; the file is
+        Caffe's ``net.save``. Returns the provenance (with the output's sha256).
+        """
+        weight_spec = _filler_spec(filler, std=std, value=0.0)
+        bias_spec = _filler_spec(bias_filler, std=bias_std, value=bias_value)
+        call_host, call_inside = self._call_dir()
+        out_path = Path(out_path)
+        try:
+            result = self._request("make_weights", {
+                "prototxt": self._file_inside(prototxt), "out": f"{call_inside}/weights.caffemodel",
+                "weight_filler": weight_spec, "bias_filler": bias_spec, "seed": int(seed)}, timeout, prototxt)
+            tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+            try:
+                shutil.copyfile(call_host / "weights.caffemodel", tmp)
+                os.replace(tmp, out_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return result["provenance"]
+        finally:
+            shutil.rmtree(call_host, ignore_errors=True)
+
+    def py2(self, op: str, timeout: float | None = None, **kwargs) -> CaffeResult:
+        """Run a Python 2.7 op (reference/py2_ops.py) in the 2016 stack.
+
+        Keyword values: ndarrays travel as .npy files, ``Path`` values as files placed in
+        the root (the op gets their path inside), bytes as files too; the rest as JSON.
+        Returns the op's arrays and plain values together, with ``provenance``.
+        """
+        call_host, call_inside = self._call_dir()
+        try:
+            args = {}
+            for i, (key, value) in enumerate(kwargs.items()):
+                if isinstance(value, np.ndarray):
+                    np.save(call_host / f"arg{i}.npy", value)
+                    args[key] = {"__npy__": f"{call_inside}/arg{i}.npy"}
+                elif isinstance(value, Path):
+                    args[key] = {"__file__": self._file_inside(value)}
+                elif isinstance(value, bytes):
+                    (call_host / f"arg{i}.bin").write_bytes(value)
+                    args[key] = {"__file__": f"{call_inside}/arg{i}.bin"}
+                else:
+                    args[key] = value
+            result = self._request("py2", {"op": op, "args": args, "out": f"{call_inside}/out.npz"}, timeout)
+            out = self._load_npz(call_host / "out.npz") if result["npz"] else CaffeResult()
+            out.update(result["values"])
+            out.provenance = result["provenance"]
+            return out
+        finally:
+            shutil.rmtree(call_host, ignore_errors=True)
+
+    def versions(self, timeout: float | None = None) -> dict:
+        """{"python3": Caffe side versions and BLAS, "python2": the 2016 stack's versions}."""
+        return self._request("version", {"python2": True}, timeout)
+
+
+def _filler_spec(filler, std: float, value: float) -> dict:
+    if isinstance(filler, dict):
+        return dict(filler)
+    spec = {"type": str(filler)}
+    if filler == "gaussian":
+        spec["std"] = float(std)
+    elif filler == "constant":
+        spec["value"] = float(value)
+    return spec
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_orphan_jobdirs(root: Path) -> None:
+    """Job folders of host processes that no longer exist (killed without close())."""
+    jobs = root / INSIDE_JOBS.lstrip("/")
+    for folder in jobs.glob("*-*") if jobs.is_dir() else ():
+        pid = folder.name.split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
