@@ -109,7 +109,7 @@ class _ConvBase(CaffeLayer):
         for x in bottoms:
             batch = x.shape[: self.axis]
             x = x.reshape((-1,) + tuple(x.shape[self.axis:]))
-            y = self._apply(x, weight, bias)
+            y = self._convolve(x, weight, bias)
             tops.append(y.reshape(tuple(batch) + tuple(y.shape[1:])))
         return tuple(tops)
 
@@ -133,7 +133,7 @@ class Convolution(_ConvBase):
             return 0
         return span // self.stride[i] + 1
 
-    def _apply(self, x, weight, bias):
+    def _convolve(self, x, weight, bias):
         return _CONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
                                        dilation=self.dilation, groups=self.group)
 
@@ -147,6 +147,6 @@ class Deconvolution(_ConvBase):
     def _out_size(self, i, size):
         return self.stride[i] * (size - 1) + self._extent(i) - 2 * self.pad[i]
 
-    def _apply(self, x, weight, bias):
+    def _convolve(self, x, weight, bias):
         return _DECONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
                                          output_padding=0, groups=self.group, dilation=self.dilation)
