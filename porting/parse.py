@@ -103,7 +103,8 @@ def read_caffemodel(path: str | os.PathLike) -> dict[str, list[WeightBlob]]:
     name that repeats keeps its last blobs (Caffe's ``CopyTrainedLayersFrom`` copies in
     file order). Blob data: ``double_data`` when present (rounded to float32 like
     ``Blob::FromProto``), else ``data``; packed float data are read-write views of a
-    private memory map of the file, never written back.
+    private memory map of the file, never written back, and may sit at any byte offset
+    (NumPy and torch read unaligned float32 correctly; the map lives as long as a view).
     """
     scan = _scan(path, want_data=True)
     net = scan.net
