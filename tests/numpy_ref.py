@@ -581,9 +581,15 @@ def rel_err(actual, ref, magnitude=None) -> float:
     """
     a, r = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
     assert a.shape == r.shape, f"shape {a.shape} != reference {r.shape}"
+    # Caffe's sentinels (NaN from 0/0, +-inf, -FLT_MAX of an empty MAX window) must match
+    # exactly and stay out of the scale.
+    special = ~np.isfinite(r) | (np.abs(r) == FLT_MAX)
+    assert np.array_equal(a[special], r[special], equal_nan=True), \
+        f"special values differ: {a[special][:8]} vs {r[special][:8]}"
+    a, r = a[~special], r[~special]
     scale = np.abs(r).max() if r.size else 0.0
     if magnitude is not None and r.size:
-        scale = max(scale, float(np.abs(np.asarray(magnitude, np.float64)).max()))
+        scale = max(scale, float(np.abs(np.asarray(magnitude, np.float64)[~special]).max()))
     diff = np.abs(a - r).max() if r.size else 0.0
     return float(diff / scale) if scale > 0 else float(diff)
 
