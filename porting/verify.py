@@ -13,9 +13,10 @@ ONNX export) is a flat dict of NumPy arrays under the same keys:
 
 Arrays are float32 (float64 for the exact evaluation), NCHW, in the net's own units. The
 backward pass seeds ``objective.seed(shape)`` (one-hot on the objective unit, for every
-image of the batch; at the spatial centre for a 4-D top, as MFV does) as the diff of the
-objective layer's first top and runs the backward from that layer down, as pycaffe's
-``net.backward(start=layer)`` does; layers after the objective get no diff.
+image of the batch; at the spatial centre for a 4-D blob, as MFV does) as the diff of the
+objective blob's final value and runs the backward from the last layer writing that blob
+down, as the legacy worker's ``run_net(top_diffs={blob: seed})`` does; layers after it
+get no diff.
 
 Metrics of one blob (candidate ``t`` against reference ``r``): max |t - r|; that divided
 by max |r| (the relative error every tolerance bounds); ||t - r||_2 / ||r||_2; the
@@ -59,9 +60,11 @@ EXACT = "float64"
 
 @dataclass(frozen=True)
 class Objective:
-    """The unit whose gradient is compared: ``layer``'s first top, channel ``unit``.
+    """The unit whose gradient is compared: channel ``unit`` of ``layer``'s first top ``blob``.
 
-    ``blob`` names that top. For a 4-D top the seed sits at the spatial centre
+    As the legacy worker's ``top_diffs`` does, the seed is the diff of the blob's final
+    value (after any in-place layer, Caffe's own view) and the backward starts at the last
+    layer writing that blob. For a 4-D blob the seed sits at the spatial centre
     (row H // 2, column W // 2), as MFV's conv-layer objective does.
     """
 
@@ -149,8 +152,8 @@ def port_arrays(net, inputs: Mapping[str, np.ndarray] | np.ndarray, objective: O
     """Run ``net`` forward and (with an objective) backward; return Caffe-keyed arrays.
 
     Inputs are cast to the net's dtype (``net.double()`` gives the float64 evaluation).
-    The backward seeds ``objective.seed`` on the objective layer's first top and collects,
-    by autograd, the gradient with respect to every layer output up to the objective
+    The backward seeds ``objective.seed`` on the final value of the objective blob and
+    collects, by autograd, the gradient with respect to every layer output up to there
     (``top/<layer>/<i>/diff``) and, for each blob name, with respect to its earliest value
     (``blob/<name>/diff``, as Caffe's in-place backward leaves it), inputs included.
     """
@@ -171,11 +174,12 @@ def port_arrays(net, inputs: Mapping[str, np.ndarray] | np.ndarray, objective: O
     if objective is None:
         return out
 
-    order = [spec.name for spec in net.graph.layers]
-    if objective.layer not in order:
-        raise PortingError(f"no layer named {objective.layer!r}", place="objective")
-    stop = order.index(objective.layer)
-    target = outputs[objective.layer][0]
+    values = NetValues(net.graph)
+    if objective.blob not in values.last_value:
+        raise PortingError(f"no blob named {objective.blob!r}", place="objective")
+    final = values.last_value[objective.blob]
+    stop = final.position
+    target = outputs[final.layer][final.index]
     seed = torch.from_numpy(objective.seed(target.shape)).to(dtype)
     wrt: list[tuple[str, torch.Tensor]] = []
     first_value: dict[str, str] = {}
@@ -386,7 +390,7 @@ def _is_classifier(values: NetValues, value: Value, shape, objective: Objective 
         return False
     spec = values.specs[value.position]
     consumed_later = bool(values.readers.get(value)) or not value.last
-    return spec.type == "Softmax" or (objective is not None and value.layer == objective.layer) \
+    return spec.type == "Softmax" or (objective is not None and value.blob == objective.blob) \
         or not consumed_later
 
 
@@ -521,7 +525,9 @@ def local_checks(net64, arrays: Mapping[str, Mapping], objective: Objective | No
     winner differs from float64's and ReLU inputs whose sign does.
     """
     values = NetValues(net64.graph)
-    stop = values.position.get(objective.layer) if objective is not None else None
+    stop = None
+    if objective is not None and objective.blob in values.last_value:
+        stop = values.last_value[objective.blob].position
     checks: list[LocalCheck] = []
     for name, arr in arrays.items():
         checks.extend(_framework_checks(net64, values, name, arr, objective, stop, exact))
@@ -603,7 +609,7 @@ def _backward_checks(values: NetValues, name, arr, objective, stop, contrib) -> 
         if diff is None:
             continue
         parts = contrib.get(v, [])
-        is_target = objective is not None and v.layer == objective.layer and v.index == 0
+        is_target = objective is not None and values.last_value.get(objective.blob) == v
         if not parts and not is_target:
             continue
         exact = torch.zeros(np.shape(diff), dtype=torch.float64)
@@ -734,8 +740,8 @@ def find_departure(checks: list[LocalCheck], frameworks: list[str]) -> Departure
               and any(c.framework == f for c in up_to)]
     worst = max(here, key=lambda c: c.error_ratio)
     what = "forward output" if first.direction == "forward" else "gradient"
-    state = (f"{' and '.join(within)} {'is' if len(within) == 1 else 'are'} within float32 rounding of float64 "
-             f"up to this point; " if within else "")
+    state = (f"{' and '.join(within)} {'stays' if len(within) == 1 else 'stay'} within float32 rounding of "
+             f"float64 at every layer up to this point. " if within else "")
     statement = (f"{', '.join(bad)} {'departs' if len(bad) == 1 else 'depart'} from float64 at the "
                  f"{first.direction} of layer {worst.layer} ({worst.layer_type}"
                  f"{': ' + worst.params if worst.params else ''}): the {what} {worst.key} carries an error "
