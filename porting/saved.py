@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from google.protobuf import text_format
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from porting import caffe_pb2
@@ -50,7 +50,7 @@ def load_converted(path: str | os.PathLike):
         tensors = load_file(str(path))
     except FileNotFoundError:
         raise PortingError("no such file", path) from None
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise PortingError(f"not a converted model ({err})", path) from None
     if meta.get("format") != FORMAT:
         raise PortingError(f"not a converted model (format {meta.get('format')!r}, expected {FORMAT!r})", path)
