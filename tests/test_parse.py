@@ -339,3 +339,20 @@ def test_missing_and_directory_caffemodel(tmp_path):
         read_caffemodel(tmp_path / "nope.caffemodel")
     with pytest.raises(PortingError, match="is a directory"):
         read_caffemodel(tmp_path)
+
+
+# --------------------------------------------------------------------------- real Caffe
+@pytest.mark.caffe
+@pytest.mark.parametrize("name", ["caffe_v0_deploy.prototxt", "caffe_v1_deploy.prototxt"])
+def test_caffe_written_caffemodel_reads_as_pycaffe_sees_it(caffe_weights, caffe_worker, name):
+    prototxt = FORMATS / name
+    weights = caffe_weights(prototxt, seed=3)
+    ours = read_caffemodel(weights)
+    theirs = caffe_worker.run_net(prototxt, weights, params=True, blobs=["prob"], capture_tops=False)
+    params = {key for key in theirs if key.startswith("param/")}
+    assert params and params == {f"param/{layer}/{i}" for layer, blobs in ours.items() for i in range(len(blobs))}
+    for key in params:
+        _, layer, i = key.split("/")
+        blob = ours[layer][int(i)]
+        assert blob.shape == theirs[key].shape  # Caffe 1.0 saves BlobShape, not legacy dims
+        assert np.array_equal(blob.data, theirs[key].ravel())  # bit for bit: same float32 bytes

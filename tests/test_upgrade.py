@@ -162,3 +162,44 @@ def test_what_caffe_refuses_names_file_and_place(text, place, problem):
     with pytest.raises(PortingError) as err:
         upgrade_net(text_net(text), source="old.prototxt")
     assert str(err.value).startswith(f"old.prototxt: {place}: {problem}")
+
+
+# --------------------------------------------------------------------------- real Caffe
+def in_test_phase(layer: caffe_pb2.LayerParameter) -> bool:
+    """Net::StateMeetsRule for phase TEST only (the fixtures use no levels or stages)."""
+    test = caffe_pb2.TEST
+    if layer.include:
+        return any(not r.HasField("phase") or r.phase == test for r in layer.include)
+    return not any(not r.HasField("phase") or r.phase == test for r in layer.exclude)
+
+
+def comparable(layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
+    """The layer without what Net::Init adds (phase, blobs) or the weight maker injects
+    (fillers); everything else must be the same."""
+    out = caffe_pb2.LayerParameter()
+    out.CopyFrom(layer)
+    out.ClearField("phase")
+    out.ClearField("blobs")
+    for holder in (out.convolution_param, out.inner_product_param):
+        holder.ClearField("weight_filler")
+        holder.ClearField("bias_filler")
+    if not out.convolution_param.ListFields() and not layer.HasField("convolution_param"):
+        out.ClearField("convolution_param")
+    if not out.inner_product_param.ListFields() and not layer.HasField("inner_product_param"):
+        out.ClearField("inner_product_param")
+    return out
+
+
+@pytest.mark.caffe
+@pytest.mark.parametrize("name", ["caffe_v0_deploy.prototxt", "caffe_v1_deploy.prototxt",
+                                  "caffe_v2_batchnorm.prototxt"])
+def test_upgrade_matches_the_net_real_caffe_builds(caffe_weights, name):
+    """Caffe builds the net (UpgradeNetAsNeeded, then TEST-phase filtering) and saves it
+    with Net::ToProto: the layer list it saves is its upgrade of our fixture."""
+    from porting.parse import read_caffemodel_net
+
+    path = FORMATS / name
+    saved = read_caffemodel_net(caffe_weights(path))
+    ours = upgrade_net(read_prototxt(path), source=path)
+    assert saved.name == ours.name
+    assert [comparable(l) for l in saved.layer] == [comparable(l) for l in ours.layer if in_test_phase(l)]

@@ -118,3 +118,26 @@ def test_prototxt_round_trip(tmp_path, name):
     out = tmp_path / "net.prototxt"
     write_prototxt(out, net)
     assert read_prototxt(out) == net
+
+
+# --------------------------------------------------------------------------- real Caffe
+@pytest.mark.caffe
+@pytest.mark.parametrize("fmt", ["v1", "v0"])
+def test_real_caffe_reads_our_legacy_files_to_the_same_numbers(caffe_weights, caffe_worker, tmp_path, fmt):
+    """Caffe-made weights, re-saved by us as V1 or V0 (legacy dims), loaded by real Caffe
+    (which upgrades the caffemodel itself): identical parameters and outputs."""
+    from porting.parse import read_caffemodel_net
+
+    prototxt = FORMATS / "caffe_v1_deploy.prototxt"
+    weights = caffe_weights(prototxt, seed=5)
+    stored, types = read_caffemodel(weights), {l.name: l.type for l in read_caffemodel_net(weights).layer}
+    layers = [(name, types[name], [b.data.reshape(b.declared()) for b in blobs])
+              for name, blobs in stored.items() if blobs]
+    assert [name for name, _, _ in layers] == ["conv1", "ip"]
+    resaved = tmp_path / f"weights_{fmt}.caffemodel"
+    write_caffemodel(resaved, layers, format=fmt)
+    x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    original = caffe_worker.run_net(prototxt, weights, inputs={"data": x}, params=True)
+    again = caffe_worker.run_net(prototxt, resaved, inputs={"data": x}, params=True)
+    for key in ("param/conv1/0", "param/conv1/1", "param/ip/0", "param/ip/1", "blob/prob/data"):
+        assert np.array_equal(again[key], original[key]), key
