@@ -263,18 +263,24 @@ def lrn_across_forward(x, size, alpha, beta, k):
     return x * scale ** -beta, scale
 
 
-def lrn_across_backward(x, y, scale, dy, size, alpha, beta):
-    """CrossChannelBackward_cpu: dy * scale^-beta - 2 alpha beta / size * x * sum(dy y / scale)."""
+def lrn_across_backward(x, y, scale, dy, size, alpha, beta, magnitude=False):
+    """CrossChannelBackward_cpu: dy * scale^-beta - 2 alpha beta / size * x * sum(dy y / scale).
+
+    With ``magnitude`` the same sum over absolute values of every term (see rel_err).
+    """
     c = x.shape[1]
     inverse_pre_pad = size - (size + 1) // 2
     ratio = dy * y / scale
     dx = dy * scale ** -beta
+    sign = 1.0
+    if magnitude:
+        x, ratio, dx, sign = np.abs(x), np.abs(ratio), np.abs(dx), -1.0
     for ch in range(c):
         accum = np.zeros(x.shape[:1] + x.shape[2:])
         for other in range(ch - inverse_pre_pad, ch - inverse_pre_pad + size):
             if 0 <= other < c:
                 accum += ratio[:, other]
-        dx[:, ch] -= 2.0 * alpha * beta / size * x[:, ch] * accum
+        dx[:, ch] -= sign * 2.0 * alpha * beta / size * x[:, ch] * accum
     return dx
 
 
@@ -289,8 +295,9 @@ def lrn_within_forward(x, size, alpha, beta):
     return x * pw, (sq, avg, pw)
 
 
-def lrn_within_backward(x, dy, size, alpha, beta, intermediates):
-    """Backward of the chain, sub-layer by sub-layer; split sums the two paths."""
+def lrn_within_backward(x, dy, size, alpha, beta, intermediates, magnitude=False):
+    """Backward of the chain, sub-layer by sub-layer; split sums the two paths
+    (with ``magnitude``: sums their absolute values, see rel_err)."""
     pad = (size - 1) // 2
     sq, avg, pw = intermediates
     d_product_input = dy * pw  # Eltwise PROD, stable gradient: the other factor
@@ -298,6 +305,8 @@ def lrn_within_backward(x, dy, size, alpha, beta, intermediates):
     d_avg = power_backward(avg, pw, d_pw, -beta, alpha, 1.0)
     d_sq = pool_backward(d_avg, x.shape, "AVE", (size, size), (1, 1), (pad, pad))
     d_square_input = power_backward(x, sq, d_sq, 2.0, 1.0, 0.0)
+    if magnitude:
+        return np.abs(d_product_input) + np.abs(d_square_input)
     return d_product_input + d_square_input
 
 
