@@ -49,8 +49,8 @@ def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerWeights], fo
             f.write(caffe_pb2.NetParameter(name=net_name).SerializeToString())
         for name, type_name, arrays in layers:
             arrays = [_as_float32(a) for a in arrays]
-            head, blob_field, net_field, wrap_v0 = _layer_head(name, type_name, format)
-            blob_heads = [_blob_head(a, legacy=format != "v2", where=f"layer {name}") for a in arrays]
+            head, blob_field, net_field, wrap_v0 = _layer_head(name, type_name, format, path)
+            blob_heads = [_blob_head(a, format != "v2", path, f"layer {name}") for a in arrays]
             blobs_len = sum(_field_len(blob_field, _blob_len(h, a)) for h, a in zip(blob_heads, arrays))
             if wrap_v0:  # the blobs live inside the V0 layer message, field 1 of the V1 entry
                 inner_len = len(head) + blobs_len
@@ -70,28 +70,28 @@ def write_prototxt(path: str | os.PathLike, net: caffe_pb2.NetParameter) -> None
         f.write(text_format.MessageToString(net))
 
 
-def _layer_head(name: str, type_name: str, format: str):
+def _layer_head(name: str, type_name: str, format: str, path):
     """The layer's serialized fields other than blobs; blob field; NetParameter field; V0 wrap."""
     if format == "v2":
         head = caffe_pb2.LayerParameter(name=name, type=type_name)
         return head.SerializeToString(), _LAYER_V2_BLOBS, _NET_LAYER_V2, False
     if type_name not in V2_TO_V1_TYPE:
-        raise PortingError(f"layer type {type_name!r} has no V1 enum value", None, f"layer {name}")
+        raise PortingError(f"layer type {type_name!r} has no V1 enum value", path, f"layer {name}")
     v1_type = V2_TO_V1_TYPE[type_name]
     if format == "v1":
         head = caffe_pb2.V1LayerParameter(name=name, type=v1_type)
         return head.SerializeToString(), _LAYER_V1_BLOBS, _NET_LAYERS_V1, False
     if v1_type not in _V1_TO_V0_TYPE:
-        raise PortingError(f"layer type {type_name!r} did not exist in V0", None, f"layer {name}")
+        raise PortingError(f"layer type {type_name!r} did not exist in V0", path, f"layer {name}")
     head = caffe_pb2.V0LayerParameter(name=name, type=_V1_TO_V0_TYPE[v1_type])
     return head.SerializeToString(), _LAYER_V0_BLOBS, _NET_LAYERS_V1, True
 
 
-def _blob_head(a: np.ndarray, legacy: bool, where: str) -> bytes:
+def _blob_head(a: np.ndarray, legacy: bool, path, where: str) -> bytes:
     blob = caffe_pb2.BlobProto()
     if legacy:
         if a.ndim > 4:
-            raise PortingError(f"a {a.ndim}-D blob cannot be stored with legacy 4-D dims", None, where)
+            raise PortingError(f"a {a.ndim}-D blob cannot be stored with legacy 4-D dims", path, where)
         blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - a.ndim) + a.shape
     else:
         blob.shape.dim.extend(a.shape)

@@ -94,7 +94,7 @@ def test_refusals_leave_no_file_behind(tmp_path):
     target = tmp_path / "w.caffemodel"
     target.write_bytes(b"old contents")
     bad = small_net_weights() + [("custom", "MyLayer", [np.zeros(3, np.float32)])]
-    with pytest.raises(PortingError, match=r"layer custom: layer type 'MyLayer' has no V1 enum value"):
+    with pytest.raises(PortingError, match=r"w\.caffemodel: layer custom: layer type 'MyLayer' has no V1 enum value"):
         write_caffemodel(target, bad, format="v1")
     with pytest.raises(PortingError, match=r"layer big: a 5-D blob cannot be stored with legacy 4-D dims"):
         write_caffemodel(target, [("big", "Convolution", [np.zeros((1, 1, 1, 1, 2), np.float32)])], format="v1")
