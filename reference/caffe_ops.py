@@ -255,19 +255,18 @@ class CaffeOps(object):
 
         def build(variant):
             net_param = read_net_parameter(prototxt)
-            tops = None
             if variant == "renamed":
-                tops, _ = rename_inplace_tops(net_param)
+                rename_inplace_tops(net_param)
             if diffs:
                 net_param.force_backward = True
             path = write_temp_prototxt(net_param, self.scratch, variant)
             try:
-                return load_net(path, caffemodel), tops
+                return load_net(path, caffemodel)
             finally:
                 os.remove(path)
 
         key = (proto_sha, model_sha, bool(diffs))
-        net, _ = self.nets.get(key + ("original",), lambda: build("original"))
+        net = self.nets.get(key + ("original",), lambda: build("original"))
         self._pass(net, inputs, diffs)
         for name in wanted:
             if name not in net.blobs:
@@ -280,14 +279,19 @@ class CaffeOps(object):
                 for i, blob in enumerate(blobs_):
                     result["param/%s/%d" % (layer, i)] = blob.data.copy()
         if capture_tops:
-            renamed, tops = self.nets.get(key + ("renamed",), lambda: build("renamed"))
+            renamed = self.nets.get(key + ("renamed",), lambda: build("renamed"))
             _, current = rename_inplace_tops(read_net_parameter(prototxt))
             self._pass(renamed, inputs, dict((current[k], v) for k, v in diffs.items()))
             only = None if capture_tops is True else set(capture_tops)
-            for layer, names in tops.items():
+            declared = set(layer_name(layer) for layer in layer_list(original))
+            # Caffe's own layer list: it includes the "input" layer that Caffe's upgrade
+            # makes of legacy `input:` fields, and the Split layers it inserts (skipped).
+            for index, layer in enumerate(renamed._layer_names):
+                if renamed.layers[index].type == "Split" and layer not in declared:
+                    continue
                 if only is not None and layer not in only:
                     continue
-                for i, name in enumerate(names):
+                for i, name in enumerate(renamed.top_names[layer]):
                     result["top/%s/%d/data" % (layer, i)] = renamed.blobs[name].data.copy()
                     if diffs:
                         result["top/%s/%d/diff" % (layer, i)] = renamed.blobs[name].diff.copy()
