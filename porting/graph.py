@@ -14,30 +14,7 @@ import numpy as np
 from porting import caffe_pb2
 from porting.errors import PortingError, UnsupportedLayers
 from porting.layers import LAYERS, REFUSED, CaffeLayer
-
-
-@dataclass
-class WeightBlob:
-    """One parameter blob as stored: flat float32 data plus its declared shape.
-
-    ``shape`` is the BlobShape dims when present; otherwise ``legacy_dims`` holds the
-    deprecated (num, channels, height, width).
-    """
-
-    data: np.ndarray
-    shape: tuple[int, ...] | None = None
-    legacy_dims: tuple[int, int, int, int] | None = None
-
-    def declared(self) -> tuple[int, ...]:
-        return self.shape if self.shape is not None else tuple(self.legacy_dims or ())
-
-    def matches(self, target: tuple[int, ...]) -> bool:
-        """Caffe's Blob::ShapeEquals: legacy 4-D dims match a shape left-padded with 1s."""
-        if self.shape is not None:
-            return tuple(self.shape) == tuple(target)
-        if len(target) > 4:
-            return False
-        return tuple(self.legacy_dims) == (1,) * (4 - len(target)) + tuple(target)
+from porting.weights import WeightBlob
 
 
 @dataclass

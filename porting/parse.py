@@ -26,7 +26,7 @@ from google.protobuf import text_format
 
 from porting import caffe_pb2
 from porting.errors import PortingError
-from porting.graph import WeightBlob
+from porting.weights import WeightBlob
 
 # Protobuf wire types.
 VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
