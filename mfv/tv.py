@@ -73,6 +73,8 @@ def denoise_tv_bregman_0131(image, weight, max_iter=100, eps=1e-3, padding="refl
     if rows < 2 or cols < 2:
         raise ValueError("image must be at least 2x2, got %dx%d" % (rows, cols))
     weight = float(weight)
+    if not weight > 0:
+        raise ValueError("weight must be positive (0.13.1 divides by it), got %r" % (weight,))
     lam = 2 * weight
     norm = weight + 4 * lam
     a = lam / norm

@@ -1,0 +1,136 @@
+"""MFV's activation maximisation with octaves: the pieces composed into one loop.
+
+Per octave: zoom (if it has a scale), then per iteration: a crop offset (``mfv.crops``),
+the step size and denoising weight (``mfv.schedule``, Python 2 arithmetic in faithful
+mode, Python 3 in modern), a gradient step on the crop (``mfv.step``), TV denoising of
+the crop as float64 RGB 0-255 (``mfv.tv``), and the crop written back into the image.
+The image lives in the net's float32 layout (3 x H x W) throughout, as in the 2016 code.
+
+``run_facet`` returns the final image (the whole image, de-processed to RGB) and a
+trace: one ``IterationRecord`` per iteration, and every ``snapshot_every`` iterations
+(plus the first and the last) a ``Snapshot`` of the crop's input, gradient, the crop
+after the step and after denoising, so a run can be compared step by step.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mfv import crops, schedule, tv
+from mfv.files import save_json, save_npy, save_npz, save_png, truncating_uint8
+from mfv.step import FacetNet, gradient_step
+from mfv.zoom import zoom_octave
+
+MODES = ("faithful", "modern")
+ARITHMETIC = {"faithful": "py2", "modern": "py3"}
+
+
+@dataclass
+class IterationRecord:
+    iteration: int            # across octaves, from 0
+    octave: int
+    i: int                    # within the octave
+    layer: str
+    image_shape: tuple        # (rows, cols) of the whole image
+    crop: tuple               # (row offset, column offset)
+    step_size: float
+    denoise_weight: float
+    objective: float          # the unit's value before the step
+    best_unit: int
+    best_value: float
+    mean_abs_gradient: float
+
+
+@dataclass
+class Snapshot:
+    iteration: int
+    input: np.ndarray         # the crop before the step (net layout, float32)
+    gradient: np.ndarray      # masked gradient
+    after_step: np.ndarray    # after step and clip
+    after_denoise: np.ndarray  # after TV denoising (back in net layout)
+
+
+@dataclass
+class FacetResult:
+    image: np.ndarray         # final whole image, RGB 0-255, H x W x 3, float32
+    records: list = field(default_factory=list)
+    snapshots: list = field(default_factory=list)
+    start: np.ndarray | None = None  # the start image, RGB (float64 noise or float32 mean image)
+
+    def image_uint8(self) -> np.ndarray:
+        """The 2016 code's ``np.uint8(image)``: truncating (see ``truncating_uint8``)."""
+        return truncating_uint8(self.image)
+
+
+def run_facet(net: FacetNet, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES, start=None,
+              layer: str = "fc8", xy: int = 0, mode: str = "faithful", snapshot_every: int = 10,
+              progress: bool = True) -> FacetResult:
+    """Maximise ``unit`` of ``layer`` (an octave's own layer overrides it).
+
+    start: None for the noise image, or an RGB 0-255 image (H x W x 3) at least the
+    net's input size. The noise image is drawn from ``RandomState(seed)`` in either case,
+    as the 2016 code did, so the crop draws that follow are the same.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    arithmetic = ARITHMETIC[mode]
+    prep = net.preprocessing
+    height, width = prep.input_size
+    rng = np.random.RandomState(seed)
+    noise = crops.noise_start(rng, height, width)
+    start_rgb = noise if start is None else np.asarray(start, dtype=np.float32)
+    if start_rgb.ndim != 3 or start_rgb.shape[2] != 3 or start_rgb.shape[0] < height or start_rgb.shape[1] < width:
+        raise ValueError(f"start image must be H x W x 3 with H >= {height} and W >= {width}, "
+                         f"got {start_rgb.shape}")
+    image = prep.to_net(start_rgb)
+    result = FacetResult(image=np.empty(0), start=start_rgb)
+    total = sum(o.iter_n for o in octaves)
+    bar = tqdm(total=total, disable=not progress, unit="it", desc=f"unit {unit}")
+    iteration = 0
+    try:
+        for index, octave in enumerate(octaves):
+            if octave.scale is not None:
+                image = zoom_octave(image, octave.scale)
+            rows, cols = image.shape[1:]
+            objective_layer = octave.layer or layer
+            for i in range(octave.iter_n):
+                oy, ox = crops.crop_offsets(rng, rows, cols, height, width, octave.window)
+                window = (slice(None), slice(oy, oy + height), slice(ox, ox + width))
+                x = image[window].copy()
+                step = schedule.step_size(octave, i, arithmetic)
+                weight = schedule.denoise_weight(octave, i, arithmetic)
+                done = gradient_step(net, x, objective_layer, unit, step, margin=octave.margin, xy=xy, mode=mode)
+                rgb = prep.from_net(done.x).astype(np.float64)
+                denoised = prep.to_net(tv.denoise(rgb, weight, mode=mode))
+                image[window] = denoised
+                result.records.append(IterationRecord(
+                    iteration, index, i, objective_layer, (rows, cols), (oy, ox), float(step), float(weight),
+                    done.objective, done.best_unit, done.best_value, done.mean_abs_gradient))
+                if snapshot_every and (iteration % snapshot_every == 0 or iteration == total - 1):
+                    result.snapshots.append(Snapshot(iteration, x, done.gradient, done.x, denoised))
+                bar.set_postfix(obj=f"{done.objective:.2f}", best=done.best_unit, refresh=False)
+                bar.update(1)
+                iteration += 1
+    finally:
+        bar.close()
+    result.image = prep.from_net(image)
+    return result
+
+
+def save_facet(result: FacetResult, out_dir, name: str = "facet") -> dict[str, Path]:
+    """Write <name>.png (8-bit, truncating cast), <name>.npy (float32 RGB), <name>_trace.json
+    (one record per iteration) and <name>_snapshots.npz (arrays keyed ``<iteration>/<what>``)."""
+    out = Path(out_dir)
+    arrays = {}
+    for snap in result.snapshots:
+        for what in ("input", "gradient", "after_step", "after_denoise"):
+            arrays[f"{snap.iteration:04d}/{what}"] = getattr(snap, what)
+    return {
+        "png": save_png(out / f"{name}.png", result.image_uint8()),
+        "npy": save_npy(out / f"{name}.npy", result.image.astype(np.float32)),
+        "trace": save_json(out / f"{name}_trace.json", [asdict(r) for r in result.records]),
+        "snapshots": save_npz(out / f"{name}_snapshots.npz", **arrays),
+    }
