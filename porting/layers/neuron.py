@@ -92,12 +92,28 @@ class ELU(_Elementwise):
         return f"alpha {self.alpha:g}"
 
 
+class SigmoidFunction(torch.autograd.Function):
+    """Caffe's sigmoid: y = 0.5 * tanh(0.5 * x) + 0.5 (its saturation), dx = dy * y * (1 - y)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = 0.5 * torch.tanh(0.5 * x) + 0.5
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return dy * y * (1 - y)
+
+
 @register("Sigmoid", v1="SIGMOID")
 class Sigmoid(_Elementwise):
-    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y)."""
+    """y = 1 / (1 + exp(-x)) in Caffe's tanh form; dy/dx = y (1 - y)."""
 
     def apply_to(self, x):
-        return torch.sigmoid(x)
+        return SigmoidFunction.apply(x)
 
 
 @register("TanH", v1="TANH")
