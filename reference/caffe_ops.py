@@ -233,6 +233,16 @@ class CaffeOps(object):
         self.hashes = {}
         self.nets = NetCache()
         self.proxy_nets = {}
+        self.parsed = {}  # prototxt sha256 -> NetParameter, parsed once
+
+    def net_parameter(self, prototxt):
+        """A fresh copy of the parsed prototxt (parsed once per content)."""
+        digest = self.digest(prototxt)
+        if digest not in self.parsed:
+            self.parsed[digest] = read_net_parameter(prototxt)
+        copy = caffe_pb2.NetParameter()
+        copy.CopyFrom(self.parsed[digest])
+        return copy
 
     def digest(self, path):
         return sha256_file(path, self.hashes) if path else None
@@ -249,12 +259,12 @@ class CaffeOps(object):
         inputs = dict((k, load_npy(v)) for k, v in (inputs or {}).items())
         diffs = dict((k, load_npy(v)) for k, v in (top_diffs or {}).items())
         proto_sha, model_sha = self.digest(prototxt), self.digest(caffemodel)
-        original = read_net_parameter(prototxt)
+        original = self.net_parameter(prototxt)
         wanted = declared_blobs(original) if blobs == "all" else list(blobs)
         result = OrderedDict()
 
         def build(variant):
-            net_param = read_net_parameter(prototxt)
+            net_param = self.net_parameter(prototxt)
             if variant == "renamed":
                 rename_inplace_tops(net_param)
             if diffs:
@@ -280,7 +290,7 @@ class CaffeOps(object):
                     result["param/%s/%d" % (layer, i)] = blob.data.copy()
         if capture_tops:
             renamed = self.nets.get(key + ("renamed",), lambda: build("renamed"))
-            _, current = rename_inplace_tops(read_net_parameter(prototxt))
+            _, current = rename_inplace_tops(self.net_parameter(prototxt))
             self._pass(renamed, inputs, dict((current[k], v) for k, v in diffs.items()))
             only = None if capture_tops is True else set(capture_tops)
             declared = set(layer_name(layer) for layer in layer_list(original))
