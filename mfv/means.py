@@ -77,13 +77,14 @@ def mean_image(paths, size: tuple[int, int] | None = None) -> np.ndarray:
 
 def image_codes(net: FacetNet, paths, layer: str = "fc7", batch_size: int = 16,
                 progress: bool = True) -> np.ndarray:
-    """Each image's code at ``layer``, flattened: (N, D) float32."""
+    """Each image's code at ``layer``, flattened: (N, D) float32. For a Caffe net the
+    code is the blob after a full forward, as pycaffe shows it (fc7 after relu7)."""
     prep = net.preprocessing
     codes = []
     for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc=f"codes {layer}", unit="batch"):
         batch = np.stack([prep.to_net(load_rgb(p, prep.input_size)) for p in paths[start:start + batch_size]])
         with torch.no_grad():
-            out = net.layer_output(torch.from_numpy(batch), layer)
+            out = net.blob_output(torch.from_numpy(batch), layer)
         codes.append(out.reshape(len(batch), -1).numpy().astype(np.float32))
     return np.concatenate(codes)
 

@@ -36,6 +36,17 @@ class FacetNet:
             return [spec.name for spec in self.module.graph.layers]
         return [name for name, _ in self.module.named_modules()]
 
+    def blob_output(self, x: torch.Tensor, blob: str) -> torch.Tensor:
+        """Blob ``blob`` after a full forward (pycaffe's ``net.blobs[blob]`` after
+        ``net.forward()``: in-place layers after it, e.g. fc7's ReLU, have run).
+        For a plain torch module, the same as ``layer_output``."""
+        if self._is_caffe:
+            blobs = self.module(x)
+            if blob not in blobs:
+                raise KeyError(f"no blob named {blob!r}")
+            return blobs[blob]
+        return self.layer_output(x, blob)
+
     def layer_output(self, x: torch.Tensor, layer: str) -> torch.Tensor:
         """The objective layer's output for input batch ``x`` (N x 3 x H x W)."""
         if self._is_caffe:

@@ -1,0 +1,140 @@
+"""`mfv` command line: mean images of a class (`mfv means`) and facet visualisations
+(`mfv facet`) on a Caffe model loaded by `porting`.
+
+Exit status: 0 success, 1 internal error, 2 bad input (one line on stderr naming the
+file, the place and the problem).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from porting.errors import PortingError
+
+
+def _mean_triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (B,G,R), got {text!r}")
+    return values
+
+
+def _load_net(args):
+    from porting import load_caffe
+
+    from mfv.step import FacetNet
+
+    if args.caffemodel is None:
+        print("mfv: no --caffemodel: the net's weights are all zero", file=sys.stderr)
+    net = FacetNet.from_caffe(load_caffe(args.prototxt, args.caffemodel), mean=args.mean)
+    names = net.layer_names()
+    for layer in [args.layer] + getattr(args, "octave_layers", []):
+        if layer not in names:
+            raise PortingError(f"no layer named {layer!r} (layers: {', '.join(names)})", args.prototxt)
+    return net
+
+
+def _means(args) -> int:
+    from mfv.means import facet_means
+
+    net = _load_net(args)
+    result = facet_means(net, args.images, args.out, layer=args.layer, k=args.k, m=args.m, seed=args.seed,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    sizes = [int((result.clusters.labels == c).sum()) for c in range(args.k)]
+    print(f"{len(result.paths)} images, {args.layer} codes, {args.k} clusters of sizes {sizes}")
+    print(f"wrote {len(result.files)} files to {args.out}")
+    return 0
+
+
+def _facet(args) -> int:
+    import numpy as np
+
+    from mfv import schedule
+    from mfv.loop import run_facet, save_facet
+    from mfv.means import load_rgb
+
+    variant = args.variant or ("center-bias" if args.init == "noise" else "mean")
+    octaves = schedule.octaves_for(variant)
+    args.octave_layers = sorted({o.layer for o in octaves if o.layer})
+    net = _load_net(args)
+    start = None
+    if args.init != "noise":
+        start = load_rgb(args.init).astype(np.float32)
+        height, width = net.preprocessing.input_size
+        if start.shape[0] < height or start.shape[1] < width:
+            raise PortingError(f"start image is {start.shape[1]}x{start.shape[0]}, smaller than the "
+                               f"net's {width}x{height} input", args.init)
+    result = run_facet(net, args.unit, args.seed, octaves, start=start, layer=args.layer, xy=args.xy,
+                       mode=args.mode, snapshot_every=args.snapshot_every, progress=not args.no_progress)
+    name = args.name or f"facet_{args.layer}_{args.unit:04d}_{variant}_{args.mode}_seed{args.seed}"
+    paths = save_facet(result, args.out, name)
+    last = result.records[-1]
+    print(f"unit {args.unit} of {args.layer} ({variant}, {args.mode}): {len(result.records)} iterations, "
+          f"final objective {last.objective:.3f}, best unit {last.best_unit} ({last.best_value:.3f})")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, layer: str) -> None:
+    p.add_argument("--prototxt", required=True, help="deploy prototxt (any Caffe 1.0 format)")
+    p.add_argument("--caffemodel", help="trained weights (without: all-zero weights)")
+    p.add_argument("--layer", default=layer, help=f"layer to read (default {layer})")
+    p.add_argument("--mean", type=_mean_triple, default=(104.0, 117.0, 123.0),
+                   help="B,G,R mean subtracted from 0-255 pixels (default 104,117,123)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers) -> None:
+    """Add `means` and `facet` to an argparse subparsers object."""
+    p = subparsers.add_parser("means", help="cluster a class's images and write the clusters' mean images")
+    _common(p, "fc7")
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("-k", type=int, default=10, help="clusters (default 10)")
+    p.add_argument("-m", type=int, default=15, help="images averaged per cluster (default 15)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_means)
+
+    p = subparsers.add_parser("facet", help="visualise one facet of a unit by activation maximisation")
+    _common(p, "fc8")
+    p.add_argument("--unit", type=int, required=True, help="unit (channel) to maximise")
+    p.add_argument("--xy", type=int, default=0, help="spatial position for conv layers")
+    p.add_argument("--init", default="noise", help="start image (a mean image) or 'noise' (default)")
+    p.add_argument("--mode", choices=["faithful", "modern"], default="faithful",
+                   help="faithful: the 2016 stack's arithmetic and libraries; modern: today's")
+    p.add_argument("--variant", choices=["mean", "center-bias"],
+                   help="octave schedule (default: mean with an image, center-bias with noise)")
+    p.add_argument("--snapshot-every", type=int, default=10, help="trace arrays every N iterations (0: none)")
+    p.add_argument("--name", help="output file stem")
+    p.set_defaults(func=_facet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfv", description=__doc__.splitlines()[0])
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PortingError as err:
+        print(f"mfv: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # an internal error: keep the traceback for the bug report
+        traceback.print_exc()
+        print("mfv: internal error (the traceback above belongs in a bug report)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
