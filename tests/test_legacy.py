@@ -13,7 +13,8 @@ import pytest
 
 from porting.errors import PortingError
 from porting.legacy import CaffeError, CaffeTimeout, Worker
-from porting.legacy_build import format_status, status
+from porting import legacy_build
+from porting.legacy_build import format_status, is_current, status
 from porting.legacy_worker import parse_caffe_log
 
 TINY = """name: "tiny"
@@ -79,6 +80,16 @@ def test_status_reports_the_pinned_stack(caffe_root):
     assert all(v["pinned"] == v["installed"] for v in info["pinned_debian"].values())
     assert info["python2"]["numpy"] == "1.11.0"
     assert "openblas-pthread" in format_status(info)
+
+
+@pytest.mark.caffe
+def test_build_is_a_no_op_when_current_and_needs_root_otherwise(caffe_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(legacy_build.os, "geteuid", lambda: 1000)  # as an ordinary user
+    assert legacy_build.build(caffe_root, progress=False) == caffe_root  # current: nothing to do
+    assert not is_current(caffe_root, snapshot="20240801T000000Z")  # another recipe would rebuild
+    with pytest.raises(PortingError, match="root privileges.*docker/Dockerfile"):
+        legacy_build.build(tmp_path / "root", progress=False)
+    assert not (tmp_path / "root").exists()
 
 
 @pytest.mark.caffe
