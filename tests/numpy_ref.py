@@ -636,6 +636,18 @@ def run_layer(layer, bottoms, top_diffs=None, dtype="float64"):
 EXAMPLES = int(os.environ.get("LAYER_EXAMPLES", "20"))
 
 
+def log_error(dtype: str, what: str, err: float) -> None:
+    """With LAYER_ERRORS_LOG=path set, append one measured error to that file as a JSON line
+    (how the float32 tolerances of these tests were measured)."""
+    path = os.environ.get("LAYER_ERRORS_LOG")
+    if path:
+        import json
+
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "dtype": dtype, "what": what, "err": err}) + "\n")
+
+
 def check_layer(text, bottoms, top_diffs, ref_tops, ref_bottom_grads=(), ref_blob_grads=(),
                 blobs=None, tol64=1e-10, tol32=1e-5, magnitudes=None):
     """Build the layer from prototxt ``text``, run it in float64 and float32, and compare
@@ -644,15 +656,10 @@ def check_layer(text, bottoms, top_diffs, ref_tops, ref_bottom_grads=(), ref_blo
     ``magnitudes`` optionally maps ("top" | "bottom diff" | "blob diff", index) to the
     same quantity computed from absolute values (see rel_err).
 
-    ``tol64``/``tol32`` bound rel_err. With LAYER_ERRORS_LOG=path set, every measured error
-    is appended to that file as a JSON line (how the float32 tolerances were measured).
+    ``tol64``/``tol32`` bound rel_err; every measured error goes to ``log_error``.
     """
-    import json
-
     from porting.layers import build_layer
 
-    log = os.environ.get("LAYER_ERRORS_LOG")
-    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
     for dtype, tol in (("float64", tol64), ("float32", tol32)):
         layer = build_layer(text, [np.shape(b) for b in bottoms], blobs)
         tops, bottom_grads, blob_grads = run_layer(layer, bottoms, top_diffs, dtype)
@@ -664,7 +671,5 @@ def check_layer(text, bottoms, top_diffs, ref_tops, ref_bottom_grads=(), ref_blo
                     continue
                 assert got[i] is not None, f"{dtype}: {what} {i} has no gradient"
                 err = rel_err(got[i], ref, (magnitudes or {}).get((what, i)))
-                if log:
-                    with open(log, "a") as f:
-                        f.write(json.dumps({"test": test, "dtype": dtype, "what": f"{what} {i}", "err": err}) + "\n")
+                log_error(dtype, f"{what} {i}", err)
                 assert err <= tol, f"{dtype}: {what} {i} rel err {err:.3g} > {tol:g}\n{text}"
