@@ -107,6 +107,8 @@ class Worker:
         self._inside = f"{INSIDE_JOBS}/{self.name}"
         self._proc: subprocess.Popen | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=3000)
+        self._log_count = 0  # lines read so far; a job's own lines are those after its mark
+        self._log_mark = 0
         self._drain: threading.Thread | None = None
         self._buffer = b""
         self._ids = itertools.count(1)
@@ -131,6 +133,7 @@ class Worker:
                                        self._inside],
                            [(REFERENCE_DIR, INSIDE_REFERENCE, "ro")])
         self._log.clear()
+        self._log_count = self._log_mark = 0
         self._buffer = b""
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
@@ -144,6 +147,7 @@ class Worker:
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
         for raw in proc.stderr:
             self._log.append(raw.decode(errors="replace").rstrip("\n"))
+            self._log_count += 1
 
     def close(self) -> None:
         """Stop the worker and remove its job folder."""
@@ -220,7 +224,8 @@ class Worker:
         code = proc.returncode
         self._stop(graceful=False)
         lines = list(self._log)
-        message, layer = parse_caffe_log(lines)
+        own = lines[max(len(lines) - (self._log_count - self._log_mark), 0):]  # this job's lines
+        message, layer = parse_caffe_log(own)
         tail = "\n".join(lines[-40:])
         if message is None:
             last = next((s for s in reversed(lines) if s.strip()), "(no output)")
@@ -232,6 +237,7 @@ class Worker:
             self._stop(graceful=False)
             self.start()
         rid = next(self._ids)
+        self._log_mark = self._log_count
         line = json.dumps({"id": rid, "op": op, "args": args, "arrays": []}) + "\n"
         self._sent = time.monotonic()
         try:

@@ -89,6 +89,7 @@ def caffe_onehot_gradient(caffe, prototxt, x, end, unit, caffemodel=None, input=
 
 def find(name):
     """The op called ``name``, importing reference.<module> for "<module>.<function>"."""
+    name = str(name)
     if name not in OPS and "." in name:
         module = name.split(".", 1)[0]
         if not module.replace("_", "").isalnum():

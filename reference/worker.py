@@ -47,6 +47,14 @@ def versions():
     return info
 
 
+class Python2OpError(RuntimeError):
+    """A Python 2 op raised; ``traceback`` is the child's."""
+
+    def __init__(self, message, child_traceback):
+        RuntimeError.__init__(self, message)
+        self.traceback = child_traceback
+
+
 class Python2Child(object):
     """One ``python2.7 -m reference.worker2`` process, started on first use."""
 
@@ -115,8 +123,8 @@ def main():
             elif op == "py2":
                 done = py2.run(args["op"], args["args"], args["out"])
                 if not done["ok"]:
-                    raise RuntimeError("python2.7 op %s failed: %s\n%s" % (args["op"], done["error"],
-                                                                          done.get("traceback", "")))
+                    raise Python2OpError("python2.7 op %s: %s" % (args["op"], done["error"]),
+                                         done.get("traceback", ""))
                 result = done["result"]
             else:
                 raise ValueError("unknown op %r" % op)
@@ -124,8 +132,9 @@ def main():
                 result["provenance"]["versions"] = mine
             reply = {"id": request.get("id"), "ok": True, "result": result}
         except Exception as exc:  # reported to the host, which raises CaffeError
-            reply = {"id": request.get("id"), "ok": False, "error": error_text(exc),
-                     "traceback": traceback.format_exc()}
+            reply = {"id": request.get("id"), "ok": False,
+                     "error": str(exc) if isinstance(exc, Python2OpError) else error_text(exc),
+                     "traceback": getattr(exc, "traceback", None) or traceback.format_exc()}
         write_message(out, reply)
     py2.close()
 
