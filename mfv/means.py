@@ -84,8 +84,8 @@ def image_codes(net: FacetNet, paths, layer: str = "fc7", batch_size: int = 16,
     for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc=f"codes {layer}", unit="batch"):
         batch = np.stack([prep.to_net(load_rgb(p, prep.input_size)) for p in paths[start:start + batch_size]])
         with torch.no_grad():
-            out = net.blob_output(torch.from_numpy(batch), layer)
-        codes.append(out.reshape(len(batch), -1).numpy().astype(np.float32))
+            out = net.blob_output(torch.from_numpy(batch).to(net.device), layer)
+        codes.append(out.reshape(len(batch), -1).cpu().numpy().astype(np.float32))
     return np.concatenate(codes)
 
 

@@ -31,6 +31,12 @@ class FacetNet:
         shape = next(iter(net.inputs.values()))
         return cls(net, Preprocessing("BGR", tuple(float(m) for m in mean), input_size=tuple(shape[-2:])))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's parameters live (inputs are moved there, results back to the CPU)."""
+        first = next(self.module.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def layer_names(self) -> list[str]:
         if self._is_caffe:
             return [spec.name for spec in self.module.graph.layers]
@@ -97,17 +103,17 @@ def gradient_step(net: FacetNet, x: np.ndarray, layer: str, unit: int, step_size
     expression under today's numpy (Python numbers are weak: float32 division). A zero
     gradient (a dead unit) makes no step, where the 2016 code would have produced NaNs.
     """
-    xt = torch.from_numpy(np.array(x[None], dtype=np.float32)).requires_grad_(True)
+    xt = torch.from_numpy(np.array(x[None], dtype=np.float32)).to(net.device).requires_grad_(True)
     with torch.enable_grad():
         output = net.layer_output(xt, layer)
         objective = objective_of(output, unit, xy)
         (grad,) = torch.autograd.grad(objective, xt)
-    acts = output.detach()[0]
+    acts = output.detach()[0].cpu()
     if acts.dim() == 3:
         acts = acts[:, xy, xy]
     acts = acts.reshape(-1)
     best_unit = int(torch.argmax(acts))
-    g = grad[0].numpy()
+    g = grad[0].cpu().numpy()
     if margin != 0:
         g = g * central_mask(g.shape, margin)
     mean_abs = np.abs(g).mean()
@@ -121,4 +127,4 @@ def gradient_step(net: FacetNet, x: np.ndarray, layer: str, unit: int, step_size
         raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
     lo, hi = net.preprocessing.bounds()
     stepped = np.clip(stepped, lo, hi).astype(np.float32, copy=False)
-    return StepResult(stepped, g, float(objective.detach()), best_unit, float(acts[best_unit]), float(mean_abs))
+    return StepResult(stepped, g, float(objective.detach().cpu()), best_unit, float(acts[best_unit]), float(mean_abs))
