@@ -277,8 +277,8 @@ def plot_errors(report: dict) -> bytes:
     for r in report["rows"]:
         layers.setdefault(r["position"], r["layer"])
     bands = {}
-    for c in report.get("checks", []):
-        if c["framework"] == fw.get("exact", EXACT) and _num(c["band"]) is not None:
+    for c in report.get("checks", []):  # the bound at the reference's own inputs
+        if c["framework"] == fw["reference"] and _num(c["band"]) is not None:
             bands[(c["direction"], c["key"])] = c["band"]
     directions = [("data", "forward", "forward pass (each layer's own output)"),
                   ("diff", "backward", "backward pass (gradient w.r.t. each layer's output; flows right to left)")]

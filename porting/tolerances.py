@@ -22,6 +22,7 @@ Two different questions, two parts:
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -160,8 +161,33 @@ EXACT_TYPES = {"Input", "Split", "Concat", "Slice", "Flatten", "Reshape", "Crop"
 
 
 @contextmanager
-def _abs_weights(module):
-    """Temporarily replace every parameter of ``module`` by its absolute value."""
+def magnitude_twin(module):
+    """A copy of ``module`` whose parameters are their absolute values (None if it has none).
+
+    Applied to |x| it gives the sum of |terms| a dot-product bound needs. Made once per
+    layer and shared by every framework checked there; dropped on exit.
+    """
+    if not any(True for _ in module.parameters()):
+        yield None
+        return
+    nested = any(m is not module and any(True for _ in m.parameters(recurse=False)) for m in module.modules())
+    if nested:  # parameters in sub-modules: copy the whole thing
+        twin = copy.deepcopy(module)
+        for p in twin.parameters():
+            p.data = p.data.abs()
+    else:  # share everything but the parameters (no copy of the weights besides |W|)
+        twin = copy.copy(module)
+        twin._parameters = {k: (None if p is None else torch.nn.Parameter(p.detach().abs(), requires_grad=False))
+                            for k, p in module._parameters.items()}
+    yield twin
+
+
+@contextmanager
+def _abs_weights(module, twin=None):
+    """``twin`` when given, else ``module`` with its parameters replaced by |parameters| for a while."""
+    if twin is not None:
+        yield twin
+        return
     saved = [p.data for p in module.parameters()]
     try:
         for p in module.parameters():
@@ -251,7 +277,7 @@ def _lrn_scale_error(x, s, size: int, alpha: float, k: float):
     return gamma(2 * c + size + 4) * s_max + gamma(2) * (s - k) + size * ETA
 
 
-def forward_bound(spec, module, bottoms, exact_tops):
+def forward_bound(spec, module, bottoms, exact_tops, abs_module=None):
     """Element-wise bound on the float32 rounding error of one layer's forward pass.
 
     Returns a list (one tensor per top) or None for a type without a rule.
@@ -266,8 +292,8 @@ def forward_bound(spec, module, bottoms, exact_tops):
         return [torch.zeros_like(x) if slope == 0 else U * y[0].abs() + ETA]
     if t in ("Convolution", "InnerProduct", "Deconvolution"):
         n_fwd, _ = _weight_terms(spec, module)
-        with torch.no_grad(), _abs_weights(module):
-            mag = module(x.abs())[0]
+        with torch.no_grad(), _abs_weights(module, abs_module) as magnitude:
+            mag = magnitude(x.abs())[0]
         return [gamma(n_fwd + 1) * mag + (n_fwd + 1) * ETA]
     if t == "Pooling":
         method = spec.param.pooling_param.pool
@@ -315,8 +341,8 @@ def forward_bound(spec, module, bottoms, exact_tops):
         return [U * y[0].abs() + ETA]
     if t == "Scale" and len(bottoms) == 1:
         # y = x * s (+ b): one product, one sum, bounded with |s| and |b|.
-        with torch.no_grad(), _abs_weights(module):
-            mag = module(x.abs())[0]
+        with torch.no_grad(), _abs_weights(module, abs_module) as magnitude:
+            mag = magnitude(x.abs())[0]
         return [gamma(2) * mag + ETA]
     if t == "BatchNorm":
         mean, var, eps = _batch_norm_stats(spec, module, x)
@@ -336,7 +362,7 @@ def _batch_norm_stats(spec, module, x):
     return (mean * sf).reshape(shape), (var * sf).reshape(shape), eps
 
 
-def backward_bound(spec, module, bottoms, tops, exact_tops, top_diffs):
+def backward_bound(spec, module, bottoms, tops, exact_tops, top_diffs, abs_module=None):
     """Element-wise bound on the float32 rounding error of one layer's backward pass.
 
     ``tops`` are the framework's stored forward outputs (Caffe's backward reads them: a
@@ -361,8 +387,8 @@ def backward_bound(spec, module, bottoms, tops, exact_tops, top_diffs):
         return [torch.zeros_like(x) if slope == 0 else U * (g[0] * slope).abs() * (x <= 0) + ETA]
     if t in ("Convolution", "InnerProduct", "Deconvolution"):
         _, n_bwd = _weight_terms(spec, module)
-        with _abs_weights(module):
-            mag = _vjp(module, [b.abs() for b in bottoms], [g[0].abs()])[0]
+        with _abs_weights(module, abs_module) as magnitude:
+            mag = _vjp(magnitude, [b.abs() for b in bottoms], [g[0].abs()])[0]
         return [gamma(n_bwd) * mag + n_bwd * ETA]
     if t == "Pooling":
         method = spec.param.pooling_param.pool
@@ -428,8 +454,8 @@ def backward_bound(spec, module, bottoms, tops, exact_tops, top_diffs):
     if t == "Bias" and len(bottoms) == 1:
         return [torch.zeros_like(bottoms[0])]
     if t == "Scale" and len(bottoms) == 1:
-        with _abs_weights(module):
-            mag = _vjp(module, [b.abs() for b in bottoms], [g[0].abs()])[0]
+        with _abs_weights(module, abs_module) as magnitude:
+            mag = _vjp(magnitude, [b.abs() for b in bottoms], [g[0].abs()])[0]
         return [U * mag + ETA]
     if t == "BatchNorm":
         mean, var, eps = _batch_norm_stats(spec, module, bottoms[0])

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from porting.errors import PortingError
-from porting.tolerances import U, Tolerances, backward_bound, forward_bound, gamma
+from porting.tolerances import U, Tolerances, backward_bound, forward_bound, gamma, magnitude_twin
 
 EXACT = "float64"
 
@@ -519,77 +519,80 @@ def local_checks(net64, arrays: Mapping[str, Mapping], objective: Objective | No
                  exact: Mapping | None = None) -> list[LocalCheck]:
     """Local forward and backward checks of every framework in ``arrays`` (name -> arrays).
 
-    ``net64`` is the port in float64 (``copy.deepcopy(net).double()``); its layers applied
-    to a framework's own bottoms give the exact output that framework should have produced.
+    ``net64`` is the port in float64 (``float64_twin(net)``); its layers applied to a
+    framework's own bottoms give the exact output that framework should have produced.
     ``exact`` (the float64 run) adds decision counts to the notes: max-pooling windows whose
-    winner differs from float64's and ReLU inputs whose sign does.
+    winner differs from float64's and ReLU inputs whose sign does. Layers are visited once
+    each (all frameworks at a time), so a layer's |weights| copy is made once.
     """
     values = NetValues(net64.graph)
     stop = None
     if objective is not None and objective.blob in values.last_value:
         stop = values.last_value[objective.blob].position
-    checks: list[LocalCheck] = []
-    for name, arr in arrays.items():
-        checks.extend(_framework_checks(net64, values, name, arr, objective, stop, exact))
-    return checks
-
-
-def _framework_checks(net64, values: NetValues, name: str, arr: Mapping, objective, stop, exact):
-    forward: list[LocalCheck] = []
-    contrib: dict[Value, list] = {}
+    forward: dict[str, list[LocalCheck]] = {name: [] for name in arrays}
+    contrib: dict[str, dict[Value, list]] = {name: {} for name in arrays}
     for spec in values.specs:
         if spec.type == "Input" or spec.module is None:
             continue
-        bottom_vals = values.bottoms[spec.name]
-        bottoms = [None if v is None else values.read(arr, v, "data") for v in bottom_vals]
-        tops = [values.read(arr, v, "data") for v in values.by_layer[spec.name]]
-        if any(b is None for b in bottoms):
+        with magnitude_twin(spec.module) as abs_module:
+            for name, arr in arrays.items():
+                _layer_checks(spec, abs_module, values, name, arr, stop, exact, forward[name], contrib[name])
+    checks: list[LocalCheck] = []
+    for name, arr in arrays.items():
+        checks.extend(forward[name])
+        checks.extend(_backward_checks(values, name, arr, objective, stop, contrib[name]))
+    return checks
+
+
+def _layer_checks(spec, abs_module, values: NetValues, name: str, arr: Mapping, stop, exact,
+                  forward: list, contrib: dict) -> None:
+    """One layer, one framework: append its forward check, collect its backward contributions."""
+    bottom_vals = values.bottoms[spec.name]
+    bottoms = [None if v is None else values.read(arr, v, "data") for v in bottom_vals]
+    tops = [values.read(arr, v, "data") for v in values.by_layer[spec.name]]
+    if any(b is None for b in bottoms):
+        return
+    module = spec.module
+    xs = [_t(b) for b in bottoms]
+    wants_backward = stop is not None and values.position[spec.name] <= stop
+    top_diffs = [values.read(arr, v, "diff") for v in values.by_layer[spec.name]] if wants_backward else []
+    wants_backward = wants_backward and bool(top_diffs) and top_diffs[0] is not None
+    leaves = [x.clone().requires_grad_(wants_backward) for x in xs]
+    with torch.set_grad_enabled(wants_backward):
+        exact_tops = module(*leaves)
+    exact_det = [y.detach() for y in exact_tops]
+    have_tops = bool(tops) and all(t is not None for t in tops)
+    if have_tops:
+        with torch.no_grad():
+            bounds = forward_bound(spec, module, xs, exact_det, abs_module)
+        worst = None
+        for i, (top, y) in enumerate(zip(tops, exact_det)):
+            if tuple(np.shape(top)) != tuple(y.shape):
+                continue
+            err = (_t(top) - y).abs()
+            scale = float(y.abs().max()) if y.numel() else 0.0
+            ratio, rel, band, n = _ratio_stats(err, None if bounds is None else bounds[i], scale)
+            check = LocalCheck(name, "forward", spec.name, spec.type, _params(spec),
+                               values.by_layer[spec.name][i].key("data"), values.position[spec.name],
+                               ratio, rel, band, n)
+            if worst is None or _worse(check, worst):
+                worst = check
+        if worst is not None:
+            worst.note = _decision_note(spec, values, arr, exact, bottom_vals)
+            forward.append(worst)
+    if not wants_backward:
+        return
+    g = [None if d is None else _t(d) for d in top_diffs]
+    pairs = [(y, d) for y, d in zip(exact_tops, g) if d is not None and y.requires_grad]
+    if not pairs:
+        return
+    grads = torch.autograd.grad([y for y, _ in pairs], leaves, [d for _, d in pairs], allow_unused=True)
+    stored = [_t(t) for t in tops] if have_tops else exact_det
+    bounds = backward_bound(spec, module, xs, stored, exact_det, g, abs_module)
+    for slot, (v, grad) in enumerate(zip(bottom_vals, grads)):
+        if v is None or grad is None:
             continue
-        module = spec.module
-        xs = [_t(b) for b in bottoms]
-        wants_backward = stop is not None and values.position[spec.name] <= stop
-        top_diffs = [values.read(arr, v, "diff") for v in values.by_layer[spec.name]] if wants_backward else []
-        wants_backward = wants_backward and bool(top_diffs) and top_diffs[0] is not None
-        leaves = [x.clone().requires_grad_(wants_backward) for x in xs]
-        with torch.set_grad_enabled(wants_backward):
-            exact_tops = module(*leaves)
-        exact_det = [y.detach() for y in exact_tops]
-        # forward check
-        if all(t is not None for t in tops) and tops:
-            with torch.no_grad():
-                bounds = forward_bound(spec, module, xs, exact_det)
-            worst = None
-            for i, (top, y) in enumerate(zip(tops, exact_det)):
-                if tuple(np.shape(top)) != tuple(y.shape):
-                    continue
-                err = (_t(top) - y).abs()
-                scale = float(y.abs().max()) if y.numel() else 0.0
-                ratio, rel, band, n = _ratio_stats(err, None if bounds is None else bounds[i], scale)
-                check = LocalCheck(name, "forward", spec.name, spec.type, _params(spec),
-                                   values.by_layer[spec.name][i].key("data"), values.position[spec.name],
-                                   ratio, rel, band, n)
-                if worst is None or _worse(check, worst):
-                    worst = check
-            if worst is not None:
-                worst.note = _decision_note(spec, values, arr, exact, bottom_vals)
-                forward.append(worst)
-        # backward contributions to each bottom value
-        if wants_backward:
-            g = [None if d is None else _t(d) for d in top_diffs]
-            pairs = [(y, d) for y, d in zip(exact_tops, g) if d is not None and y.requires_grad]
-            if pairs:
-                grads = torch.autograd.grad([y for y, _ in pairs], leaves, [d for _, d in pairs],
-                                            allow_unused=True)
-                bounds = backward_bound(spec, module, xs, [_t(t) for t in tops] if all(
-                    t is not None for t in tops) else exact_det, exact_det, g)
-                for slot, (v, grad) in enumerate(zip(bottom_vals, grads)):
-                    if v is None or grad is None:
-                        continue
-                    b = None if bounds is None else bounds[slot]
-                    contrib.setdefault(v, []).append((spec, grad.detach(), b))
-        del exact_tops, leaves
-    backward = _backward_checks(values, name, arr, objective, stop, contrib)
-    return forward + backward
+        contrib.setdefault(v, []).append((spec, grad.detach(), None if bounds is None else bounds[slot]))
 
 
 def _worse(a: LocalCheck, b: LocalCheck) -> bool:
@@ -777,10 +780,8 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     departure = None
     if net64 is not None:
         arrays = {names[0]: reference, names[1]: candidate, **(others or {})}
-        if exact is not None:
-            arrays[EXACT] = exact
         checks = local_checks(net64, arrays, objective, exact)
-        departure = find_departure([c for c in checks if c.framework != EXACT], frameworks)
+        departure = find_departure(checks, frameworks)
     missing_in_reference = sorted(k for k in candidate if k not in reference)
     not_in_candidate = sorted(k for k in reference if k not in candidate)
     passed = bool(rows) and all(r.passed for r in rows) and not [
@@ -854,3 +855,19 @@ def float64_twin(net):
                 if buf is not None and buf.is_floating_point():
                     m._buffers[name] = buf.double()
     return twin
+
+
+def verify_port(net, reference: Mapping, inputs: Mapping[str, np.ndarray], objective: Objective | None = None,
+                tolerances: Tolerances | None = None, others: Mapping[str, Mapping] | None = None,
+                names: tuple[str, str] = ("caffe", "port")) -> tuple[Verification, dict[str, dict]]:
+    """Run the port in float32 and float64 on ``inputs`` and verify it against ``reference``.
+
+    ``reference`` is the legacy worker's result for the same inputs and, with an
+    objective, ``top_diffs={objective.blob: objective.seed(shape)}``. Returns the
+    verification and the port's arrays ({"port": float32, "float64": exact}).
+    """
+    candidate = port_arrays(net, inputs, objective)
+    net64 = float64_twin(net)
+    exact = port_arrays(net64, inputs, objective)
+    verification = verify_arrays(net64, reference, candidate, tolerances, objective, exact, others, names)
+    return verification, {names[1]: candidate, EXACT: exact}
