@@ -137,6 +137,6 @@ def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None
 
 # Registration happens on import of the modules below (kept last: they import the names above).
 from porting.layers import (  # noqa: E402,F401
-    argmax, batch_norm, convolution, eltwise, inner_product, input_layer, lrn, neuron, pooling,
-    scale_bias, shape, softmax,
+    argmax, batch_norm, convolution, data_movement, eltwise, inner_product, input_layer, lrn, neuron,
+    pooling, scale_bias, softmax,
 )

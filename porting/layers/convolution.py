@@ -9,7 +9,6 @@ tests/test_layers_conv.py. Bottoms are (N..., C, spatial...) with the channel ax
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from porting.layers import CaffeLayer, canonical_axis, register

@@ -32,9 +32,9 @@ def _window_sum_over_channels(t: torch.Tensor, size: int, front: int) -> torch.T
     """sum_{i < size} of t shifted along channels: out_c = sum t_{c - front + i}, zero outside."""
     channels = t.shape[1]
     padded = F.pad(t, (0, 0, 0, 0, front, size - 1 - front))
-    total = padded[:, 0:channels]
+    total = padded[:, 0:channels].clone()
     for i in range(1, size):
-        total = total + padded[:, i:i + channels]
+        total.add_(padded[:, i:i + channels])
     return total
 
 
@@ -44,21 +44,22 @@ class CrossChannelLRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
         pre_pad = (size - 1) // 2
-        scale = k + _window_sum_over_channels(x * x * (alpha / size), size, pre_pad)
-        y = x * scale.pow(-beta)
-        ctx.save_for_backward(x, y, scale)
+        scale = _window_sum_over_channels(x * x * (alpha / size), size, pre_pad).add_(k)
+        scale_pow = scale.pow(-beta)
+        y = x * scale_pow
+        ctx.save_for_backward(x, y, scale, scale_pow)
         ctx.params = (size, alpha, beta)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, y, scale = ctx.saved_tensors
+        x, y, scale, scale_pow = ctx.saved_tensors
         size, alpha, beta = ctx.params
         inverse_pre_pad = size - (size + 1) // 2
         ratio = dy * y / scale
         accum = _window_sum_over_channels(ratio, size, inverse_pre_pad)
-        dx = dy * scale.pow(-beta) - (2.0 * alpha * beta / size) * x * accum
+        dx = (dy * scale_pow).sub_(accum.mul_(x).mul_(2.0 * alpha * beta / size))
         return dx, None, None, None, None
 
 
