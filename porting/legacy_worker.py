@@ -90,6 +90,7 @@ class Worker:
     """One long-lived reference worker (Python 3 + pycaffe in the legacy root).
 
     ``timeout``: seconds a job may take before the worker is killed (CaffeTimeout).
+    Calls from several threads are served one at a time.
     ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: OpenBLAS's default, all cores);
     recorded in every result's provenance. Use as a context manager, or call ``close()``.
     """
@@ -112,6 +113,7 @@ class Worker:
         self._drain: threading.Thread | None = None
         self._buffer = b""
         self._ids = itertools.count(1)
+        self._busy = threading.Lock()
         self._inputs: dict[tuple, str] = {}  # (dev, inode, size, mtime) -> name inside the job folder
         self.versions_python3: dict | None = None
         self.starts = 0
@@ -233,6 +235,10 @@ class Worker:
         return CaffeError(message, prototxt, layer, tail, check=message)
 
     def _request(self, op: str, args: dict, timeout: float | None = None, prototxt: object = None) -> dict:
+        with self._busy:
+            return self._request_unlocked(op, args, timeout, prototxt)
+
+    def _request_unlocked(self, op: str, args: dict, timeout: float | None, prototxt: object) -> dict:
         if self._proc is None or self._proc.poll() is not None:
             self._stop(graceful=False)
             self.start()
