@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands with add_parser(subparsers).
-_FEATURE_MODULES: list[str] = []
+_FEATURE_MODULES: list[str] = ["porting.legacy"]
 
 
 def main(argv: list[str] | None = None) -> int:

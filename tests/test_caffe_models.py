@@ -86,7 +86,7 @@ def test_v1_resave_gives_identical_results(model_case, caffe_worker, tmp_path):
     net = load_caffe(prototxt, weights)
     stored = read_caffemodel(weights)
     layers = [(s.name, s.type, [b.data.reshape(b.declared()) for b in stored[s.name]])
-              for s in net.graph.layers if s.name in stored]
+              for s in net.graph.layers if stored.get(s.name)]
     v1 = tmp_path / "weights_v1.caffemodel"
     write_caffemodel(v1, layers, format="v1")
     blobs_v2, grad_v2 = port_run(net, x, objective, unit)
