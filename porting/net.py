@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,7 +57,15 @@ class CaffeNet(nn.Module):
         return super().load_state_dict(OrderedDict(("layers." + k, v) for k, v in state_dict.items()),
                                        strict=strict, assign=assign)
 
-    def forward(self, *args: torch.Tensor, end: str | None = None, **inputs: torch.Tensor):
+    def forward(self, *args: torch.Tensor, end: str | None = None,
+                pin: Mapping[str, Sequence[torch.Tensor]] | None = None, **inputs: torch.Tensor):
+        """Run the net; see the class docstring. ``pin`` maps layer names to top values.
+
+        A pinned layer's tops take the given values while gradients still flow through
+        the port's own computation (``value + (t - t.detach())``): the port's backward is
+        then evaluated at another framework's forward point, so ReLU gates and max-pool
+        switches follow that framework's decisions (a synchronised comparison).
+        """
         names = list(self.graph.inputs)
         if args:
             if len(args) > len(names):
@@ -74,6 +83,8 @@ class CaffeNet(nn.Module):
                 tops = tuple(inputs[t] for t in spec.tops)
             else:
                 tops = spec.module(*(blobs[b] for b in spec.bottoms))
+            if pin and spec.name in pin:
+                tops = tuple(torch.as_tensor(v, dtype=t.dtype) + (t - t.detach()) for v, t in zip(pin[spec.name], tops))
             self.layer_outputs[spec.name] = tops
             blobs.update(zip(spec.tops, tops))
             if spec.name == end:

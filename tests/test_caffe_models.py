@@ -75,10 +75,33 @@ def test_every_blob_forward_matches_caffe(model_case):
 
 
 def test_input_gradient_matches_caffe(model_case):
+    """The port's backward at Caffe's forward point equals Caffe's gradient (synchronised).
+
+    Free-running, each framework takes its own ReLU-gate and max-pool-switch decisions on
+    values that differ by float32 rounding; where a value sits within rounding of a kink
+    the two decisions can differ and move the input gradient by far more than rounding.
+    Measured (GoogLeNet, these weights and input): port vs Caffe 1.8e-3 free-running, while
+    Caffe and the port each differ from a float64 evaluation by 6.4e-2, and the
+    synchronised port agrees with Caffe to 6.4e-7. So free-running, the port must be no
+    further from Caffe than Caffe is from exact arithmetic, and within 1e-4 where no
+    decision flips (the CaffeNet family here).
+    """
     name, prototxt, weights, objective, unit, x, ref = model_case
-    _, grad = port_run(load_caffe(prototxt, weights), x, objective, unit)
-    assert np.abs(ref["blob/data/diff"]).max() > 0
-    assert rel_err(grad, ref["blob/data/diff"]) <= BOUND
+    net = load_caffe(prototxt, weights)
+    caffe_grad = ref["blob/data/diff"]
+    assert np.abs(caffe_grad).max() > 0
+    pin = {s.name: [torch.from_numpy(np.asarray(ref[f"top/{s.name}/{i}/data"])) for i in range(len(s.tops))]
+           for s in net.graph.layers if s.type != "Input"}
+    data = torch.from_numpy(x).requires_grad_(True)
+    net(data, pin=pin)[objective][:, unit].sum().backward()
+    assert rel_err(data.grad.numpy(), caffe_grad) <= BOUND
+
+    _, free = port_run(net, x, objective, unit)
+    if name == "bvlc-googlenet":
+        _, exact = port_run(load_caffe(prototxt, weights).double(), x.astype(np.float64), objective, unit)
+        assert rel_err(free, caffe_grad) <= rel_err(caffe_grad, exact)
+    else:
+        assert rel_err(free, caffe_grad) <= BOUND
 
 
 def test_v1_resave_gives_identical_results(model_case, caffe_worker, tmp_path):
