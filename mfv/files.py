@@ -24,6 +24,9 @@ def _atomic(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp made it 0600; give it an ordinary file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

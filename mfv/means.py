@@ -146,8 +146,8 @@ def plot_embedding(clusters: Clusters, means: list[np.ndarray], title: str = "")
     centre = clusters.embedding.mean(axis=0)
     for c, mean in enumerate(means):
         away = clusters.centroids[c] - centre
-        away = away / (np.linalg.norm(away) or 1.0) * 0.12 * span
-        box = AnnotationBbox(OffsetImage(truncating_uint8(mean), zoom=0.35), clusters.centroids[c] + away,
+        away = away / (np.linalg.norm(away) or 1.0) * 0.16 * span
+        box = AnnotationBbox(OffsetImage(truncating_uint8(mean), zoom=0.3), clusters.centroids[c] + away,
                              xycoords="data", frameon=True,
                              bboxprops={"edgecolor": colors(c % colors.N), "linewidth": 2})
         ax.add_artist(box)
@@ -192,5 +192,5 @@ def facet_means(net: FacetNet, sources, out_dir, layer: str = "fc7", k: int = 10
                       "members": [str(paths[i]) for i in clusters.members[c]],
                       "distances": clusters.distances[c].tolist()} for c in range(k)],
     })
-    files["embedding.png"] = save_figure(out / "embedding.png", plot_embedding(clusters, means, f"{layer} codes"))
+    files["embedding.png"] = save_figure(out / "embedding.png", plot_embedding(clusters, means, f"t-SNE of {layer or 'output'} codes, k-means clusters and their mean images"))
     return MeansResult(paths, clusters, means, files)
