@@ -62,6 +62,10 @@ def _facet(args) -> int:
     args.octave_layers = sorted({o.layer for o in octaves if o.layer})
     net = _load_net(args)
     start = None
+    if args.init != "noise" and args.mode == "faithful" and args.init.lower().endswith((".jpg", ".jpeg")):
+        print("mfv: note: JPEG decoders differ: today's Pillow and the 2016 stack's Pillow 5.1.0 decode "
+              "chroma-subsampled JPEGs differently (up to 10 grey levels on the authors' mean images); "
+              "start from a PNG for a start image both sides read alike", file=sys.stderr)
     if args.init != "noise":
         start = load_rgb(args.init).astype(np.float32)
         height, width = net.preprocessing.input_size
