@@ -1,0 +1,67 @@
+"""The modules both sides share (schedule, crops, tv, zoom) under the 2016 stack's Python 2.7.
+
+Inside the legacy root, Python 2.7 with numpy 1.11 imports our modules, evaluates the
+original schedule formulas with Python 2's own ``/``, draws crops from numpy 1.11 and
+runs our TV next to scikit-image 0.13.1; the results must equal ours under Python 3.
+"""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mfv import crops, schedule
+
+SHARED = ("schedule.py", "crops.py", "tv.py", "zoom.py")
+
+PY2_CHECK = r"""
+import json, sys
+sys.path.insert(0, "/mnt")
+import numpy as np
+from mfv import crops, schedule, tv, zoom
+from skimage.restoration import denoise_tv_bregman
+out = {"native": [], "ours": []}
+for table in (schedule.MEAN_OCTAVES, schedule.CENTER_BIAS_OCTAVES):
+    for o in table:
+        for i in range(o.iter_n):
+            # the 2016 formulas, Python 2's own division
+            out["native"].append([o.start_step_size + ((o.end_step_size - o.start_step_size) * i) / o.iter_n,
+                                  o.start_denoise_weight - (o.start_denoise_weight - (o.end_denoise_weight) * i) / o.iter_n])
+            out["ours"].append([schedule.step_size(o, i), schedule.denoise_weight(o, i)])
+rng = np.random.RandomState(11)
+crops.noise_start(rng, 227, 227)
+out["crops"] = [crops.crop_offsets(rng, 272, 272, 227, 227, 0.3) for _ in range(30)]
+image = np.random.RandomState(0).uniform(0, 255, (30, 40, 3))
+out["tv_gap"] = float(np.abs(tv.denoise_tv_bregman_0131(image, 0.3) - denoise_tv_bregman(image, 0.3, max_iter=100, eps=1e-3)).max())
+out["zoom_shape"] = list(zoom.zoom_octave(np.zeros((3, 227, 227), np.float32), 1.2).shape)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.caffe
+def test_shared_modules_under_python27(caffe_root, tmp_path):
+    from porting.legacy_build import CHROOT_ENV, chroot_argv
+
+    package = tmp_path / "mfv"
+    package.mkdir()
+    for name in SHARED:
+        shutil.copy(Path(schedule.__file__).with_name(name), package / name)
+    (package / "__init__.py").write_text("")
+    argv = chroot_argv(caffe_root, ["/usr/bin/python2.7", "-c", PY2_CHECK], binds=[(tmp_path, "/mnt", "ro")])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=CHROOT_ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    ours_py3 = [[schedule.step_size(o, i), schedule.denoise_weight(o, i)]
+                for table in (schedule.MEAN_OCTAVES, schedule.CENTER_BIAS_OCTAVES)
+                for o in table for i in range(o.iter_n)]
+    assert got["native"] == got["ours"] == ours_py3     # exact values
+    kinds = [[type(v).__name__ for v in pair] for pair in ours_py3]
+    assert [[type(v).__name__ for v in pair] for pair in got["native"]] == kinds   # int stays int
+    assert kinds[0] == ["int", "float"]
+    rng = np.random.RandomState(11)
+    crops.noise_start(rng, 227, 227)
+    assert [tuple(c) for c in got["crops"]] == [crops.crop_offsets(rng, 272, 272, 227, 227, 0.3) for _ in range(30)]
+    assert got["tv_gap"] < 2e-12        # same bound as tests/test_mfv_tv.py (measured 3.4e-13)
+    assert got["zoom_shape"] == [3, 272, 272]
