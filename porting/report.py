@@ -409,6 +409,13 @@ def _summary_lines(report: dict) -> list[tuple[str, str]]:
     return [(k, v) for k, v in lines if v]
 
 
+def _within(err, tolerance) -> bool:
+    """True unless ``err`` is a number beyond ``tolerance`` (or NaN)."""
+    if not isinstance(err, (int, float)) or not isinstance(tolerance, (int, float)):
+        return True
+    return err <= tolerance
+
+
 def _framework_summary(report: dict) -> list[dict]:
     out = []
     fw = report["frameworks"]
@@ -419,8 +426,11 @@ def _framework_summary(report: dict) -> list[dict]:
         judged = [c for c in mine if c["within"] is not None]
         beyond = [c for c in judged if not c["within"]]
         worst = max(judged, key=lambda c: c["error_ratio"], default=None)
+        off = next((r for r in report["rows"] if not _within(r.get("vs_float64", {}).get(name, {}).get("max_rel"),
+                                                             r.get("tolerance"))), None)
         out.append({"framework": name, "checks": len(mine), "judged": len(judged), "beyond": len(beyond),
                     "first_beyond": (f"{beyond[0]['direction']} {beyond[0]['layer']}" if beyond else ""),
+                    "first_off": (f"{off['key']} ({_g(off['vs_float64'][name]['max_rel'])})" if off else ""),
                     "worst": (f"{_g(worst['error_ratio'])} at {worst['direction']} {worst['layer']}"
                               if worst else ""),
                     "notes": [f"{c['layer']}: {c['note']}" for c in mine if c.get("note")]})
@@ -449,11 +459,12 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
     summary = _framework_summary(report)
     if summary:
         out += ["## Each framework against float64, layer by layer", "",
-                "| framework | local checks | judged | beyond bound | first beyond | worst (error / bound) |",
-                "|---|---|---|---|---|---|"]
+                "| framework | local checks | judged | beyond bound | first beyond | worst (error / bound) "
+                "| first array off float64 by more than its tolerance |",
+                "|---|---|---|---|---|---|---|"]
         for s in summary:
             out.append(f"| {s['framework']} | {s['checks']} | {s['judged']} | {s['beyond']} | "
-                       f"{s['first_beyond']} | {s['worst']} |")
+                       f"{s['first_beyond']} | {s['worst']} | {s['first_off']} |")
         notes = [f"{s['framework']}, {n}" for s in summary for n in s["notes"]]
         if notes:
             out += ["", "Discrete decisions that differ from float64:", ""] + [f"- {n}" for n in notes]
@@ -543,12 +554,13 @@ def render_html(report: dict, png: bytes | None = None) -> str:
     summary = _framework_summary(report)
     if summary:
         parts.append("<h2>Each framework against float64, layer by layer</h2><table><tr>"
-                     + "".join(f"<th class=\"l\">{h}</th>" for h in ("framework", "local checks", "judged",
-                                                                     "beyond bound", "first beyond",
-                                                                     "worst (error / bound)")) + "</tr>")
+                     + "".join(f"<th class=\"l\">{h}</th>" for h in (
+                         "framework", "local checks", "judged", "beyond bound", "first beyond",
+                         "worst (error / bound)", "first array off float64 by more than its tolerance"))
+                     + "</tr>")
         for s in summary:
             parts.append("<tr>" + "".join(f"<td class=\"l\">{_esc(s[k])}</td>" for k in (
-                "framework", "checks", "judged", "beyond", "first_beyond", "worst")) + "</tr>")
+                "framework", "checks", "judged", "beyond", "first_beyond", "worst", "first_off")) + "</tr>")
         parts.append("</table>")
         notes = [f"{s['framework']}, {n}" for s in summary for n in s["notes"]]
         if notes:

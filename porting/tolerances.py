@@ -320,7 +320,11 @@ def forward_bound(spec, module, bottoms, exact_tops, abs_module=None):
         m = x.amax(dim=axis, keepdim=True)
         spread = (x - m).abs()
         n = x.shape[axis]
-        rel = U * (spread + spread.amax(dim=axis, keepdim=True)) + gamma(n + 5)
+        # y_i = exp(d_i) / sum_j exp(d_j), d = x - max: rounding d_i moves exp(d_i) by |d_i| u
+        # (relative), in y_i's numerator and in the sum's largest term; the sum of n terms adds
+        # gamma_{n-1}; exp itself (up to 3.5 ulp = 7u in vectorised libraries, twice), the
+        # quotient (or reciprocal and product) the rest.
+        rel = U * (spread + spread.amax(dim=axis, keepdim=True)) + gamma(n + 16)
         return [rel * y[0].abs() + 2 * ETA]
     if t == "Eltwise":
         p = spec.param.eltwise_param

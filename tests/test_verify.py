@@ -439,4 +439,7 @@ def test_caffe_within_float32_bounds_on_caffenet(caffe_worker, caffe_weights, fi
     assert len(caffe_checks) >= 40
     beyond = [(c.direction, c.layer, c.error_ratio) for c in caffe_checks if not c.within]
     assert beyond == []
-    assert v.departure is None or "caffe" not in v.departure.frameworks
+    # our port does not depart either; where the arrays still differ beyond tolerance (N(0, 0.01)
+    # weights: a ReLU input or pooling tie within rounding of a kink), the verdict says so
+    assert v.departure is None
+    assert v.passed or "ill-conditioned" in v.verdict
