@@ -94,15 +94,32 @@ def central_mask(shape: tuple[int, ...], margin: int) -> np.ndarray:
     return mask
 
 
-def gradient_step(net: FacetNet, x: np.ndarray, layer: str, unit: int, step_size, margin: int = 0,
-                  xy: int = 0, mode: str = "faithful") -> StepResult:
-    """One step from ``x`` (3 x H x W float32): ``x + step / mean(|g|) * g``, clipped.
+def apply_step(x: np.ndarray, g: np.ndarray, step_size, lo: np.ndarray, hi: np.ndarray,
+               mode: str = "faithful") -> tuple[np.ndarray, np.float32]:
+    """``clip(x + step / mean(|g|) * g, lo, hi)`` on float32 arrays; returns it and mean(|g|).
 
     mode "faithful" forms the factor as numpy 1.11 did (the Python number divided by the
-    float32 mean in float64, then rounded to float32); "modern" writes the same
-    expression under today's numpy (Python numbers are weak: float32 division). A zero
-    gradient (a dead unit) makes no step, where the 2016 code would have produced NaNs.
+    float32 mean in float64, then rounded to float32 for the float32 product); "modern"
+    writes the same expression under today's numpy (Python numbers are weak: float32
+    division). A zero gradient (a dead unit) makes no step, where the 2016 code would
+    have produced NaNs.
     """
+    mean_abs = np.abs(g).mean()
+    if mean_abs == 0:
+        stepped = x.copy()
+    elif mode == "faithful":
+        stepped = x + np.float32(np.float64(step_size) / np.float64(mean_abs)) * g
+    elif mode == "modern":
+        stepped = x + step_size / mean_abs * g
+    else:
+        raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
+    return np.clip(stepped, lo, hi).astype(np.float32, copy=False), mean_abs
+
+
+def gradient_step(net: FacetNet, x: np.ndarray, layer: str, unit: int, step_size, margin: int = 0,
+                  xy: int = 0, mode: str = "faithful") -> StepResult:
+    """One step from ``x`` (3 x H x W float32): the objective's gradient g, masked to the
+    central square when ``margin`` > 0, then ``apply_step`` (normalise, step, clip)."""
     xt = torch.from_numpy(np.array(x[None], dtype=np.float32)).to(net.device).requires_grad_(True)
     with torch.enable_grad():
         output = net.layer_output(xt, layer)
@@ -116,15 +133,6 @@ def gradient_step(net: FacetNet, x: np.ndarray, layer: str, unit: int, step_size
     g = grad[0].cpu().numpy()
     if margin != 0:
         g = g * central_mask(g.shape, margin)
-    mean_abs = np.abs(g).mean()
-    if mean_abs == 0:
-        stepped = x.copy()
-    elif mode == "faithful":
-        stepped = x + np.float32(np.float64(step_size) / np.float64(mean_abs)) * g
-    elif mode == "modern":
-        stepped = x + step_size / mean_abs * g
-    else:
-        raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
     lo, hi = net.preprocessing.bounds()
-    stepped = np.clip(stepped, lo, hi).astype(np.float32, copy=False)
+    stepped, mean_abs = apply_step(x, g, step_size, lo, hi, mode)
     return StepResult(stepped, g, float(objective.detach().cpu()), best_unit, float(acts[best_unit]), float(mean_abs))

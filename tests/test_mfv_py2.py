@@ -65,3 +65,48 @@ def test_shared_modules_under_python27(caffe_root, tmp_path):
     assert [tuple(c) for c in got["crops"]] == [crops.crop_offsets(rng, 272, 272, 227, 227, 0.3) for _ in range(30)]
     assert got["tv_gap"] < 2e-12        # same bound as tests/test_mfv_tv.py (measured 3.4e-13)
     assert got["zoom_shape"] == [3, 272, 272]
+
+
+PY2_STEP = r"""
+import numpy as np
+x, g = np.load("/mnt/x.npy"), np.load("/mnt/g.npy")
+bias = np.float32([104.0, 117.0, 123.0])[:, np.newaxis, np.newaxis]
+out = {}
+for k, step in enumerate([1, 2, 1.5, 11., 1.0052631578947369]):
+    data = x.copy()
+    data[:] += step / np.abs(g).mean() * g          # the 2016 step, numpy 1.11 casting
+    out["step%d" % k] = np.clip(data, -bias, 255 - bias)
+out["mean_abs"] = np.array([np.abs(g).mean()])
+asimg = np.dstack((out["step0"] + bias)[::-1]).astype(np.float64)    # deprocess for the TV
+out["asimg"] = asimg
+out["back"] = np.float32(np.rollaxis(asimg, 2)[::-1]) - bias          # preprocess after it
+np.savez("/mnt/out.npz", **out)
+"""
+
+STEPS = [1, 2, 1.5, 11., 1.0052631578947369]
+
+
+@pytest.mark.caffe
+def test_step_arithmetic_is_numpy_1_11(caffe_root, tmp_path):
+    from porting.legacy_build import CHROOT_ENV, chroot_argv
+
+    from mfv.preprocess import CAFFENET
+    from mfv.step import apply_step
+
+    rng = np.random.RandomState(5)
+    x = CAFFENET.to_net(rng.uniform(0, 255, (227, 227, 3)))
+    g = (rng.standard_normal((3, 227, 227)) * 1e-3).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "g.npy", g)
+    argv = chroot_argv(caffe_root, ["/usr/bin/python2.7", "-c", PY2_STEP], binds=[(tmp_path, "/mnt", "rw")])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=CHROOT_ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(tmp_path / "out.npz") as legacy:
+        lo, hi = CAFFENET.bounds()
+        for k, step in enumerate(STEPS):
+            ours, mean_abs = apply_step(x, g, step, lo, hi, "faithful")
+            assert mean_abs.dtype == np.float32 and mean_abs == legacy["mean_abs"][0]
+            np.testing.assert_array_equal(ours, legacy[f"step{k}"])
+        rgb = CAFFENET.from_net(legacy["step0"]).astype(np.float64)
+        np.testing.assert_array_equal(rgb, legacy["asimg"])
+        np.testing.assert_array_equal(CAFFENET.to_net(rgb), legacy["back"])
