@@ -345,14 +345,15 @@ class NetValues:
 
     def value_of_key(self, key: str) -> Value | None:
         """The value a key shows: top keys name it; blob data = last value, blob diff = first."""
-        parts = key.split("/")
-        if parts[0] == "top" and len(parts) == 4:
-            for v in self.by_layer.get(parts[1], []):
-                if str(v.index) == parts[2]:
+        # layer and blob names may hold "/" themselves (GoogLeNet's "inception_3a/1x1")
+        if key.startswith("top/") and key.count("/") >= 3:
+            layer, index, _ = key[4:].rsplit("/", 2)
+            for v in self.by_layer.get(layer, []):
+                if str(v.index) == index:
                     return v
             return None
-        if parts[0] == "blob" and len(parts) >= 3:
-            blob, kind = "/".join(parts[1:-1]), parts[-1]
+        if key.startswith("blob/") and key.count("/") >= 2:
+            blob, kind = key[5:].rsplit("/", 1)
             return (self.last_value if kind == "data" else self.first_value).get(blob)
         return None
 

@@ -353,6 +353,24 @@ def test_values_bookkeeping(tmp_path):
     assert conv.first and not conv.last and relu.last and not relu.first
     assert values.bottoms["pool1"] == [relu] and values.readers[conv] == [("relu1", 0)]
     assert values.value_of_key("blob/conv1/diff") == conv and values.value_of_key("blob/conv1/data") == relu
+    assert values.value_of_key("top/relu1/0/diff") == relu and values.value_of_key("top/relu1/1/diff") is None
+    assert values.value_of_key("param/conv1/0") is None
+
+
+@needs_layers
+def test_names_with_slashes(tmp_path):
+    """GoogLeNet names layers and blobs "inception_3a/1x1": keys must still resolve."""
+    text = TINY.replace('"conv1"', '"block/conv1"').replace('"relu1"', '"block/relu1"')
+    net = build(tmp_path, text)
+    values = NetValues(net.graph)
+    conv = values.by_layer["block/conv1"][0]
+    assert values.value_of_key("top/block/conv1/0/data") == conv
+    assert values.value_of_key("blob/block/conv1/diff") == conv
+    obj = default_objective(net.graph)
+    inputs = random_inputs(net.graph, seed=1)
+    arrays = port_arrays(net, inputs, obj)
+    v = verify_arrays(net.graph, arrays, arrays, objective=obj)
+    assert {"top/block/conv1/0/data", "top/block/relu1/0/diff", "blob/block/conv1/diff"} <= {r.key for r in v.rows}
 
 
 @needs_layers
