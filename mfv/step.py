@@ -18,7 +18,7 @@ from mfv.preprocess import CAFFENET, Preprocessing
 
 
 class FacetNet:
-    """A torch module plus how its input is prepared."""
+    """A torch module (put in eval mode) plus how its input is prepared."""
 
     def __init__(self, module: torch.nn.Module, preprocessing: Preprocessing = CAFFENET):
         self.module = module.eval()
