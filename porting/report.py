@@ -409,6 +409,15 @@ def _summary_lines(report: dict) -> list[tuple[str, str]]:
     return [(k, v) for k, v in lines if v]
 
 
+def _no_departure_text(report: dict) -> str:
+    text = "No framework leaves float32 rounding at any layer (see the rule below)."
+    failed = next((r for r in report["rows"] if not r["passed"]), None)
+    if failed is not None:
+        text += (f" The first array beyond tolerance, {failed['key']}, differs through float32 rounding "
+                 f"amplified by the net (see the verdict and the decisions listed below).")
+    return text
+
+
 def _within(err, tolerance) -> bool:
     """True unless ``err`` is a number beyond ``tolerance`` (or NaN)."""
     if not isinstance(err, (int, float)) or not isinstance(tolerance, (int, float)):
@@ -455,7 +464,7 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
                 f"- **within float32 rounding up to there**: {', '.join(dep['within']) or 'none'}", "",
                 dep["statement"], ""]
     else:
-        out += ["No framework leaves float32 rounding at any layer (see the rule below).", ""]
+        out += [_no_departure_text(report), ""]
     summary = _framework_summary(report)
     if summary:
         out += ["## Each framework against float64, layer by layer", "",
@@ -550,7 +559,7 @@ def render_html(report: dict, png: bytes | None = None) -> str:
             f"</b> (error {_esc(_g(dep['error_ratio'], 3))} &times; the bound). Within float32 rounding up to "
             f"there: <b>{_esc(', '.join(dep['within']) or 'none')}</b>.</p><p>{_esc(dep['statement'])}</p></div>")
     else:
-        parts.append("<p>No framework leaves float32 rounding at any layer.</p>")
+        parts.append(f"<p>{_esc(_no_departure_text(report))}</p>")
     summary = _framework_summary(report)
     if summary:
         parts.append("<h2>Each framework against float64, layer by layer</h2><table><tr>"

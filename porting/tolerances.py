@@ -233,7 +233,7 @@ def _pool_size(spec, shape) -> int:
     return kh * kw
 
 
-def _vjp(module, bottoms, grads, slot=None):
+def _vjp(module, bottoms, grads):
     xs = [b.detach().clone().requires_grad_(True) for b in bottoms]
     with torch.enable_grad():
         ys = module(*xs)
@@ -244,23 +244,19 @@ def _vjp(module, bottoms, grads, slot=None):
     return [None if o is None else o.detach() for o in out]
 
 
-def _lrn_scale(x, size: int, alpha: float, k: float):
-    """s = k + alpha/size * (window sum over channels of x^2), float64 (N, C, ...)."""
-    sq = x * x
-    pad = (size - 1) // 2
-    c = x.shape[1]
-    padded = torch.nn.functional.pad(sq.movedim(1, -1), (pad, size - 1 - pad)).movedim(-1, 1)
-    csum = torch.cumsum(torch.nn.functional.pad(padded.movedim(1, -1), (1, 0)).movedim(-1, 1), dim=1)
-    window = csum[:, size:size + c] - csum[:, 0:c]
-    return k + alpha / size * window
-
-
 def _channel_window_sum(v, size: int):
+    """Sum over Caffe's LRN channel window (pre_pad = (size - 1) / 2 before, the rest after)."""
     pad = (size - 1) // 2
     c = v.shape[1]
-    padded = torch.nn.functional.pad(v.movedim(1, -1), (pad, size - 1 - pad)).movedim(-1, 1)
-    csum = torch.cumsum(torch.nn.functional.pad(padded.movedim(1, -1), (1, 0)).movedim(-1, 1), dim=1)
-    return csum[:, size:size + c] - csum[:, 0:c]
+    last = v.movedim(1, -1)
+    padded = torch.nn.functional.pad(last, (pad + 1, size - 1 - pad))  # one extra zero in front for cumsum
+    csum = torch.cumsum(padded, dim=-1)
+    return (csum[..., size:size + c] - csum[..., 0:c]).movedim(-1, 1)
+
+
+def _lrn_scale(x, size: int, alpha: float, k: float):
+    """s = k + alpha/size * (window sum over channels of x^2), float64 (N, C, ...)."""
+    return k + alpha / size * _channel_window_sum(x * x, size)
 
 
 def _lrn_scale_error(x, s, size: int, alpha: float, k: float):

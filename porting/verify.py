@@ -503,8 +503,7 @@ def _ratio_stats(err: torch.Tensor, bound: torch.Tensor | None, scale: float):
     beyond = err > bound
     if err.numel() == 0:
         return 0.0, local_rel, 0.0, 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = torch.where(bound > 0, err / bound.clamp_min(1e-300), torch.where(err > 0, math.inf, 0.0))
+    r = torch.where(bound > 0, err / bound.clamp_min(1e-300), torch.where(err > 0, math.inf, 0.0))
     return float(r.max()), local_rel, _ratio(float(bound.max()), scale), int(beyond.sum())
 
 
@@ -773,6 +772,8 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     """
     tolerances = tolerances or Tolerances()
     net64 = graph_or_net64 if hasattr(graph_or_net64, "graph") else None
+    if net64 is not None and _net_dtype(net64) != torch.float64 and any(True for _ in net64.parameters()):
+        net64 = float64_twin(net64)  # handed the float32 port: the exact side must be float64
     graph = net64.graph if net64 is not None else graph_or_net64
     values = NetValues(graph)
     rows = compare_rows(values, reference, candidate, tolerances, objective, others, exact, names)
@@ -812,9 +813,12 @@ def explain(rows: list[Row], checks: list[LocalCheck], departure: Departure | No
                                          else math.inf))
     failed = [r for r in rows if not r.passed]
     parts = []
-    if passed:
+    if not failed:
         parts.append(f"All {len(rows)} compared arrays are within tolerance; the largest relative "
                      f"difference is {worst.metrics.max_rel:.2g} at {worst.key}.")
+        if not passed:
+            parts.append(f"It fails all the same: forward arrays of {names[1]} are missing from the "
+                         f"{names[0]} run (see the list of missing arrays).")
     else:
         first = failed[0]
         parts.append(f"{len(failed)} of {len(rows)} compared arrays exceed their tolerance, the first at "
