@@ -114,7 +114,8 @@ def add_parser(subparsers) -> None:
                    help="faithful: the 2016 stack's arithmetic and libraries; modern: today's")
     p.add_argument("--variant", choices=["mean", "center-bias"],
                    help="octave schedule (default: mean with an image, center-bias with noise)")
-    p.add_argument("--snapshot-every", type=int, default=10, help="trace arrays every N iterations (0: none)")
+    p.add_argument("--snapshot-every", type=int, default=50,
+                   help="trace arrays every N iterations, plus the first and last (0: none; 2.4 MB each)")
     p.add_argument("--name", help="output file stem")
     p.set_defaults(func=_facet)
 
