@@ -102,20 +102,30 @@ def test_topk_agreement_known():
 # ---------------------------------------------------------------------------- tolerances
 
 def test_tolerance_spec_resolution():
-    tol = parse_tolerances("Convolution=1e-5,LRN.diff=2e-5,default=3e-4,default.diff=5e-4")
-    assert tol.for_layer("Convolution", "data") == 1e-5
-    assert tol.for_layer("Convolution", "diff") == 1e-5
-    assert tol.for_layer("LRN", "data") == 3e-4 and tol.for_layer("LRN", "diff") == 2e-5
-    assert tol.for_layer("Pooling", "diff") == 5e-4
-    assert "user override" in tol.source_for("LRN", "diff")
+    base = Tolerances(rules={"default": 1e-4, "LRN.data": 3e-5, "Pooling.diff": 2e-5},
+                      sources={"default": "issue", "LRN.data": "measured", "Pooling.diff": "measured"})
+    tol = parse_tolerances("Convolution=1e-5,LRN=7e-5,LRN.diff=2e-5,default=3e-4,default.diff=5e-4", base=base)
+    assert tol.for_layer("Convolution", "data") == 1e-5 and tol.for_layer("Convolution", "diff") == 1e-5
+    assert tol.for_layer("LRN", "data") == 7e-5 and tol.for_layer("LRN", "diff") == 2e-5  # bare type replaces
+    assert tol.for_layer("Pooling", "diff") == 2e-5 and tol.for_layer("Pooling", "data") == 3e-4
+    assert tol.for_layer("ReLU", "diff") == 5e-4
+    assert "user override" in tol.source_for("LRN", "diff") and tol.source_for("Pooling", "diff") == "measured"
     assert Tolerances.from_json(json.loads(json.dumps(tol.to_json()))) == tol
+
+
+def test_default_tolerances_have_sources():
+    tol = Tolerances()
+    assert set(tol.rules) == set(tol.sources) and tol.rules["default"] == 1e-4
+    assert all(0 <= v <= 1e-4 for v in tol.rules.values())
+    assert tol.for_layer("Input", "data") == 0.0 and tol.for_layer("Eltwise", "diff") == 1e-4
 
 
 def test_tolerance_json_file(tmp_path):
     path = tmp_path / "tol.json"
     path.write_text(json.dumps({"InnerProduct": 2e-6, "default": 1e-3}))
     tol = parse_tolerances(str(path))
-    assert tol.for_layer("InnerProduct") == 2e-6 and tol.for_layer("ReLU") == 1e-3
+    assert tol.for_layer("InnerProduct") == 2e-6 and tol.for_layer("Eltwise") == 1e-3
+    assert tol.for_layer("ReLU") == Tolerances().for_layer("ReLU")  # measured rules stay
     assert "tol.json" in tol.source_for("InnerProduct")
 
 
