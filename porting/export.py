@@ -2,7 +2,8 @@
 
 A third opinion where it is cheap: the port is traced by torch's TorchScript exporter
 (``torch.onnx.export(..., dynamo=False)``; the newer dynamo exporter needs the
-``onnxscript`` package, which this project does not install), checked with
+``onnxscript`` package, which this project does not install; ``aten::avg_pool2d`` gets its
+own symbolic because the stock one drops ``divisor_override``), checked with
 ``onnx.checker.check_model(full_check=True)``, and run by ``onnx.reference.ReferenceEvaluator``,
 whose kernels are plain NumPy written independently of torch. The ONNX graph is the port's
 own semantics traced, so it tells torch's arithmetic apart from NumPy's, not the port's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -44,6 +46,33 @@ class _AllTops(torch.nn.Module):
     def forward(self, *inputs):
         self.net(**dict(zip(self.input_names, inputs)))
         return tuple(t for tops in self.net.layer_outputs.values() for t in tops)
+
+
+def _avg_pool2d_symbolic(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                         divisor_override=None):
+    """aten::avg_pool2d -> ONNX AveragePool, honouring ``divisor_override``.
+
+    torch's TorchScript exporter (opset >= 10) drops ``divisor_override`` without a word, so
+    a window sum written as ``avg_pool2d(..., divisor_override=1)`` (the port's AVE pooling,
+    which then divides by Caffe's own divisor map) would come out divided by kh*kw. Here the
+    AveragePool result is multiplied back by kh*kw / divisor.
+    """
+    from torch.onnx import symbolic_helper as sh
+
+    kernel = list(sh._get_const(kernel_size, "is", "kernel_size"))
+    strides = list(sh._get_const(stride, "is", "stride")) or kernel
+    pads = list(sh._get_const(padding, "is", "padding"))
+    ceil = sh._get_const(ceil_mode, "i", "ceil_mode")
+    include_pad = sh._get_const(count_include_pad, "i", "count_include_pad")
+    divisor = None if sh._is_none(divisor_override) else sh._get_const(divisor_override, "i", "divisor_override")
+    out = g.op("AveragePool", input, kernel_shape_i=kernel, strides_i=strides, pads_i=pads + pads,
+               ceil_mode_i=ceil, count_include_pad_i=include_pad)
+    if divisor:
+        if any(pads) or ceil:
+            sh._unimplemented("avg_pool2d", "divisor_override with padding or ceil_mode")
+        factor = torch.tensor(math.prod(kernel) / divisor, dtype=torch.float32)
+        out = g.op("Mul", out, g.op("Constant", value_t=factor))
+    return out
 
 
 def _output_names(net) -> tuple[list[str], dict[str, str]]:
@@ -82,6 +111,7 @@ def export_onnx(net, path: str | os.PathLike, inputs: Mapping[str, np.ndarray] |
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            torch.onnx.register_custom_op_symbolic("aten::avg_pool2d", _avg_pool2d_symbolic, opset)
             torch.onnx.export(_AllTops(net, input_names).eval(), args, buf, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, do_constant_folding=True)
     except Exception as err:  # the exporter's own error types vary by torch version
@@ -89,6 +119,7 @@ def export_onnx(net, path: str | os.PathLike, inputs: Mapping[str, np.ndarray] |
                            path, "ONNX export") from None
     finally:
         net.layer_outputs = kept
+        torch.onnx.unregister_custom_op_symbolic("aten::avg_pool2d", opset)
     import onnx
 
     model = onnx.load_from_string(buf.getvalue())

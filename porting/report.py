@@ -97,6 +97,7 @@ def build_report(verification: Verification, net: dict | None = None, inputs: di
         "passed": v.passed, "exit_status": 0 if v.passed else 1,
         "verdict": v.verdict,
         "departure": asdict(v.departure) if v.departure is not None else None,
+        "other_departures": [asdict(d) for d in v.other_departures],
         "objective": ({"layer": v.objective.layer, "unit": v.objective.unit, "blob": v.objective.blob}
                       if v.objective is not None else None),
         "frameworks": {"reference": v.reference, "candidate": v.candidate,
@@ -465,6 +466,8 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
                 dep["statement"], ""]
     else:
         out += [_no_departure_text(report), ""]
+    for other in report.get("other_departures", []):
+        out += [f"Third opinion ({', '.join(other['frameworks'])}): {other['statement']}", ""]
     summary = _framework_summary(report)
     if summary:
         out += ["## Each framework against float64, layer by layer", "",
@@ -560,6 +563,9 @@ def render_html(report: dict, png: bytes | None = None) -> str:
             f"there: <b>{_esc(', '.join(dep['within']) or 'none')}</b>.</p><p>{_esc(dep['statement'])}</p></div>")
     else:
         parts.append(f"<p>{_esc(_no_departure_text(report))}</p>")
+    for other in report.get("other_departures", []):
+        parts.append(f"<p class=\"small\"><b>Third opinion ({_esc(', '.join(other['frameworks']))}).</b> "
+                     f"{_esc(other['statement'])}</p>")
     summary = _framework_summary(report)
     if summary:
         parts.append("<h2>Each framework against float64, layer by layer</h2><table><tr>"

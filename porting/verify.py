@@ -719,6 +719,7 @@ class Verification:
     missing_in_reference: list[str] = field(default_factory=list)
     not_in_candidate: list[str] = field(default_factory=list)
     frameworks: list[str] = field(default_factory=list)
+    other_departures: list[Departure] = field(default_factory=list)  # of the third opinions (ONNX)
 
     @property
     def failed_rows(self) -> list[Row]:
@@ -780,17 +781,26 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     frameworks = [names[0], names[1], *(others or {})]
     checks: list[LocalCheck] = []
     departure = None
+    other_departures: list[Departure] = []
     if net64 is not None:
         arrays = {names[0]: reference, names[1]: candidate, **(others or {})}
         checks = local_checks(net64, arrays, objective, exact)
-        departure = find_departure(checks, frameworks)
+        departure = find_departure([c for c in checks if c.framework in names], list(names))
+        for name in others or {}:
+            found = find_departure([c for c in checks if c.framework == name], [name])
+            if found is not None:
+                other_departures.append(found)
     missing_in_reference = sorted(k for k in candidate if k not in reference)
     not_in_candidate = sorted(k for k in reference if k not in candidate)
     passed = bool(rows) and all(r.passed for r in rows) and not [
         k for k in missing_in_reference if k.endswith("/data")]
-    verdict = explain(rows, checks, departure, names, passed, frameworks)
+    main_checks = [c for c in checks if c.framework in names]
+    verdict = explain(rows, main_checks, departure, names, passed, list(names))
+    for other in other_departures:
+        verdict += (f" Third opinion: {other.statement} This is a fault of the {', '.join(other.frameworks)} "
+                    f"path (export or evaluator), not of {names[0]} or {names[1]}.")
     return Verification(names[0], names[1], objective, tolerances, rows, checks, departure, verdict, passed,
-                        missing_in_reference, not_in_candidate, frameworks)
+                        missing_in_reference, not_in_candidate, frameworks, other_departures)
 
 
 def first_beyond_tolerance(rows: list[Row], framework: str) -> Row | None:
