@@ -28,7 +28,9 @@ layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1" lrn_param { local
 layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
         convolution_param { num_output: 8 kernel_size: 1 group: 2 } }
 layer { name: "sum" type: "Eltwise" bottom: "norm1" bottom: "conv2" top: "sum" eltwise_param { operation: SUM } }
-layer { name: "cat" type: "Concat" bottom: "sum" bottom: "norm1" top: "cat" }
+layer { name: "apool" type: "Pooling" bottom: "norm1" top: "apool"
+        pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 1 } }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "apool" top: "cat" }
 layer { name: "fc" type: "InnerProduct" bottom: "cat" top: "fc" inner_product_param { num_output: 10 } }
 layer { name: "drop" type: "Dropout" bottom: "fc" top: "fc" }
 layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
@@ -55,12 +57,13 @@ def test_export_check_and_evaluate(net, tmp_path):
     path = export_onnx(net, tmp_path / "small.onnx", inputs)
     summary = check_onnx(path)
     assert summary["inputs"] == ["data"] and summary["outputs"] == sum(len(s.tops) for s in net.graph.layers)
-    assert summary["ops"].get("Conv") == 2 and summary["opset"] == 17
+    assert summary["ops"].get("Conv") == 2 and summary["opset"] == 17 and "AveragePool" in summary["ops"]
     assert not list(tmp_path.glob("*.part"))
     theirs, ours = onnx_arrays(path, inputs), port_arrays(net, inputs)
     assert {k for k in ours if k.endswith("/data")} == set(theirs)
     for key, value in ours.items():
-        # NumPy's float32 kernels against torch's: measured 4.2e-7 relative on this net
+        # NumPy's float32 kernels against torch's: measured 9.3e-7 relative on this net (AVE
+        # pooling included: the stock exporter's divisor_override slip would show as 0.89)
         assert blob_metrics(theirs[key], value).max_rel <= 2e-6, key
     # in-place views: the blob is the ReLU output, the top keeps the pre-ReLU values
     assert (theirs["top/conv1/0/data"] < 0).any()
@@ -82,7 +85,7 @@ def test_onnx_as_third_opinion_is_within_float32_bounds(net, tmp_path):
     assert all(c.within for c in onnx_checks if c.within is not None)
     row = next(r for r in v.rows if r.key == "top/fc/0/data")
     assert "onnx" in row.others and "onnx" in row.vs_float64
-    assert row.others["onnx"]["max_rel"] <= 2e-6  # measured 1.5e-7
+    assert row.others["onnx"]["max_rel"] <= 2e-6  # measured 1.1e-7
 
 
 def test_check_refuses_a_broken_file(tmp_path):
