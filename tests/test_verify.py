@@ -471,3 +471,20 @@ def test_caffe_within_float32_bounds_on_caffenet(caffe_worker, caffe_weights, fi
     # weights: a ReLU input or pooling tie within rounding of a kink), the verdict says so
     assert v.departure is None
     assert v.passed or "ill-conditioned" in v.verdict
+
+
+@needs_layers
+def test_third_opinion_departure_is_reported_apart(tmp_path):
+    net = build(tmp_path, TINY, seed=17)
+    obj = default_objective(net.graph)
+    inputs = random_inputs(net.graph, seed=18)
+    arrays = port_arrays(net, inputs, obj)
+    third = {k: v for k, v in arrays.items() if k.endswith("/data")}  # forward only, as ONNX
+    third["top/norm1/0/data"] = third["top/norm1/0/data"] * np.float32(1 + 1e-3)
+    v = verify_arrays(net, arrays, arrays, objective=obj, exact=port_arrays(float64_twin(net), inputs, obj),
+                      others={"onnx": third})
+    assert v.passed and v.departure is None
+    assert [(d.frameworks, d.layer) for d in v.other_departures] == [(["onnx"], "norm1")]
+    assert "Third opinion" in v.verdict and "not of caffe or port" in v.verdict
+    row = next(r for r in v.rows if r.key == "top/norm1/0/data")
+    assert row.others["onnx"]["max_rel"] == pytest.approx(1e-3, rel=1e-2) and row.closer != "onnx"
