@@ -35,7 +35,9 @@ bounds and their kin, computed element by element from the same inputs). The fir
 forward then backward, where some framework exceeds its bound is the point of departure.
 When no layer exceeds its bound yet the outputs differ, the differences are float32
 rounding amplified by the net (for example a max-pooling window whose winner changes):
-the report says so and counts such flipped decisions.
+the report says so and counts such flipped decisions. The float64 side is the port's own
+semantics: Caffe beyond its bound where the port is not points at a semantic difference
+of the port, and the statement says so.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -726,9 +728,12 @@ class Verification:
         return [r for r in self.rows if not r.passed]
 
 
-def find_departure(checks: list[LocalCheck], frameworks: list[str]) -> Departure | None:
+def find_departure(checks: list[LocalCheck], frameworks: list[str], reference: str | None = None
+                   ) -> Departure | None:
     """The first check, forward in net order then backward from the objective down, that
-    some framework fails (error beyond its float32 bound)."""
+    some framework fails (error beyond its float32 bound). When the ``reference`` (Caffe)
+    is the one beyond, the statement says what that most likely means: float64 is the
+    port's own reading of the layer, so the port computes another function there."""
     def order(c: LocalCheck):
         return (0, c.position) if c.direction == "forward" else (1, -c.position)
 
@@ -753,6 +758,11 @@ def find_departure(checks: list[LocalCheck], frameworks: list[str]) -> Departure
                  f"(local error {worst.local_rel:.2g} of the largest element, bound "
                  f"{'n/a' if worst.band is None else format(worst.band, '.2g')}). {state}"
                  f"Every blob computed from {worst.key} on inherits this error.")
+    if reference is not None and reference in bad:
+        statement += (f" The float64 evaluation is the port's own reading of this layer, so {reference} "
+                      f"departing from it most likely means the port implements {worst.layer} "
+                      f"differently from {reference} (a semantic difference), not that {reference}'s "
+                      f"arithmetic is wrong.")
     return Departure(bad, within, first.direction, worst.layer, worst.layer_type, worst.params, worst.key,
                      worst.error_ratio, worst.local_rel, worst.band, statement)
 
@@ -785,7 +795,7 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     if net64 is not None:
         arrays = {names[0]: reference, names[1]: candidate, **(others or {})}
         checks = local_checks(net64, arrays, objective, exact)
-        departure = find_departure([c for c in checks if c.framework in names], list(names))
+        departure = find_departure([c for c in checks if c.framework in names], list(names), names[0])
         for name in others or {}:
             found = find_departure([c for c in checks if c.framework == name], [name])
             if found is not None:
@@ -864,11 +874,6 @@ def explain(rows: list[Row], checks: list[LocalCheck], departure: Departure | No
                  "inputs and weights). Other inputs or weights, or a looser tolerance on these arrays, "
                  "are the remedy; the port is not at fault.")
     return " ".join(parts)
-
-
-def as_dict(obj) -> dict:
-    """Dataclass to plain dict (for JSON)."""
-    return asdict(obj)
 
 
 def float64_twin(net):

@@ -488,3 +488,35 @@ def test_third_opinion_departure_is_reported_apart(tmp_path):
     assert "Third opinion" in v.verdict and "not of caffe or port" in v.verdict
     row = next(r for r in v.rows if r.key == "top/norm1/0/data")
     assert row.others["onnx"]["max_rel"] == pytest.approx(1e-3, rel=1e-2) and row.closer != "onnx"
+
+
+@needs_layers
+def test_reference_departing_reads_as_a_semantic_difference(tmp_path):
+    """A port whose LRN reads k differently: against the port's float64, real Caffe (here the
+    honest port standing in) is the one 'beyond' — the statement must point at the port."""
+    net = build(tmp_path, TINY, seed=19)
+    obj = default_objective(net.graph)
+    inputs = random_inputs(net.graph, seed=20)
+    honest = port_arrays(net, inputs, obj)
+    norm = net.graph.layer("norm1").param.lrn_param
+    norm.k = 2.0  # the "port" now believes k = 2, Caffe's k is 1
+    changed = load_caffe_like(net, tmp_path)
+    v = verify_arrays(changed, honest, port_arrays(changed, inputs, obj), objective=obj)
+    assert v.departure.frameworks == ["caffe"] and v.departure.layer == "norm1"
+    assert "semantic difference" in v.departure.statement and "port implements norm1" in v.departure.statement
+
+
+def load_caffe_like(net, tmp_path):
+    """The same net rebuilt from its (edited) layer parameters, weights copied."""
+    from google.protobuf import text_format
+
+    from porting import caffe_pb2
+
+    proto = caffe_pb2.NetParameter(name="edited")
+    for spec in net.graph.layers:
+        proto.layer.add().CopyFrom(spec.param)
+    path = tmp_path / "edited.prototxt"
+    path.write_text(text_format.MessageToString(proto))
+    other = load_caffe(path)
+    other.load_state_dict(net.state_dict())
+    return other
