@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands with add_parser(subparsers).
-_FEATURE_MODULES: list[str] = ["porting.legacy"]
+_FEATURE_MODULES: list[str] = ["porting.legacy", "porting.cli_verify", "porting.export", "porting.report"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,172 @@
+"""`porting verify` and `porting demo`: the same inputs through real Caffe and the port.
+
+Runs the legacy stack's worker and the PyTorch port on one batch, compares every blob
+forward and the objective's gradient backward, attributes each discrepancy against a
+float64 evaluation, optionally adds ONNX's reference evaluator as a third opinion, and
+writes DIR/report.{json,md,html}. Exit 0 when every blob is within tolerance, 1 when
+not, 2 on bad input.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from porting.errors import PortingError
+
+IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff"}
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_input_files(files, shape: tuple[int, ...], mean_bgr=IMAGENET_MEAN_BGR) -> np.ndarray:
+    """A float32 NCHW batch from .npy arrays (CHW or NCHW, the net's own preprocessing) or
+    images (resized to the input's HxW with bilinear resampling, BGR, 0-255 minus ``mean_bgr``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    parts = []
+    for name in files:
+        path = Path(name)
+        if path.suffix.lower() == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise PortingError(f"cannot read array ({err})", path) from None
+            arr = arr[None] if arr.ndim == len(shape) - 1 else arr
+            if arr.shape[1:] != tuple(shape[1:]):
+                raise PortingError(f"array shape {'x'.join(map(str, arr.shape))} does not fit the input "
+                                   f"{'x'.join(map(str, shape[1:]))} (per item)", path)
+            parts.append(arr.astype(np.float32))
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                with Image.open(path) as img:
+                    rgb = np.asarray(img.convert("RGB").resize((shape[3], shape[2]), Image.BILINEAR), np.float32)
+            except (OSError, UnidentifiedImageError) as err:
+                raise PortingError(f"cannot read image ({err})", path) from None
+            bgr = rgb[:, :, ::-1] - np.asarray(mean_bgr, np.float32)
+            parts.append(bgr.transpose(2, 0, 1)[None])
+        else:
+            raise PortingError("input must be a .npy array or an image file", path)
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
+               tolerance=None, onnx=True, synsets=None, seed=0, worker=None) -> dict:
+    """Verify a port against real Caffe and write the report; returns the report dict."""
+    from porting import load_caffe
+    from porting.export import onnx_opinion
+    from porting.layers import LAYERS
+    from porting.legacy import Worker
+    from porting.report import build_report, read_synsets, top5_table, write_report
+    from porting.tolerances import parse_tolerances
+    from porting.verify import parse_objective, random_inputs, verify_port
+
+    net = load_caffe(prototxt, caffemodel)
+    tolerances = parse_tolerances(tolerance, known_types=LAYERS)
+    obj = parse_objective(objective, net.graph)
+    names = list(net.graph.inputs)
+    if input_files:
+        if len(names) != 1:
+            raise PortingError(f"--input fills one input blob; the net has {len(names)} ({', '.join(names)})", prototxt)
+        inputs = {names[0]: load_input_files(input_files, net.graph.inputs[names[0]])}
+        described = {"kind": "files", "files": [str(f) for f in input_files]}
+    else:
+        inputs = random_inputs(net.graph, batch, seed)
+        described = {"kind": "random", "seed": seed, "distribution": "uniform [-128, 128)"}
+    described["batch"] = int(next(iter(inputs.values())).shape[0])
+    obj_shape = (described["batch"],) + tuple(net.graph.blob_shapes[obj.blob][1:])
+    own_worker = worker is None
+    worker = worker or Worker()
+    try:
+        reference = worker.run_net(prototxt, caffemodel, inputs=inputs, top_diffs={obj.blob: obj.seed(obj_shape)})
+    finally:
+        if own_worker:
+            worker.close()
+    others, onnx_summary = {}, None
+    if onnx:
+        with tempfile.TemporaryDirectory() as tmp:
+            others["onnx"], onnx_summary = onnx_opinion(net, inputs, tmp)
+            onnx_summary.pop("file", None)
+    verification, arrays = verify_port(net, dict(reference), inputs, obj, tolerances, others=others)
+    top5 = None
+    prob = next((s.tops[0] for s in reversed(net.graph.layers) if s.type == "Softmax"), None)
+    if prob and f"blob/{prob}/data" in reference:
+        top5 = top5_table(reference[f"blob/{prob}/data"], arrays["port"][f"blob/{prob}/data"],
+                          labels=described.get("files"), synsets=read_synsets(synsets) if synsets else None)
+    about = {"name": net.graph.name, "prototxt": str(prototxt), "prototxt_sha256": sha256_of(prototxt),
+             "caffemodel": str(caffemodel), "caffemodel_sha256": sha256_of(caffemodel)}
+    if onnx_summary:
+        about["onnx"] = onnx_summary
+    report = build_report(verification, net=about, inputs=described, provenance=reference.provenance, top5=top5)
+    write_report(report, report_dir)
+    return report
+
+
+def _summary(report: dict, report_dir) -> str:
+    rows = report["rows"]
+    failed = [r for r in rows if r.get("passed") is False]
+    lines = [f"{len(rows) - len(failed)}/{len(rows)} compared values within tolerance; "
+             f"{'PASS' if report['passed'] else 'FAIL'}", f"verdict: {report['verdict']}"]
+    lines.append(f"report: {Path(report_dir) / 'report.html'}")
+    return "\n".join(lines)
+
+
+def _verify_command(args) -> int:
+    report = run_verify(args.prototxt, args.caffemodel, args.report, args.input or (), args.batch,
+                        args.objective, args.tolerance, not args.no_onnx, args.synsets, args.seed)
+    print(_summary(report, args.report))
+    return int(report["exit_status"])
+
+
+def _demo_command(args) -> int:
+    """CaffeNet (our shipped MFV-form prototxt) with He-filled weights written by real Caffe."""
+    from porting import load_caffe, models
+    from porting.legacy import Worker
+    from porting.saved import save_converted
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prototxt = models.path("caffenet")
+    weights = out / "caffenet_msra_seed0.caffemodel"
+    with Worker() as worker:
+        if not weights.exists():
+            print(f"writing CaffeNet weights with real Caffe's msra filler (seed 0): {weights}")
+            worker.make_weights(prototxt, weights, filler="msra", bias_filler="gaussian", bias_std=0.1, seed=0)
+        converted = out / "caffenet.safetensors"
+        save_converted(load_caffe(prototxt, weights), converted)
+        print(f"converted: {converted}")
+        print("verifying against real Caffe 1.0 (forward, fc8:498 backward, float64 attribution, ONNX)...")
+        report = run_verify(prototxt, weights, out / "report", objective="fc8:498", worker=worker,
+                            synsets=args.synsets)
+    print(_summary(report, out / "report"))
+    return int(report["exit_status"])
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="compare a port with real Caffe blob by blob and write a drift report")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel")
+    p.add_argument("--input", nargs="+", metavar="FILE", help=".npy arrays (net preprocessing) or images")
+    p.add_argument("--batch", type=int, help="batch size of the seeded random inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--objective", metavar="LAYER:UNIT", help="unit whose input gradient is compared "
+                   "(default: the layer before the Softmax, unit 0)")
+    p.add_argument("--tolerance", metavar="SPEC", help='e.g. "Convolution=1e-5,default=1e-4" or a JSON file')
+    p.add_argument("--synsets", metavar="FILE", help="synset_words.txt for class names in the top-5 table")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
+    p.add_argument("--report", required=True, metavar="DIR")
+    p.set_defaults(func=_verify_command)
+
+    p = subparsers.add_parser("demo", help="convert CaffeNet with generated weights and verify it")
+    p.add_argument("--out", default="out/demo", metavar="DIR")
+    p.add_argument("--synsets", metavar="FILE", help="synset_words.txt for class names")
+    p.set_defaults(func=_demo_command)
