@@ -1,5 +1,6 @@
-"""`mfv` command line: mean images of a class (`mfv means`) and facet visualisations
-(`mfv facet`) on a Caffe model loaded by `porting`.
+"""`mfv` command line: mean images of a class (`mfv means`), facet visualisations
+(`mfv facet`) on a Caffe model loaded by `porting`, and a facet run on real Caffe 1.0
+in the 2016 stack compared with the PyTorch port step by step (`mfv compare`).
 
 Exit status: 0 success, 1 internal error, 2 bad input (one line on stderr naming the
 file, the place and the problem).
@@ -84,6 +85,57 @@ def _facet(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import numpy as np
+
+    from porting.legacy import Worker
+
+    from mfv import schedule
+    from mfv.compare import compare_facet, summarize
+    from mfv.means import load_rgb
+    from mfv.report import write_report
+
+    variant = args.variant or ("center-bias" if args.init == "noise" else "mean")
+    octaves = schedule.octaves_for(variant)
+    args.octave_layers = sorted({o.layer for o in octaves if o.layer})
+    if args.iterations is not None and args.iterations < 1:
+        raise PortingError(f"--iterations must be at least 1, not {args.iterations}")
+    if args.every < 1:
+        raise PortingError(f"--every must be at least 1, not {args.every}")
+    net = _load_net(args)
+    start = None
+    if args.init != "noise":
+        # decoded once, here, and handed to both sides: JPEG decoders of 2018 and today differ
+        start = load_rgb(args.init)
+        height, width = net.preprocessing.input_size
+        if start.shape[0] < height or start.shape[1] < width:
+            raise PortingError(f"start image is {start.shape[1]}x{start.shape[0]}, smaller than the "
+                               f"net's {width}x{height} input", args.init)
+
+    def say(text: str) -> None:
+        if not args.no_progress:
+            print(f"mfv compare: {text}", file=sys.stderr)
+
+    with Worker() as worker:
+        comparison = compare_facet(worker, args.prototxt, args.caffemodel, args.unit, args.seed, octaves,
+                                   start=start, layer=args.layer, xy=args.xy, mean=args.mean, sync=args.sync,
+                                   iterations=args.iterations, every=args.every, modern=not args.no_modern,
+                                   sources=not args.no_sources, progress=not args.no_progress, net=net,
+                                   keep=args.keep_arrays, log=say)
+    paths = write_report(comparison, args.out)
+    for name, run in comparison.runs.items():
+        s = summarize(run)
+        final = s["final"] or {}
+        first = s["first_beyond_rounding"]
+        print(f"{name} ({'synchronised' if run.sync else 'free-running'}): {s['iterations']} iterations, crops "
+              f"{'identical' if s['crops_identical'] else 'DIFFER'}, step sizes "
+              f"{'identical' if s['step_sizes_identical'] else 'DIFFER'}, objective max rel "
+              f"{s['objective_max_rel']:.2g}, after-step max |diff| {s['after_step_max_abs']:.3g}, first beyond "
+              f"float32 rounding: {first['iteration'] if first else 'never'}, final SSIM {final.get('ssim', np.nan):.5f}")
+    print(f"wrote {paths['html']} and {paths['json']}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, layer: str) -> None:
     p.add_argument("--prototxt", required=True, help="deploy prototxt (any Caffe 1.0 format)")
     p.add_argument("--caffemodel", help="trained weights (without: all-zero weights)")
@@ -118,6 +170,26 @@ def add_parser(subparsers) -> None:
                    help="trace arrays every N iterations, plus the first and last (0: none; 2.4 MB each)")
     p.add_argument("--name", help="output file stem")
     p.set_defaults(func=_facet)
+
+    p = subparsers.add_parser("compare", help="run a facet on real Caffe 1.0 (the 2016 stack) and on the port, "
+                                              "compare them step by step and write a drift report")
+    _common(p, "fc8")
+    p.add_argument("--unit", type=int, required=True, help="unit (channel) to maximise")
+    p.add_argument("--xy", type=int, default=0, help="spatial position for conv layers")
+    p.add_argument("--init", default="noise", help="start image (a mean image) or 'noise' (default)")
+    p.add_argument("--variant", choices=["mean", "center-bias"],
+                   help="octave schedule (default: mean with an image, center-bias with noise)")
+    p.add_argument("--sync", action="store_true",
+                   help="synchronised: every torch step starts from the Caffe side's image of that iteration")
+    p.add_argument("--iterations", type=int, help="stop both sides after N iterations (quick looks)")
+    p.add_argument("--every", type=int, default=10,
+                   help="replay single operations on the Caffe side's inputs every K iterations (default 10)")
+    p.add_argument("--no-modern", action="store_true", help="skip the torch run in modern mode")
+    p.add_argument("--no-sources", action="store_true",
+                   help="skip the drift-source runs (one free-running torch run per source)")
+    p.add_argument("--keep-arrays", metavar="DIR",
+                   help="keep the Caffe side's per-iteration arrays (.npy) in DIR (default: temporary)")
+    p.set_defaults(func=_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,11 +10,17 @@ The image lives in the net's float32 layout (3 x H x W) throughout, as in the 20
 trace: one ``IterationRecord`` per iteration, and every ``snapshot_every`` iterations
 (plus the first and the last) a ``Snapshot`` of the crop's input, gradient, the crop
 after the step and after denoising, so a run can be compared step by step.
+
+For comparisons (``mfv.compare``): ``swap`` replaces single parts of the loop (schedule
+arithmetic, the step's casting, the denoiser, the zoom, the random stream) to isolate one
+source of drift; ``start_from`` lets another run's image replace this run's before each
+step (the synchronised mode); ``observe`` sees every iteration's arrays.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -53,6 +59,16 @@ class Snapshot:
     after_denoise: np.ndarray  # after TV denoising (back in net layout)
 
 
+@dataclass(frozen=True)
+class Swap:
+    """Parts of the loop replaced to isolate one source of drift (None keeps the mode's own)."""
+    arithmetic: str | None = None        # schedule arithmetic: "py2" or "py3"
+    step_mode: str | None = None         # apply_step's casting: "faithful" or "modern"
+    denoise: Callable | None = None      # (RGB 0-255 H x W x 3 float64, weight) -> float64 image
+    zoom: Callable | None = None         # (image 3 x H x W float32, scale) -> zoomed image
+    rng: Callable | None = None          # seed -> stream with .normal(loc, scale, size), for noise and crops
+
+
 @dataclass
 class FacetResult:
     image: np.ndarray         # final whole image, RGB 0-255, H x W x 3, float32
@@ -67,19 +83,31 @@ class FacetResult:
 
 def run_facet(net: FacetNet, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES, start=None,
               layer: str = "fc8", xy: int = 0, mode: str = "faithful", snapshot_every: int = 10,
-              progress: bool = True) -> FacetResult:
+              progress: bool = True, iterations: int | None = None, swap: Swap | None = None,
+              start_from: Callable[[int, np.ndarray], np.ndarray | None] | None = None,
+              observe: Callable[[IterationRecord, Snapshot], None] | None = None) -> FacetResult:
     """Maximise ``unit`` of ``layer`` (an octave's own layer overrides it).
 
     start: None for the noise image, or an RGB 0-255 image (H x W x 3) at least the
     net's input size. The noise image is drawn from ``RandomState(seed)`` in either case,
     as the 2016 code did, so the crop draws that follow are the same.
+    iterations: stop after this many in all (None: the whole schedule; the schedules
+    keep the octaves' full lengths, so the iterations run are those of a full run).
+    swap: parts replaced (see ``Swap``). start_from(iteration, image): called with the
+    whole image entering each iteration (net layout, float32, after any zoom) before its
+    crop is drawn; an array it returns (same shape) replaces the image. observe(record,
+    snapshot): called after every iteration with its record and arrays.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    arithmetic = ARITHMETIC[mode]
+    swap = swap or Swap()
+    arithmetic = swap.arithmetic or ARITHMETIC[mode]
+    step_mode = swap.step_mode or mode
+    denoise = swap.denoise or (lambda rgb, weight: tv.denoise(rgb, weight, mode=mode))
+    zoom = swap.zoom or zoom_octave
     prep = net.preprocessing
     height, width = prep.input_size
-    rng = np.random.RandomState(seed)
+    rng = (swap.rng or np.random.RandomState)(seed)
     noise = crops.noise_start(rng, height, width)
     start_rgb = noise if start is None else np.asarray(start, dtype=np.float32)
     if start_rgb.ndim != 3 or start_rgb.shape[2] != 3 or start_rgb.shape[0] < height or start_rgb.shape[1] < width:
@@ -88,29 +116,47 @@ def run_facet(net: FacetNet, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES
     image = prep.to_net(start_rgb)
     result = FacetResult(image=np.empty(0), start=start_rgb)
     total = sum(o.iter_n for o in octaves)
+    if iterations is not None:
+        total = min(total, max(int(iterations), 0))
     bar = tqdm(total=total, disable=not progress, unit="it", desc=f"unit {unit}")
     iteration = 0
     try:
         for index, octave in enumerate(octaves):
+            if iteration == total:
+                break
             if octave.scale is not None:
-                image = zoom_octave(image, octave.scale)
+                image = zoom(image, octave.scale)
             rows, cols = image.shape[1:]
             objective_layer = octave.layer or layer
             for i in range(octave.iter_n):
+                if iteration == total:
+                    break
+                if start_from is not None:
+                    given = start_from(iteration, image)
+                    if given is not None:
+                        if given.shape != image.shape:
+                            raise ValueError(f"start_from gave an image of shape {given.shape} for iteration "
+                                             f"{iteration}, whose image has shape {image.shape}")
+                        image = np.array(given, dtype=np.float32)
                 oy, ox = crops.crop_offsets(rng, rows, cols, height, width, octave.window)
                 window = (slice(None), slice(oy, oy + height), slice(ox, ox + width))
                 x = image[window].copy()
                 step = schedule.step_size(octave, i, arithmetic)
                 weight = schedule.denoise_weight(octave, i, arithmetic)
-                done = gradient_step(net, x, objective_layer, unit, step, margin=octave.margin, xy=xy, mode=mode)
+                done = gradient_step(net, x, objective_layer, unit, step, margin=octave.margin, xy=xy,
+                                     mode=step_mode)
                 rgb = prep.from_net(done.x).astype(np.float64)
-                denoised = prep.to_net(tv.denoise(rgb, weight, mode=mode))
+                denoised = prep.to_net(denoise(rgb, weight))
                 image[window] = denoised
-                result.records.append(IterationRecord(
+                record = IterationRecord(
                     iteration, index, i, objective_layer, (rows, cols), (oy, ox), float(step), float(weight),
-                    done.objective, done.best_unit, done.best_value, done.mean_abs_gradient))
+                    done.objective, done.best_unit, done.best_value, done.mean_abs_gradient)
+                result.records.append(record)
+                snapshot = Snapshot(iteration, x, done.gradient, done.x, denoised)
                 if snapshot_every and (iteration % snapshot_every == 0 or iteration == total - 1):
-                    result.snapshots.append(Snapshot(iteration, x, done.gradient, done.x, denoised))
+                    result.snapshots.append(snapshot)
+                if observe is not None:
+                    observe(record, snapshot)
                 bar.set_postfix(obj=f"{done.objective:.2f}", best=done.best_unit, refresh=False)
                 bar.update(1)
                 iteration += 1

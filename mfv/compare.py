@@ -1,0 +1,565 @@
+"""MFV on real Caffe 1.0 in the 2016 stack next to the PyTorch port, iteration by iteration.
+
+The Caffe side is ``reference/mfv_legacy.py``: the authors' loop transcribed for Python
+2.7 with numpy 1.11.0, scipy 0.17.0 and scikit-image 0.13.1, the net on Caffe 1.0,
+running in the legacy worker. ``run_caffe_side`` runs it once and streams its iterations
+back in chunks; each iteration's arrays (the whole image entering it, the masked
+gradient, the crop after the step and after denoising: float32, net layout) are kept as
+.npy files in a folder (``CaffeRun``), one iteration in memory at a time. The mean-image
+schedule (370 iterations, images 3 x 227 x 227 then 3 x 272 x 272) takes about 0.9 GB
+there; the folder is temporary unless the caller names one.
+
+Each PyTorch run (``compare_torch_side``) is ``mfv.loop.run_facet`` with hooks:
+free-running (each side alone: drift accumulates) or synchronised (every torch step
+starts from the Caffe side's whole image of the same iteration, crops drawn by the torch
+side itself, so each step's own discrepancy is measured). Per iteration it records both
+sides' crop offsets, step size, denoising weight, objective, best unit and mean |g|,
+and the difference of the arrays: the whole image entering the iteration, the gradient,
+the crop after the step and after denoising (max |difference| in grey levels, the net
+layout being 0-255 minus the mean; relative L2 against the Caffe side).
+
+``attribute_operations`` replays single operations of ours on the Caffe side's own
+inputs (our step on Caffe's gradient, our TV on Caffe's stepped crop, our zoom on
+Caffe's image, torch's gradient at Caffe's input), which names the operations that
+cannot be matched and by how much. ``drift_sources`` runs the torch side free with one
+source of drift switched at a time and measures each one's effect on the final image.
+``compare_facet`` does all of it and returns the report (``mfv.report`` writes it).
+
+"Beyond float32 rounding": a difference larger than one float32 ulp of the reference
+array's largest magnitude (``rounding_bound``; 1.5e-5 grey levels for images reaching
+128-255 in the net layout).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from mfv import schedule, tv
+from mfv.loop import FacetResult, IterationRecord, Snapshot, Swap, run_facet
+from mfv.step import FacetNet, apply_step, gradient_step
+from mfv.zoom import zoom_octave
+
+ARRAYS = ("image", "gradient", "after_step", "after_denoise")   # fetched from the Caffe side per iteration
+IMAGE_ARRAYS = ("image", "after_step", "after_denoise")          # the ones in grey levels
+
+
+# --------------------------------------------------------------------------------------
+# measures
+# --------------------------------------------------------------------------------------
+
+def difference(candidate: np.ndarray, reference: np.ndarray) -> dict:
+    """{"max_abs", "rel_l2", "bound"} of ``candidate - reference`` in float64.
+
+    max_abs: max |difference| (grey levels for images); rel_l2: ||difference|| /
+    ||reference|| (0 when both are zero, inf when only the reference is); bound: one
+    float32 ulp of max |reference| (``rounding_bound``)."""
+    c = np.asarray(candidate, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if c.shape != r.shape:
+        raise ValueError(f"shapes differ: {c.shape} vs {r.shape}")
+    d = c - r
+    norm = float(np.sqrt(np.sum(r * r)))
+    off = float(np.sqrt(np.sum(d * d)))
+    rel = off / norm if norm else (0.0 if off == 0 else float("inf"))
+    return {"max_abs": float(np.abs(d).max()) if d.size else 0.0, "rel_l2": rel, "bound": rounding_bound(r)}
+
+
+def rounding_bound(reference: np.ndarray) -> float:
+    """One float32 ulp at the largest magnitude of ``reference`` (np.spacing of float32)."""
+    top = float(np.abs(reference).max()) if np.size(reference) else 0.0
+    return float(np.spacing(np.float32(top)))
+
+
+def ssim(candidate_rgb: np.ndarray, reference_rgb: np.ndarray) -> float:
+    """SSIM (scikit-image, 7x7 Gaussian-free window, data range 255) of two RGB 0-255 images."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(np.asarray(candidate_rgb, np.float64), np.asarray(reference_rgb, np.float64),
+                                       channel_axis=2, data_range=255.0))
+
+
+def final_difference(candidate_rgb: np.ndarray, reference_rgb: np.ndarray) -> dict:
+    """difference() of two final RGB images plus their SSIM."""
+    out = difference(candidate_rgb, reference_rgb)
+    out["ssim"] = ssim(candidate_rgb, reference_rgb)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the Caffe side
+# --------------------------------------------------------------------------------------
+
+def variant_of(octaves) -> str | None:
+    """The name of ``octaves`` when it is one of the authors' tables (mfv.schedule.VARIANTS)."""
+    return next((name for name, table in schedule.VARIANTS.items() if tuple(table) == tuple(octaves)), None)
+
+
+def octave_dicts(octaves) -> list[dict]:
+    """Octaves in the original's dict form (numbers keep their int or float type)."""
+    out = []
+    for o in octaves:
+        d = {"margin": o.margin, "window": o.window, "iter_n": o.iter_n,
+             "start_denoise_weight": o.start_denoise_weight, "end_denoise_weight": o.end_denoise_weight,
+             "start_step_size": o.start_step_size, "end_step_size": o.end_step_size}
+        if o.layer is not None:
+            d["layer"] = o.layer
+        if o.scale is not None:
+            d["scale"] = o.scale
+        out.append(d)
+    return out
+
+
+@dataclass
+class CaffeRun:
+    """The Caffe side's run: its records (dicts, one per iteration), final image (RGB 0-255,
+    H x W x 3 float32), start image, and each iteration's arrays in ``folder``."""
+    unit: int
+    seed: int
+    octaves: tuple
+    layer: str
+    xy: int
+    start: np.ndarray | None          # the RGB start image handed to both sides (None: noise)
+    folder: Path
+    records: list = field(default_factory=list)
+    final: np.ndarray | None = None
+    provenance: dict = field(default_factory=dict)
+    owns_folder: bool = False
+
+    def array(self, iteration: int, name: str) -> np.ndarray:
+        """Array ``name`` (of ``ARRAYS``, or "input": the crop, cut from "image") of ``iteration``."""
+        if name == "input":
+            image = self.array(iteration, "image")
+            (row, col), (h, w) = self.records[iteration]["crop"], self.array(iteration, "after_step").shape[1:]
+            return image[:, row:row + h, col:col + w].copy()
+        return np.load(self.folder / f"{iteration:04d}_{name}.npy", allow_pickle=False)
+
+    def seconds_per_iteration(self) -> float:
+        """Median seconds of one iteration on the Caffe side (Caffe round trip, numpy, TV)."""
+        return float(np.median([r["seconds"] for r in self.records])) if self.records else float("nan")
+
+    def cleanup(self) -> None:
+        if self.owns_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_caffe_side(worker, prototxt, caffemodel, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES,
+                   start: np.ndarray | None = None, layer: str = "fc8", xy: int = 0,
+                   mean=(104.0, 117.0, 123.0), iterations: int | None = None, folder=None, chunk: int = 10,
+                   progress: bool = True) -> CaffeRun:
+    """Run the Caffe side (reference/mfv_legacy.py) in ``worker`` (a porting.legacy.Worker).
+
+    start: RGB 0-255 start image (H x W x 3), or None for the seeded noise image. The
+    authors' tables go by name (the Python 2 side keeps its own transcription of them);
+    other tables travel as the original's dicts. folder: where the per-iteration arrays
+    go (default: a temporary folder, removed by ``cleanup()``)."""
+    owns = folder is None
+    folder = Path(tempfile.mkdtemp(prefix="mfv-caffe-")) if owns else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = CaffeRun(unit, seed, tuple(octaves), layer, xy, None if start is None else np.asarray(start), folder,
+                   owns_folder=owns)
+    variant = variant_of(octaves)
+    args = dict(prototxt=Path(prototxt), unit=int(unit), seed=int(seed), layer=layer, xy=int(xy),
+                mean=[float(m) for m in mean], iterations=iterations)
+    if caffemodel is not None:
+        args["caffemodel"] = Path(caffemodel)
+    if variant is not None:
+        args["variant"] = variant
+    else:
+        args["octaves"] = octave_dicts(octaves)
+    if start is not None:
+        args["start_image"] = np.ascontiguousarray(start)
+    try:
+        begun = worker.py2("mfv_legacy.start", **args)
+        run.provenance = dict(begun.provenance)
+        bar = tqdm(total=begun["total"], disable=not progress, unit="it", desc=f"Caffe side, unit {unit}")
+        try:
+            done = False
+            while not done:
+                got = worker.py2("mfv_legacy.advance", run=begun["run"], count=int(chunk), every=1,
+                                 fetch=list(ARRAYS))
+                for record in got["records"]:
+                    n = record["iteration"]
+                    for name in ARRAYS:
+                        np.save(folder / f"{n:04d}_{name}.npy", got[f"{n:04d}/{name}"])
+                    run.records.append(record)
+                    bar.set_postfix(obj=f"{record['objective']:.2f}", best=record["best_unit"], refresh=False)
+                    bar.update(1)
+                done = bool(got["done"])
+                if done:
+                    run.final = np.asarray(got["final"], dtype=np.float32)
+                elif not got["records"]:
+                    raise RuntimeError("the Caffe side made no progress")
+        finally:
+            bar.close()
+    except BaseException:
+        run.cleanup()
+        raise
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# the PyTorch side against it
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TorchRun:
+    """One PyTorch run compared with a CaffeRun: per-iteration rows and the final image."""
+    name: str
+    mode: str
+    sync: bool
+    rows: list
+    result: FacetResult
+    final: dict                       # final_difference(torch final, Caffe final)
+    seconds: float                    # wall time of the whole run (comparisons included)
+
+
+def _side_by_side(record: IterationRecord, caffe: dict) -> dict:
+    objective_rel = abs(record.objective - caffe["objective"]) / abs(caffe["objective"]) if caffe["objective"] else (
+        0.0 if record.objective == 0 else float("inf"))
+    return {
+        "iteration": record.iteration, "octave": record.octave, "i": record.i, "layer": record.layer,
+        "image_shape": list(record.image_shape),
+        "crop": {"caffe": list(caffe["crop"]), "torch": list(record.crop)},
+        "step_size": {"caffe": caffe["step_size"], "torch": record.step_size},
+        "denoise_weight": {"caffe": caffe["denoise_weight"], "torch": record.denoise_weight},
+        "objective": {"caffe": caffe["objective"], "torch": record.objective, "rel": objective_rel},
+        "best_unit": {"caffe": caffe["best_unit"], "torch": record.best_unit},
+        "mean_abs_gradient": {"caffe": caffe["mean_abs_gradient"], "torch": record.mean_abs_gradient},
+    }
+
+
+def compare_torch_side(net: FacetNet, caffe: CaffeRun, mode: str = "faithful", sync: bool = False,
+                       swap: Swap | None = None, name: str | None = None, progress: bool = True) -> TorchRun:
+    """Run the torch side as ``caffe`` ran (same unit, seed, octaves, start, iterations) and
+    compare every iteration. sync: each iteration starts from the Caffe side's whole image."""
+    rows: dict[int, dict] = {}
+
+    def start_from(iteration: int, image: np.ndarray):
+        if iteration >= len(caffe.records):
+            return None
+        theirs = caffe.array(iteration, "image")
+        rows[iteration] = {"image": difference(image, theirs) if image.shape == theirs.shape else None}
+        return theirs if sync else None
+
+    def observe(record: IterationRecord, snap: Snapshot):
+        theirs = caffe.records[record.iteration]
+        row = rows.setdefault(record.iteration, {"image": None})
+        row.update(_side_by_side(record, theirs))
+        same_crop = tuple(record.crop) == tuple(theirs["crop"])
+        for what in ("gradient", "after_step", "after_denoise"):
+            row[what] = difference(getattr(snap, what), caffe.array(record.iteration, what)) if same_crop else None
+
+    began = time.perf_counter()
+    result = run_facet(net, caffe.unit, caffe.seed, caffe.octaves, start=caffe.start, layer=caffe.layer, xy=caffe.xy,
+                       mode=mode, snapshot_every=0, progress=progress, iterations=len(caffe.records), swap=swap,
+                       start_from=start_from, observe=observe)
+    seconds = time.perf_counter() - began
+    ordered = [rows[k] for k in sorted(rows)]
+    final = final_difference(result.image, caffe.final) if result.image.shape == caffe.final.shape else None
+    return TorchRun(name or mode, mode, sync, ordered, result, final, seconds)
+
+
+def first_beyond_rounding(rows: list[dict]) -> dict | None:
+    """The first iteration (and array) whose image difference exceeds float32 rounding."""
+    for row in rows:
+        for what in IMAGE_ARRAYS:
+            d = row.get(what)
+            if d is not None and d["max_abs"] > d["bound"]:
+                return {"iteration": row["iteration"], "array": what, "max_abs": d["max_abs"], "bound": d["bound"]}
+    return None
+
+
+def summarize(run: TorchRun) -> dict:
+    """Checks over all iterations of one torch run against the Caffe side."""
+    rows = run.rows
+
+    def worst(what, key="max_abs"):
+        values = [r[what][key] for r in rows if r.get(what) is not None]
+        return max(values) if values else None
+
+    def argworst(what, key="max_abs"):
+        best = max((r for r in rows if r.get(what) is not None), key=lambda r: r[what][key], default=None)
+        return None if best is None else best["iteration"]
+
+    return {
+        "iterations": len(rows),
+        "crops_identical": all(r["crop"]["caffe"] == r["crop"]["torch"] for r in rows),
+        "step_sizes_identical": all(r["step_size"]["caffe"] == r["step_size"]["torch"] for r in rows),
+        "denoise_weights_identical": all(r["denoise_weight"]["caffe"] == r["denoise_weight"]["torch"] for r in rows),
+        "objective_max_rel": max((r["objective"]["rel"] for r in rows), default=None),
+        "best_units_equal": sum(r["best_unit"]["caffe"] == r["best_unit"]["torch"] for r in rows),
+        "image_max_abs": worst("image"), "image_max_rel_l2": worst("image", "rel_l2"),
+        "gradient_max_rel_l2": worst("gradient", "rel_l2"),
+        "after_step_max_abs": worst("after_step"), "after_step_worst_iteration": argworst("after_step"),
+        "after_denoise_max_abs": worst("after_denoise"), "after_denoise_worst_iteration": argworst("after_denoise"),
+        "first_beyond_rounding": first_beyond_rounding(rows),
+        "final": run.final,
+        "seconds_per_iteration": run.seconds / max(len(rows), 1),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# which operation departs
+# --------------------------------------------------------------------------------------
+
+def sampled(total: int, every: int) -> list[int]:
+    """Iterations 0, every, 2 every, ... and the last (all of them when every <= 1)."""
+    if total <= 0:
+        return []
+    every = max(int(every), 1)
+    return sorted(set(range(0, total, every)) | {total - 1})
+
+
+def attribute_operations(net: FacetNet, caffe: CaffeRun, every: int = 10) -> dict:
+    """Our operations replayed on the Caffe side's own inputs, at sampled iterations.
+
+    gradient: torch's gradient at Caffe's input crop vs Caffe's (relative L2, and max
+    |difference| / max |Caffe's|), and the objective; step: ``apply_step`` (faithful) on
+    Caffe's input and gradient vs Caffe's stepped crop; tv: faithful TV of Caffe's stepped
+    crop vs Caffe's denoised crop; zoom (every octave with a scale): ``zoom_octave`` of
+    Caffe's image after the octave before vs the image Caffe's next octave starts from.
+    Returns {"iterations": [...], "zoom": [...], "operations": per-operation worst}."""
+    prep = net.preprocessing
+    lo, hi = prep.bounds()
+    rows = []
+    for n in sampled(len(caffe.records), every):
+        record = caffe.records[n]
+        octave = caffe.octaves[record["octave"]]
+        x = caffe.array(n, "input")
+        g_caffe = caffe.array(n, "gradient")
+        stepped_caffe = caffe.array(n, "after_step")
+        ours = gradient_step(net, x, record["layer"], caffe.unit, record["step_size"], margin=octave.margin,
+                             xy=caffe.xy, mode="faithful")
+        g_diff = difference(ours.gradient, g_caffe)
+        g_top = float(np.abs(g_caffe).max()) or 1.0
+        step, _ = apply_step(x, g_caffe, record["step_size"], lo, hi, "faithful")
+        rgb = prep.from_net(stepped_caffe).astype(np.float64)
+        denoised = prep.to_net(tv.denoise(rgb, record["denoise_weight"], mode="faithful"))
+        rows.append({
+            "iteration": n,
+            "objective_rel": abs(ours.objective - record["objective"]) / (abs(record["objective"]) or 1.0),
+            "gradient": {"rel_l2": g_diff["rel_l2"], "max_rel": g_diff["max_abs"] / g_top},
+            "step": difference(step, stepped_caffe),
+            "tv": difference(denoised, caffe.array(n, "after_denoise")),
+        })
+    zooms = []
+    for n, record in enumerate(caffe.records):
+        if n == 0 or record["i"] != 0 or caffe.octaves[record["octave"]].scale is None:
+            continue
+        before = caffe.records[n - 1]
+        image = caffe.array(n - 1, "image")
+        (row, col), (h, w) = before["crop"], prep.input_size
+        image[:, row:row + h, col:col + w] = caffe.array(n - 1, "after_denoise")
+        zooms.append({"iteration": n, "octave": record["octave"], "scale": caffe.octaves[record["octave"]].scale,
+                      **difference(zoom_octave(image, caffe.octaves[record["octave"]].scale),
+                                   caffe.array(n, "image"))})
+
+    def worst(key, sub):
+        values = [r[key][sub] for r in rows]
+        return max(values) if values else None
+
+    operations = {
+        "gradient (framework arithmetic)": {"measure": "relative L2 of the input gradient",
+                                            "worst": worst("gradient", "rel_l2"),
+                                            "worst_max_rel": worst("gradient", "max_rel")},
+        "step (normalise, step, clip)": {"measure": "max |difference|, grey levels", "worst": worst("step", "max_abs")},
+        "tv (split Bregman, 0.13.1)": {"measure": "max |difference|, grey levels", "worst": worst("tv", "max_abs"),
+                                       "bound": worst("tv", "bound")},
+        "zoom (scipy cubic spline)": {"measure": "max |difference|, grey levels",
+                                      "worst": max((z["max_abs"] for z in zooms), default=None)},
+        "objective": {"measure": "relative difference", "worst": max((r["objective_rel"] for r in rows), default=None)},
+    }
+    return {"iterations": rows, "zoom": zooms, "operations": operations}
+
+
+# The torch gradient at the Caffe side's input, relative L2 against Caffe's, when no
+# discrete decision (max-pooling winner, ReLU sign) differs: 1.05e-6 to 1.19e-6 (CaffeNet,
+# MSRA weights, mean_0 start, iterations 0-5). Above GRADIENT_AGREES a decision flipped.
+GRADIENT_AGREES = 1e-5
+
+
+def worst_gradient_iteration(attribution: dict) -> int | None:
+    """The replayed iteration whose torch gradient is furthest from Caffe's, if beyond GRADIENT_AGREES."""
+    rows = [r for r in attribution["iterations"] if r["gradient"]["rel_l2"] > GRADIENT_AGREES]
+    return max(rows, key=lambda r: r["gradient"]["rel_l2"])["iteration"] if rows else None
+
+
+def diagnose_gradient(worker, prototxt, caffemodel, caffe: CaffeRun, iteration: int, module=None) -> dict:
+    """Where the torch gradient leaves Caffe's at ``iteration``: ``porting.verify`` on the
+    Caffe side's input crop, layer by layer against float64 (the flipped max-pooling
+    winners and ReLU signs behind it). The objective must be a 2-D blob (fc layers)."""
+    import torch
+
+    from porting import load_caffe
+    from porting.verify import Objective, verify_port
+
+    record = caffe.records[iteration]
+    module = module if module is not None else load_caffe(prototxt, caffemodel)
+    blob = record["layer"]
+    x = caffe.array(iteration, "input")[None]
+    input_name = next(iter(module.graph.inputs))
+    with torch.no_grad():
+        shape = tuple(module(torch.from_numpy(x), end=blob)[blob].shape)
+    if len(shape) != 2:
+        return {"iteration": iteration, "layer": blob, "verdict": None,
+                "note": "not diagnosed: the objective is a conv blob (porting.verify seeds its centre, MFV its xy)"}
+    objective = Objective(blob, caffe.unit, blob)
+    reference = worker.run_net(prototxt, caffemodel, inputs={input_name: x}, top_diffs={blob: objective.seed(shape)})
+    verification, _ = verify_port(module, reference, {input_name: x}, objective, names=("caffe", "port"))
+    notes = [f"{c.framework}, {c.direction} {c.layer}: {c.note}" for c in verification.checks if c.note]
+    departure = verification.departure
+    return {"iteration": iteration, "layer": blob, "verdict": verification.verdict, "decision_notes": notes,
+            "departure": None if departure is None else {"layer": departure.layer, "direction": departure.direction,
+                                                         "frameworks": departure.frameworks,
+                                                         "statement": departure.statement}}
+
+
+# --------------------------------------------------------------------------------------
+# sources of drift, one at a time
+# --------------------------------------------------------------------------------------
+
+def _tv_edge_padding(rgb: np.ndarray, weight) -> np.ndarray:
+    return tv.denoise_tv_bregman_0131(rgb, weight, max_iter=100, eps=1e-3, padding="edge")
+
+
+def _tv_today(rgb: np.ndarray, weight) -> np.ndarray:
+    return tv.denoise_tv_bregman_modern(rgb, weight, max_iter=100, eps=1e-3)
+
+
+def torch_bicubic_zoom(image: np.ndarray, scale: float) -> np.ndarray:
+    """What a PyTorch port would likely write for the octave zoom: ``interpolate`` bicubic,
+    align_corners=False, to the same size as scipy's zoom (round(H * scale))."""
+    import torch
+
+    rows, cols = image.shape[1:]
+    size = (int(round(rows * scale)), int(round(cols * scale)))
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    return torch.nn.functional.interpolate(t, size=size, mode="bicubic", align_corners=False)[0].numpy()
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    description: str
+    swap: Swap | None = None          # None: not a torch-side switch
+
+
+SOURCES = (
+    Source("framework arithmetic", "Caffe 1.0 + OpenBLAS in the 2016 stack vs the PyTorch port (both faithful)"),
+    Source("Python 2 step size", "schedules with Python 3's true division instead of Python 2's integer '/'",
+           Swap(arithmetic="py3")),
+    Source("step casting", "step factor step/mean|g| in float32 (today's numpy) instead of float64 (numpy 1.11)",
+           Swap(step_mode="modern")),
+    Source("TV padding", "TV's padding ring holds the edge row/column (scikit-image >= 0.15), not 0.13.1's mirror",
+           Swap(denoise=_tv_edge_padding)),
+    Source("TV today", "today's compiled scikit-image denoise_tv_bregman (padding and its own sums)",
+           Swap(denoise=_tv_today)),
+    Source("zoom", "torch bicubic interpolate (align_corners=False) instead of scipy's corner-aligned cubic spline",
+           Swap(zoom=torch_bicubic_zoom)),
+    Source("random stream", "numpy's default_rng (PCG64) instead of the legacy RandomState (MT19937) for noise "
+                            "and crops", Swap(rng=np.random.default_rng)),
+)
+
+
+def drift_sources(net: FacetNet, caffe: CaffeRun, faithful_free: TorchRun, modern_free: TorchRun | None = None,
+                  progress: bool = True, sources=SOURCES) -> list[dict]:
+    """One free-running torch run per switched source; each final image against the
+    faithful torch run's (``faithful_free``, free-running) and against the Caffe side's."""
+    reference = faithful_free.result.image
+    out = []
+    for source in sources:
+        if source.swap is None:
+            image = caffe.final
+            versus_caffe = None
+            compared = "Caffe side vs faithful torch"
+        else:
+            run = compare_torch_side(net, caffe, mode="faithful", sync=False, swap=source.swap, name=source.name,
+                                     progress=progress)
+            image, versus_caffe = run.result.image, run.final
+            compared = "switched torch run vs faithful torch"
+        out.append({"source": source.name, "description": source.description, "compared": compared,
+                    "vs_faithful": final_difference(image, reference) if image.shape == reference.shape else None,
+                    "vs_caffe": versus_caffe})
+    if modern_free is not None:
+        out.append({"source": "all of modern mode", "description": "today's libraries and arithmetic together "
+                    "(--mode modern)", "compared": "modern torch run vs faithful torch",
+                    "vs_faithful": final_difference(modern_free.result.image, reference), "vs_caffe": modern_free.final})
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# everything
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """What ``compare_facet`` measured; ``mfv.report.build_report`` turns it into the report."""
+    settings: dict
+    caffe: CaffeRun
+    runs: dict                        # name -> TorchRun ("faithful", "modern"; "... free" besides sync runs)
+    attribution: dict
+    sources: list
+    versions: dict
+    diagnosis: dict | None = None     # diagnose_gradient at the worst replayed iteration, if any
+
+
+def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES,
+                  start: np.ndarray | None = None, layer: str = "fc8", xy: int = 0, mean=(104.0, 117.0, 123.0),
+                  sync: bool = False, iterations: int | None = None, every: int = 10, modern: bool = True,
+                  sources: bool = True, progress: bool = True, net: FacetNet | None = None,
+                  keep: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Comparison:
+    """Run the Caffe side once, then the torch side (faithful, and modern unless told not
+    to) in the chosen mode, the operation replays every ``every`` iterations and, with
+    ``sources``, one free-running torch run per source of drift.
+
+    net: the torch side (default: porting's CaffeNet of prototxt/caffemodel). keep: a
+    folder to keep the Caffe side's per-iteration arrays in (default: temporary)."""
+    from porting import load_caffe
+
+    say = log or (lambda _text: None)
+    if net is None:
+        net = FacetNet.from_caffe(load_caffe(prototxt, caffemodel), mean=mean)
+    say("Caffe side (Python 2.7, numpy 1.11.0, scipy 0.17.0, scikit-image 0.13.1, Caffe 1.0)")
+    caffe = run_caffe_side(worker, prototxt, caffemodel, unit, seed, octaves, start=start, layer=layer, xy=xy,
+                           mean=mean, iterations=iterations, folder=keep, progress=progress)
+    try:
+        runs = {}
+        for mode in ("faithful", "modern") if modern else ("faithful",):
+            say(f"PyTorch side, {mode} mode, {'synchronised' if sync else 'free-running'}")
+            runs[mode] = compare_torch_side(net, caffe, mode=mode, sync=sync, progress=progress)
+        say("replaying single operations on the Caffe side's inputs")
+        attribution = attribute_operations(net, caffe, every)
+        diagnosis = None
+        worst = worst_gradient_iteration(attribution)
+        if worst is not None and getattr(net.module, "graph", None) is not None:
+            say(f"diagnosing the gradient at iteration {worst} (porting.verify against float64)")
+            diagnosis = diagnose_gradient(worker, prototxt, caffemodel, caffe, worst, module=net.module)
+        found = []
+        if sources:
+            free = {m: r for m, r in runs.items() if not sync}
+            for mode in ("faithful", "modern") if modern else ("faithful",):
+                if mode not in free:
+                    say(f"PyTorch side, {mode} mode, free-running (baseline of the drift sources)")
+                    free[mode] = compare_torch_side(net, caffe, mode=mode, sync=False, progress=progress)
+            runs.update({f"{m} free": r for m, r in free.items() if sync})
+            say("drift sources, one free-running torch run each")
+            found = drift_sources(net, caffe, free["faithful"], free.get("modern"), progress=progress)
+        versions = {"caffe_side": {"python2": caffe.provenance.get("python2")}}
+        settings = {"prototxt": str(prototxt), "caffemodel": None if caffemodel is None else str(caffemodel),
+                    "unit": int(unit), "seed": int(seed), "variant": variant_of(octaves) or "custom",
+                    "octaves": octave_dicts(octaves), "layer": layer, "xy": int(xy), "mean": [float(m) for m in mean],
+                    "start": "noise" if start is None else f"RGB image {np.asarray(start).shape[1]}x"
+                                                            f"{np.asarray(start).shape[0]}",
+                    "sync": bool(sync), "iterations": len(caffe.records), "every": int(every)}
+        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis)
+    finally:
+        if keep is None:
+            caffe.cleanup()
