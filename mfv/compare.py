@@ -97,9 +97,13 @@ def final_difference(candidate_rgb: np.ndarray, reference_rgb: np.ndarray) -> di
 # the Caffe side
 # --------------------------------------------------------------------------------------
 
+AUTHORS_TABLES = {"mean": schedule.MEAN_OCTAVES, "center-bias": schedule.CENTER_BIAS_OCTAVES}
+
+
 def variant_of(octaves) -> str | None:
-    """The name of ``octaves`` when it is one of the authors' tables (mfv.schedule.VARIANTS)."""
-    return next((name for name, table in schedule.VARIANTS.items() if tuple(table) == tuple(octaves)), None)
+    """The name of ``octaves`` when it is one of the authors' tables (the Python 2 side
+    keeps its own transcription of those); None for any other table."""
+    return next((name for name, table in AUTHORS_TABLES.items() if tuple(table) == tuple(octaves)), None)
 
 
 def octave_dicts(octaves) -> list[dict]:
@@ -141,6 +145,23 @@ class CaffeRun:
             return image[:, row:row + h, col:col + w].copy()
         return np.load(self.folder / f"{iteration:04d}_{name}.npy", allow_pickle=False)
 
+    def truncated(self, iterations: int) -> "CaffeRun":
+        """The same run seen as if it had stopped after ``iterations`` (the 2016 loop is
+        deterministic, so its first iterations are those of a shorter run): records cut, final
+        image rebuilt from the last iteration's image and denoised crop, before any zoom."""
+        if not 0 < iterations <= len(self.records):
+            raise ValueError(f"iterations must be 1..{len(self.records)}, not {iterations}")
+        if iterations == len(self.records):
+            return self
+        last = iterations - 1
+        image = self.array(last, "image")
+        (row, col), (h, w) = self.records[last]["crop"], self.array(last, "after_denoise").shape[1:]
+        image[:, row:row + h, col:col + w] = self.array(last, "after_denoise")
+        mean = np.asarray(self.provenance.get("mean", (104.0, 117.0, 123.0)), np.float32).reshape(3, 1, 1)
+        final = np.dstack((image + mean)[::-1])   # the 2016 deprocess: BGR net layout -> RGB
+        return CaffeRun(self.unit, self.seed, self.octaves, self.layer, self.xy, self.start, self.folder,
+                        self.records[:iterations], final, self.provenance, owns_folder=False)
+
     def seconds_per_iteration(self) -> float:
         """Median seconds of one iteration on the Caffe side (Caffe round trip, numpy, TV)."""
         return float(np.median([r["seconds"] for r in self.records])) if self.records else float("nan")
@@ -178,7 +199,7 @@ def run_caffe_side(worker, prototxt, caffemodel, unit: int, seed: int, octaves=s
         args["start_image"] = np.ascontiguousarray(start)
     try:
         begun = worker.py2("mfv_legacy.start", **args)
-        run.provenance = dict(begun.provenance)
+        run.provenance = dict(begun.provenance, mean=[float(m) for m in mean])
         bar = tqdm(total=begun["total"], disable=not progress, unit="it", desc=f"Caffe side, unit {unit}")
         try:
             done = False
@@ -267,14 +288,32 @@ def compare_torch_side(net: FacetNet, caffe: CaffeRun, mode: str = "faithful", s
     return TorchRun(name or mode, mode, sync, ordered, result, final, seconds)
 
 
-def first_beyond_rounding(rows: list[dict]) -> dict | None:
-    """The first iteration (and array) whose image difference exceeds float32 rounding."""
+# The bounds the issue sets: an image after one step, in grey levels; the objective, relative.
+IMAGE_TOLERANCE = 1e-3
+OBJECTIVE_TOLERANCE = 1e-4
+# The torch gradient at the Caffe side's input, relative L2 against Caffe's, when no
+# discrete decision (max-pooling winner, ReLU sign) differs: 1.05e-6 to 1.19e-6 (CaffeNet,
+# MSRA weights, mean_0 start, iterations 0-5). Above GRADIENT_AGREES a decision flipped.
+GRADIENT_AGREES = 1e-5
+
+
+def first_beyond(rows: list[dict], tolerance: float | None = None) -> dict | None:
+    """The first iteration (and array) whose image difference exceeds ``tolerance`` grey
+    levels, or float32 rounding (each array's ``bound``) when tolerance is None."""
     for row in rows:
         for what in IMAGE_ARRAYS:
             d = row.get(what)
-            if d is not None and d["max_abs"] > d["bound"]:
-                return {"iteration": row["iteration"], "array": what, "max_abs": d["max_abs"], "bound": d["bound"]}
+            if d is None:
+                continue
+            limit = d["bound"] if tolerance is None else tolerance
+            if d["max_abs"] > limit:
+                return {"iteration": row["iteration"], "array": what, "max_abs": d["max_abs"], "bound": limit}
     return None
+
+
+def first_beyond_rounding(rows: list[dict]) -> dict | None:
+    """The first iteration (and array) whose image difference exceeds float32 rounding."""
+    return first_beyond(rows, None)
 
 
 def summarize(run: TorchRun) -> dict:
@@ -301,6 +340,9 @@ def summarize(run: TorchRun) -> dict:
         "after_step_max_abs": worst("after_step"), "after_step_worst_iteration": argworst("after_step"),
         "after_denoise_max_abs": worst("after_denoise"), "after_denoise_worst_iteration": argworst("after_denoise"),
         "first_beyond_rounding": first_beyond_rounding(rows),
+        "first_beyond_tolerance": first_beyond(rows, IMAGE_TOLERANCE),
+        "first_gradient_departure": next((r["iteration"] for r in rows if r.get("gradient") is not None
+                                          and r["gradient"]["rel_l2"] > GRADIENT_AGREES), None),
         "final": run.final,
         "seconds_per_iteration": run.seconds / max(len(rows), 1),
     }
@@ -318,7 +360,7 @@ def sampled(total: int, every: int) -> list[int]:
     return sorted(set(range(0, total, every)) | {total - 1})
 
 
-def attribute_operations(net: FacetNet, caffe: CaffeRun, every: int = 10) -> dict:
+def attribute_operations(net: FacetNet, caffe: CaffeRun, every: int = 10, iterations=None) -> dict:
     """Our operations replayed on the Caffe side's own inputs, at sampled iterations.
 
     gradient: torch's gradient at Caffe's input crop vs Caffe's (relative L2, and max
@@ -326,11 +368,12 @@ def attribute_operations(net: FacetNet, caffe: CaffeRun, every: int = 10) -> dic
     Caffe's input and gradient vs Caffe's stepped crop; tv: faithful TV of Caffe's stepped
     crop vs Caffe's denoised crop; zoom (every octave with a scale): ``zoom_octave`` of
     Caffe's image after the octave before vs the image Caffe's next octave starts from.
-    Returns {"iterations": [...], "zoom": [...], "operations": per-operation worst}."""
+    ``iterations`` (a list) replaces the sample. Returns {"iterations": [...], "zoom": [...],
+    "operations": per-operation worst}."""
     prep = net.preprocessing
     lo, hi = prep.bounds()
     rows = []
-    for n in sampled(len(caffe.records), every):
+    for n in sampled(len(caffe.records), every) if iterations is None else sorted(set(iterations)):
         record = caffe.records[n]
         octave = caffe.octaves[record["octave"]]
         x = caffe.array(n, "input")
@@ -370,20 +413,16 @@ def attribute_operations(net: FacetNet, caffe: CaffeRun, every: int = 10) -> dic
         "gradient (framework arithmetic)": {"measure": "relative L2 of the input gradient",
                                             "worst": worst("gradient", "rel_l2"),
                                             "worst_max_rel": worst("gradient", "max_rel")},
-        "step (normalise, step, clip)": {"measure": "max |difference|, grey levels", "worst": worst("step", "max_abs")},
+        "step (normalise, step, clip)": {"measure": "max |difference|, grey levels", "worst": worst("step", "max_abs"),
+                                         "bound": worst("step", "bound")},
         "tv (split Bregman, 0.13.1)": {"measure": "max |difference|, grey levels", "worst": worst("tv", "max_abs"),
                                        "bound": worst("tv", "bound")},
         "zoom (scipy cubic spline)": {"measure": "max |difference|, grey levels",
-                                      "worst": max((z["max_abs"] for z in zooms), default=None)},
+                                      "worst": max((z["max_abs"] for z in zooms), default=None),
+                                      "bound": max((z["bound"] for z in zooms), default=None)},
         "objective": {"measure": "relative difference", "worst": max((r["objective_rel"] for r in rows), default=None)},
     }
     return {"iterations": rows, "zoom": zooms, "operations": operations}
-
-
-# The torch gradient at the Caffe side's input, relative L2 against Caffe's, when no
-# discrete decision (max-pooling winner, ReLU sign) differs: 1.05e-6 to 1.19e-6 (CaffeNet,
-# MSRA weights, mean_0 start, iterations 0-5). Above GRADIENT_AGREES a decision flipped.
-GRADIENT_AGREES = 1e-5
 
 
 def worst_gradient_iteration(attribution: dict) -> int | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfv.compare import Comparison, TorchRun, summarize
+from mfv.compare import IMAGE_TOLERANCE, Comparison, TorchRun, summarize
 from mfv.files import _atomic, save_npy, truncating_uint8
 
 SCHEMA = "caffe-port-harness/mfv-compare"
@@ -106,6 +106,12 @@ def verdict(comparison: Comparison) -> str:
         first = s["first_beyond_rounding"]
         text += (f"; first beyond float32 rounding at iteration {first['iteration']} ({first['array']}, "
                  f"{_g(first['max_abs'], 2)} > {_g(first['bound'], 2)})" if first else "; never beyond float32 rounding")
+        over = s["first_beyond_tolerance"]
+        text += (f"; first beyond {_g(IMAGE_TOLERANCE)} grey levels at iteration {over['iteration']} "
+                 f"({over['array']}, {_g(over['max_abs'], 2)})" if over else
+                 f"; never beyond {_g(IMAGE_TOLERANCE)} grey levels")
+        if s["first_gradient_departure"] is not None:
+            text += f"; the torch gradient first departs from Caffe's at iteration {s['first_gradient_departure']}"
         if s["final"]:
             text += (f"; final image max |diff| {_g(s['final']['max_abs'], 3)} grey levels, SSIM "
                      f"{s['final']['ssim']:.6f}")
@@ -311,6 +317,10 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
               ("first iteration beyond float32 rounding",
                lambda s, r: None if not s["first_beyond_rounding"] else
                f"{s['first_beyond_rounding']['iteration']} ({s['first_beyond_rounding']['array']})"),
+              (f"first iteration beyond {_g(IMAGE_TOLERANCE)} grey levels",
+               lambda s, r: None if not s["first_beyond_tolerance"] else
+               f"{s['first_beyond_tolerance']['iteration']} ({s['first_beyond_tolerance']['array']})"),
+              ("first iteration whose gradient departs (a flipped decision)", lambda s, r: s["first_gradient_departure"]),
               ("final image, max |diff|", lambda s, r: _d(s["final"], "max_abs")),
               ("final image, relative L2", lambda s, r: _d(s["final"], "rel_l2")),
               ("final image, SSIM", lambda s, r: _d(s["final"], "ssim"))]

@@ -28,6 +28,7 @@ Ops (one run at a time: numpy's global stream is the run's stream):
   mfv_legacy.start(...)            seed, draw the noise, set the run up; no iteration yet
   mfv_legacy.advance(count, ...)   run ``count`` iterations; records and arrays
   mfv_legacy.facet(...)            a whole run in one call (snapshots every k iterations)
+  mfv_legacy.tables()              the transcribed octave tables
 """
 import time
 
@@ -231,8 +232,8 @@ def max_activation(net, layer, xy, base_img, octaves, unit=None, clip=True, bias
             image = nd.zoom(image, (1, o['scale'], o['scale']))
         _, imw, imh = image.shape
 
-        # select layer
-        layer = o.get('layer', layer)
+        # select layer (the centre-bias script's octaves name theirs; the mean script's use the run's)
+        end = o.get('layer', layer)
 
         for i in xrange(o['iter_n']):
             if iter == stop:
@@ -259,13 +260,13 @@ def max_activation(net, layer, xy, base_img, octaves, unit=None, clip=True, bias
             denoise_weight = o['start_denoise_weight'] - (o['start_denoise_weight'] - (o['end_denoise_weight']) * i) / o['iter_n']
 
             best_unit, best_act, obj_act, mean_abs, trace = make_step(
-                net, src_data, input_name, xy, end=layer, clip=clip, unit=unit, step_size=step_size,
+                net, src_data, input_name, xy, end=end, clip=clip, unit=unit, step_size=step_size,
                 denoise_weight=denoise_weight, margin=o['margin'], w=w, h=h, bias=bias)
 
             # insert modified image back into original image (if necessary)
             image[:, ox:ox+w, oy:oy+h] = src_data[0]
 
-            record = {"iteration": iter, "octave": e, "i": i, "layer": layer, "image_shape": [imw, imh],
+            record = {"iteration": iter, "octave": e, "i": i, "layer": end, "image_shape": [imw, imh],
                       "crop": [ox, oy], "step_size": step_size, "denoise_weight": denoise_weight,
                       "objective": float(obj_act), "best_unit": int(best_unit), "best_value": float(best_act),
                       "mean_abs_gradient": float(mean_abs), "seconds": time.time() - started,
@@ -355,6 +356,12 @@ def advance(run, count=1, every=1, fetch=ARRAYS):
     if RUN["done"]:
         result["final"] = RUN["final"]
     return result
+
+
+@op()
+def tables():
+    """The transcribed octave tables, by variant name (numbers keep their int or float type)."""
+    return {"tables": VARIANTS}
 
 
 @op(caffe=True)
