@@ -1,9 +1,10 @@
 """Eltwise, BatchNorm, Scale and Bias against Caffe's formulas (tests/numpy_ref.py).
 
 Eltwise MAX inputs are drawn from {-1, 0, 1} so ties are everywhere: the gradient must go
-to Caffe's winner (bottom 1 on a 0/1 tie, otherwise the first maximum). Tolerances:
-float64 1e-10 (measured max 2.7e-16); float32 from the measured maxima of
-LAYER_EXAMPLES=300 runs with LAYER_ERRORS_LOG, times ~3.5.
+to Caffe's winner (bottom 1 on a 0/1 tie, otherwise the first maximum). Sums that may
+cancel (Eltwise SUM, x * s + b, x - mean) are compared relative to their terms' size
+(numpy_ref.rel_err). Tolerances: float64 1e-10 (measured max 3.2e-16); float32 from the
+measured maxima of two LAYER_EXAMPLES=1000 runs with LAYER_ERRORS_LOG, times ~3.5.
 """
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from hypothesis import strategies as st
 import numpy_ref as ref
 from porting.layers import build_layer
 
-TOL32 = 1e-6  # measured max 2.9e-7 (Eltwise, Scale, Bias; forward and diffs)
-TOL32_BN = 2e-6  # measured max 5.4e-7 (1 / blob2 scaling, means of squares, then 1/sqrt)
+TOL32 = 6e-7  # measured max 1.63e-7 (Eltwise, Scale, Bias; forward and diffs)
+TOL32_BN = 1.2e-6  # measured max 3.29e-7 (1 / blob2 scaling, means of squares, then 1/sqrt)
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
 
@@ -39,7 +40,11 @@ def test_eltwise(shape, op, n, with_coeff, stable, seed):
         zero = [np.abs(x).min() for x in xs]
         if not stable and min(zero) == 0:  # y / x at x = 0: NaN/inf in Caffe too; keep inputs nonzero
             return
-    ref.check_layer(f'type: "Eltwise" eltwise_param {{ {" ".join(fields)} }}', xs, [dy], [top], grads, tol32=TOL32)
+    magnitudes = {}
+    if op == "SUM":  # terms of the sum, which may cancel
+        magnitudes[("top", 0)] = ref.eltwise_forward([np.abs(x) for x in xs], "SUM", [abs(c) for c in coeffs or []])[0]
+    ref.check_layer(f'type: "Eltwise" eltwise_param {{ {" ".join(fields)} }}', xs, [dy], [top], grads, tol32=TOL32,
+                    magnitudes=magnitudes)
 
 
 def test_eltwise_max_tie_rule():
@@ -84,8 +89,10 @@ def test_batch_norm_global_stats(shape, factor, eps, seed):
     eps = float(np.float32(eps))
     top, std, _ = ref.batch_norm_forward(x, blobs, eps, use_global_stats=True)
     dx = ref.batch_norm_backward(top, std, dy, use_global_stats=True)
+    mean = (0.0 if factor == 0 else 1.0 / factor) * blobs[0]
+    terms = (np.abs(x) + ref._channel_view(np.abs(mean), x.ndim)) / ref._channel_view(std, x.ndim)  # x - mean
     ref.check_layer(f'type: "BatchNorm" batch_norm_param {{ eps: {eps!r} }}', [x], [dy], [top], [dx],
-                    [None, None, None], blobs=blobs, tol32=TOL32_BN)
+                    [None, None, None], blobs=blobs, tol32=TOL32_BN, magnitudes={("top", 0): terms})
 
 
 def test_batch_norm_factor_zero_means_no_statistics():
@@ -102,7 +109,9 @@ def test_batch_norm_factor_zero_means_no_statistics():
 def test_batch_norm_batch_stats(shape, phase, seed):
     """Batch statistics (TRAIN default, or use_global_stats: false), the running-sum update."""
     rng = np.random.default_rng(seed)
-    shape = (max(shape[0], 2),) + shape[1:]  # at least two values per channel
+    # at least four values per channel: with two, y = +-1 whatever x and the gradient is
+    # pure cancellation (ill-conditioned in float32, not a property of the port)
+    shape = (max(shape[0], 2 if int(np.prod(shape[2:])) >= 2 else 4),) + shape[1:]
     x, dy = ref.f32(rng.normal(loc=1.0, size=shape)), ref.f32(rng.normal(size=shape))
     blobs = _bn_blobs(rng, shape[1], 3.0)
     maf = float(np.float32(0.999))  # moving_average_fraction's default, as the float32 field holds it
@@ -161,6 +170,10 @@ def test_scale_and_bias(shape, axis_pick, num_axes_pick, kind, bias_term, two_bo
         dx, d_operand = dy, ref.bias_backward(dy, ndim, start)
         text = f'type: "Bias" bias_param {{ axis: {axis} num_axes: {num_axes} }}'
         magnitude = ref.bias_backward(np.abs(dy), ndim, start)
+    if kind == "Scale":  # x * s + b, and x + b, may cancel
+        top_terms = ref.scale_forward(np.abs(x), np.abs(operand), start, None if bias is None else np.abs(bias))
+    else:
+        top_terms = ref.scale_forward(np.abs(x), np.ones(operand_shape), start, np.abs(operand))
     d_bias = ref.bias_backward(dy, ndim, start) if bias is not None else None
     m_bias = ref.bias_backward(np.abs(dy), ndim, start) if bias is not None else None
     if two_bottoms:
@@ -169,6 +182,7 @@ def test_scale_and_bias(shape, axis_pick, num_axes_pick, kind, bias_term, two_bo
     else:
         bottoms, grads, blobs = [x], [dx], [operand] + ([bias] if bias is not None else [])
         blob_grads, mags = [d_operand, d_bias], {("blob diff", 0): magnitude, ("blob diff", 1): m_bias}
+    mags[("top", 0)] = top_terms
     layer = build_layer(text, [b.shape for b in bottoms], blobs or None)
     assert [tuple(s) for s in layer.param_shapes] == [b.shape for b in blobs]
     ref.check_layer(text, bottoms, [dy], [top], grads, [g for g in blob_grads if g is not None] or (),

@@ -4,8 +4,8 @@ chain with each sub-layer's backward.
 
 The bottom diff is a difference of two terms, so its error is taken relative to the sum
 of their absolute values (numpy_ref.rel_err). Tolerances: float64 1e-10 (measured max
-4.3e-16); float32 from the measured maximum of LAYER_EXAMPLES=300 runs with
-LAYER_ERRORS_LOG, times ~3.5.
+5.3e-16); float32 from the measured maximum of two LAYER_EXAMPLES=1000 runs with
+LAYER_ERRORS_LOG, times ~4.
 """
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import numpy_ref as ref
 from porting.layers import build_layer
 
-TOL32 = 6e-7  # measured max 1.7e-7 (forward and bottom diff, both regions, 1200 comparisons)
+TOL32 = 1e-6  # measured max 2.43e-7 (forward and bottom diff, both regions, 8000 comparisons)
 
 
 def _text(size, alpha, beta, k, region="ACROSS_CHANNELS"):

@@ -3,8 +3,10 @@
 Covers Caffe's output-size rules (ceil rounding, the pad clip rule, FLOOR round_mode,
 global pooling), the AVE divisor that counts padding up to the padded border, empty
 windows, and MAX tie-breaking (gradient to the first maximum in scan order) on ReLU-style
-inputs full of exact zeros. Tolerances: float64 1e-10 (measured: exactly equal); float32
-from the measured maximum of LAYER_EXAMPLES=300 runs with LAYER_ERRORS_LOG, times ~3.5.
+inputs full of exact zeros. AVE sums and the diffs of overlapping windows are compared
+relative to the same sums over absolute values (numpy_ref.rel_err). Tolerances: float64
+1e-10 (measured: exactly equal); float32 from the measured maximum of two
+LAYER_EXAMPLES=1000 runs with LAYER_ERRORS_LOG, times ~4.
 """
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 import numpy_ref as ref
 from porting.layers import build_layer
 
-TOL32 = 6e-7  # measured max 1.68e-7 (600 comparisons; MAX tops are exact, diffs add overlaps)
+TOL32 = 6e-7  # measured max 1.40e-7 (4000 comparisons; MAX tops are exact, diffs add overlaps)
 
 
 def _pool_text(method, kernel, stride, pad, round_mode="CEIL", global_pooling=False):
@@ -42,8 +44,11 @@ def _check_pool(method, x, kernel, stride, pad, round_mode="CEIL", global_poolin
     top, mask = ref.pool_forward(x, method, kernel, stride, pad, pooled)
     dy = ref.f32(np.random.default_rng(seed).normal(size=top.shape))
     dx = ref.pool_backward(dy, x.shape, method, kernel, stride, pad, mask)
+    magnitudes = {  # AVE sums and overlapping windows' diffs may cancel: the same sums of |.|
+        ("top", 0): ref.pool_forward(np.abs(x), method, kernel, stride, pad, pooled)[0],
+        ("bottom diff", 0): ref.pool_backward(np.abs(dy), x.shape, method, kernel, stride, pad, mask)}
     ref.check_layer(_pool_text(method, kernel, stride, pad, round_mode, global_pooling), [x], [dy], [top], [dx],
-                    tol32=TOL32)
+                    tol32=TOL32, magnitudes=magnitudes)
     return top, dx
 
 
