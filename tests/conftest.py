@@ -15,6 +15,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must not flake on a new draw);
+# HYPOTHESIS_PROFILE=explore draws fresh ones for a developer hunting bugs.
+settings.register_profile("repeatable", derandomize=True, deadline=None, database=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REQUIRE_CAFFE = os.environ.get("PORTING_REQUIRE_CAFFE") == "1"
 
