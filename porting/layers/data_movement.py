@@ -5,6 +5,11 @@ Shapes follow each layer's Reshape() in Caffe, including the legacy ``concat_dim
 ``slice_dim`` fields, and are recomputed from the actual bottoms at run time (as Caffe
 reshapes a net when its input changes). Gradients are routed by autograd, which is exactly
 Caffe's backward for these layers (Crop's second bottom gets none, as in Caffe).
+
+A top that passes its bottom through unchanged (Concat of one bottom, Slice to one top,
+Split) is a view of it, never the bottom tensor itself: the gradient with respect to that
+top is then only what flows back through the top, as in Caffe's own diff of it, and not
+also what other consumers of the bottom send back.
 """
 from __future__ import annotations
 
@@ -52,8 +57,8 @@ class Concat(CaffeLayer):
         self.top_shapes = [tuple(top)]
 
     def forward(self, *bottoms):
-        if len(bottoms) == 1:
-            return (bottoms[0],)
+        if len(bottoms) == 1:  # Caffe shares data and diff with the bottom
+            return (bottoms[0].view_as(bottoms[0]),)
         return (torch.cat(bottoms, dim=self.axis),)
 
     def describe(self) -> str:
@@ -93,8 +98,8 @@ class Slice(CaffeLayer):
         self.top_shapes = [shape[: self.axis] + (s,) + shape[self.axis + 1:] for s in sizes]
 
     def forward(self, x):
-        if self.n_tops == 1:
-            return (x,)
+        if self.n_tops == 1:  # Caffe shares data and diff with the bottom
+            return (x.view_as(x),)
         return tuple(torch.split(x, slice_sizes(self.points, x.shape[self.axis], self.n_tops), dim=self.axis))
 
     def describe(self) -> str:
@@ -102,9 +107,24 @@ class Slice(CaffeLayer):
         return f"axis {self.axis} at {points}"
 
 
+class SplitFunction(torch.autograd.Function):
+    """n views of x; the backward adds the tops' diffs in Caffe's order ((d0 + d1) + d2) + ..."""
+
+    @staticmethod
+    def forward(ctx, x, n: int):
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *diffs):
+        total = diffs[0].clone()
+        for d in diffs[1:]:
+            total = total + d
+        return total, None
+
+
 @register("Split", v1="SPLIT")
 class Split(CaffeLayer):
-    """The bottom to every top; the backward sums the tops' gradients."""
+    """The bottom to every top; the backward sums the tops' gradients in top order, as Caffe."""
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -112,7 +132,9 @@ class Split(CaffeLayer):
         self.top_shapes = [self.bottom_shapes[0]] * len(spec.param.top)
 
     def forward(self, x):
-        return (x,) * len(self.top_shapes)
+        if len(self.top_shapes) == 1:
+            return (x.view_as(x),)
+        return SplitFunction.apply(x, len(self.top_shapes))
 
 
 @register("Silence", v1="SILENCE")

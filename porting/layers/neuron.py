@@ -310,7 +310,7 @@ class Dropout(_Elementwise):
         if self.phase == "train" and self.ratio > 0:
             raise PortingError("Dropout at TRAIN draws a random mask from Caffe's generator, which cannot "
                                "be reproduced; run the net in the TEST phase", place=f"layer {self.name}")
-        return x
+        return x.view_as(x)  # a top of its own (see data_movement): its gradient is its consumers' alone
 
     def describe(self):
         return f"ratio {self.ratio:g}"
