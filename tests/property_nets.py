@@ -1,0 +1,717 @@
+"""Small random Caffe nets for the property test against real Caffe, and its reproducer.
+
+A net is a pure function of three integers: ``make_example(seed, depth, focus)``. ``focus``
+indexes ``KINDS`` and picks the first building step; ``depth`` (1-4) is the number of
+steps; ``seed`` drives NumPy's ``RandomState`` for every other choice (shapes, layer
+parameters, which earlier blobs a multi-bottom layer joins, weights, inputs, the top
+diff). A step adds one layer, or two where the pair is the point (BatchNorm then Scale,
+Slice then Concat); later steps pick from ``KINDS``, ReLU (in place or not, sometimes leaky), Dropout and a declared
+Split. Shapes
+stay small (N <= 2, C <= 12, H, W <= 16) so one Caffe call takes milliseconds.
+
+Every array is float32, NCHW. Inputs and weights are standard normal draws (weights
+scaled by 1/sqrt(fan-in), so values stay of order 1 through a chain); the random top diff
+is injected at the last layer's first top, and Caffe's backward runs from there.
+
+Reproduce one example (needs the legacy stack and root, as the caffe-marked tests do)::
+
+    python tests/property_nets.py --seed 12345 --depth 3 --focus pool
+
+prints the prototxt, writes prototxt, caffemodel and arrays to a kept folder (``--out``),
+runs real Caffe and the port, and prints every compared array's error against its bound;
+the exit status is 1 when some array is beyond it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from numpy_ref import rel_err  # the project's error measure: max |a - ref| / max |ref|
+from porting.verify import Objective
+
+KINDS = ("conv", "deconv", "pool", "lrn", "eltwise", "batchnorm", "crop", "slice_concat")
+MAX_DEPTH = 4
+
+# Per-layer bound on max |port - caffe| / max |caffe|, from tests/test_layers_caffe.py TOL
+# (measured there on one layer against real Caffe, both float32): "exact" layers measured 0;
+# "sum" (conv/deconv/AVE pooling/Scale/Eltwise SUM and PROD/leaky ReLU) max 2.6e-7;
+# "transcendental" (LRN, BatchNorm) max 1.9e-7; both bounded there by 1e-6.
+LAYER_TOL = {"exact": 0.0, "sum": 1e-6, "transcendental": 1e-6}
+
+
+@dataclass
+class Example:
+    """One generated net: prototxt text, weights, inputs and the injected top diff."""
+
+    seed: int
+    depth: int
+    focus: str
+    prototxt: str
+    weights: list = field(default_factory=list)  # (layer name, type, [float32 arrays]) in net order
+    inputs: dict = field(default_factory=dict)  # input blob -> float32 array
+    diff_blob: str = ""  # where the random top diff is injected
+    top_diff: np.ndarray | None = None
+    families: dict = field(default_factory=dict)  # layer -> "exact" | "sum" | "transcendental"
+    upstream: dict = field(default_factory=dict)  # layer -> layers its tops depend on (itself included)
+    writer: dict = field(default_factory=dict)  # blob -> last layer writing it
+    aliasing: bool = False
+
+    @property
+    def command(self) -> str:
+        """The one command that reproduces this example outside hypothesis."""
+        return (f"python tests/property_nets.py --seed {self.seed} --depth {self.depth} --focus {self.focus}"
+                + (" --aliasing" if self.aliasing else ""))
+
+    def rounding_layers(self, layers) -> int:
+        return sum(1 for name in layers if self.families[name] != "exact")
+
+    def tolerance(self, key: str) -> float:
+        """Bound for one array key (``blob/<b>/data|diff``, ``top/<layer>/<i>/data|diff``).
+
+        The per-layer bound of LAYER_TOL is added up over the layers that round: for data,
+        the rounding layers upstream of the value; for a diff, every rounding layer of the
+        net (the diff depends on the forward values of all layers down to the injected
+        diff and on their backward), counted twice (forward and backward). A value that
+        only exact layers touch must match bit for bit.
+        """
+        kind, rest = key.split("/", 1)
+        name, what = rest.rsplit("/", 1)
+        if what == "diff":
+            return 2 * self.rounding_layers(self.families) * LAYER_TOL["sum"]
+        layer = self.writer[name] if kind == "blob" else name.rsplit("/", 1)[0]
+        return self.rounding_layers(self.upstream[layer]) * LAYER_TOL["sum"]
+
+
+class _Builder:
+    """Accumulates layers; every choice comes from ``rng``.
+
+    Besides shapes it keeps, per blob name (that is, per piece of Caffe memory), what
+    Caffe's backward will read from it later and what values it may hold, so that steps
+    keep clear of Caffe's memory-sharing artifacts (unless ``aliasing``) and of
+    ill-conditioned inputs:
+
+    * ``readers[blob]``: "sign" when a ReLU's backward reads its sign, "value" when the
+      backward of LRN, Eltwise PROD or a batch-statistics BatchNorm reads its values.
+      Caffe runs an in-place layer on the memory those backward passes read later, so an
+      in-place layer may only overwrite what no later reader needs (a ReLU keeps signs;
+      BatchNorm and Scale keep neither).
+    * ``shared``: blobs whose memory Caffe shares with another named blob (Split tops,
+      Concat of one bottom, Slice to one top): an in-place layer on one of them changes
+      the others too, in Caffe only. ``in_place``: blobs an in-place layer has written;
+      Concat of one bottom and Slice to one top also share the diff, so they may not
+      follow one (its backward, run after theirs, rewrites their diff).
+    * ``zeros``: blobs that may hold exact zeros (Eltwise PROD's ``stable_prod_grad:
+      false`` divides by them); ``flat``: blobs where a channel may be one nonzero constant
+      (bias-only cells of a convolution), which a batch-statistics BatchNorm would turn
+      into normalized rounding noise.
+    * ``mag``: the typical size of a blob's values (inputs are standard normal: 1), a
+      rough estimate that LRN's alpha is scaled by, as real nets scale it to their data:
+      Caffe's LRN sums squares over channels as a running sum (add the entering channel,
+      subtract the leaving one), whose rounding grows with alpha * x^2 / k.
+    """
+
+    def __init__(self, rng: np.random.RandomState, aliasing: bool = False):
+        self.rng = rng
+        self.aliasing = aliasing
+        self.input_lines: list[str] = []
+        self.lines: list[str] = []
+        self.shapes: dict[str, tuple] = {}
+        self.inputs: dict[str, np.ndarray] = {}
+        self.weights: list = []
+        self.families: dict[str, str] = {}
+        self.upstream: dict[str, set] = {}
+        self.writer: dict[str, str] = {}
+        self.readers: dict[str, set] = {}
+        self.shared: set[str] = set()
+        self.in_place: set[str] = set()
+        self.zeros: set[str] = set()
+        self.flat: set[str] = set()
+        self.mag: dict[str, float] = {}
+        self.count = 0
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def rand(self, low: int, high: int) -> int:
+        """An integer in [low, high]."""
+        return int(self.rng.randint(low, high + 1))
+
+    def chance(self, p: float) -> bool:
+        return bool(self.rng.rand() < p)
+
+    def pick(self, seq):
+        return seq[self.rng.randint(len(seq))]
+
+    def new_input(self, shape, prefix="data") -> str:
+        name = prefix if prefix not in self.shapes else f"{prefix}{len(self.inputs)}"
+        shape = tuple(int(d) for d in shape)
+        dims = " ".join(f"dim: {d}" for d in shape)
+        layer = f"input_{name}"
+        self.input_lines.append(f'layer {{ name: "{layer}" type: "Input" top: "{name}" '
+                                f'input_param {{ shape {{ {dims} }} }} }}')
+        self.inputs[name] = self.rng.standard_normal(shape).astype(np.float32)
+        self.shapes[name] = shape
+        self.families[layer] = "exact"
+        self.upstream[layer] = {layer}
+        self.writer[name] = layer
+        self.readers[name] = set()
+        self.mag[name] = 1.0
+        return name
+
+    def may_overwrite(self, blob: str, keeps: str) -> bool:
+        """Whether an in-place layer may write ``blob`` in Caffe without an aliasing artifact.
+
+        ``keeps``: what the in-place layer leaves unchanged: "all" (Dropout at TEST),
+        "sign" (ReLU) or "nothing" (BatchNorm, Scale).
+        """
+        if self.aliasing or keeps == "all":
+            return True
+        if blob in self.shared or "value" in self.readers[blob]:
+            return False
+        return keeps == "sign" or "sign" not in self.readers[blob]
+
+    def may_share_diff(self, blob: str) -> bool:
+        """Whether a top may share ``blob``'s data and diff (Concat of one, Slice to one)."""
+        return self.aliasing or blob not in self.in_place
+
+    def add(self, kind: str, type_name: str, bottoms, family: str, body: str = "", top_shapes=(),
+            in_place=False, blobs=None, reads=None, reads_top=None, shares=False, makes=(),
+            mag: float | None = None) -> list[str]:
+        """Append one layer; its tops are named after it (or its bottom when in place).
+
+        ``reads``/``reads_top``: what Caffe's backward of this layer reads from its bottoms'
+        / tops' memory ("sign", "value" or None); ``shares``: its tops share memory with its
+        bottom; ``makes``: value flags ("zeros", "flat") its tops may get from it; ``mag``:
+        the tops' typical size (default: the largest of the bottoms').
+        """
+        mag = max(self.mag[b] for b in bottoms) if mag is None else float(mag)
+        self.count += 1
+        name = f"{kind}{self.count}"
+        tops = [bottoms[0]] if in_place else \
+            [name] if len(top_shapes) == 1 else [f"{name}_{i}" for i in range(len(top_shapes))]
+        text = f'layer {{ name: "{name}" type: "{type_name}"'
+        text += "".join(f' bottom: "{b}"' for b in bottoms) + "".join(f' top: "{t}"' for t in tops)
+        self.lines.append(text + (f" {body}" if body else "") + " }")
+        self.families[name] = family
+        self.upstream[name] = {name}.union(*(self.upstream[self.writer[b]] for b in bottoms))
+        inherited = {flag for flag, blobs_ in (("zeros", self.zeros), ("flat", self.flat))
+                     if any(b in blobs_ for b in bottoms)}
+        for b in bottoms:
+            if reads:
+                self.readers[b].add(reads)
+        if in_place:
+            self.in_place.add(bottoms[0])
+        for top, shape in zip(tops, top_shapes):
+            self.shapes[top] = tuple(int(d) for d in shape)
+            self.writer[top] = name
+            self.readers.setdefault(top, set())
+            self.mag[top] = mag
+            if reads_top:
+                self.readers[top].add(reads_top)
+            for flag in inherited | set(makes):
+                (self.zeros if flag == "zeros" else self.flat).add(top)
+            if shares:
+                self.shared.update([top, bottoms[0]])
+        if blobs:
+            self.weights.append((name, type_name, [np.asarray(b, np.float32) for b in blobs]))
+        return tops
+
+    def normal(self, shape, scale=1.0) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def same_shape_blobs(self, shape) -> list[str]:
+        return [b for b, s in self.shapes.items() if s == shape]
+
+    # -- text helpers ----------------------------------------------------------------
+    def pair(self, field_name: str, values, repeated: bool, default=None) -> str:
+        """An (h, w) parameter in one of Caffe's spellings.
+
+        ``f: v`` (or omitted when it is the default), ``f: h f: w`` for repeated fields
+        (Convolution's), ``f_h: h f_w: w`` (``kernel_h`` for ``kernel_size``); dilation has
+        only the repeated form.
+        """
+        h, w = values
+        if h == w:
+            if h == default and self.chance(0.5):
+                return ""
+            if repeated and self.chance(0.2):
+                return f"{field_name}: {h} {field_name}: {h}"
+            return f"{field_name}: {h}"
+        if field_name == "dilation" or repeated and self.chance(0.5):
+            return f"{field_name}: {h} {field_name}: {w}"
+        base = field_name.replace("_size", "")
+        return f"{base}_h: {h} {base}_w: {w}"
+
+
+def _f(value: float) -> str:
+    """A float32 value as prototxt text: the shortest decimal that reads back as that float32."""
+    return str(np.float32(value))
+
+
+# ---------------------------------------------------------------------------------------
+# Building steps: each takes the builder and the current blob, returns the new current blob
+# ---------------------------------------------------------------------------------------
+def _conv_axis(b: _Builder, size: int):
+    """(kernel, stride, pad, dilation) for one axis that Caffe accepts, output >= 1."""
+    for _ in range(50):
+        k, s, p = b.rand(1, 4), b.rand(1, 3), b.rand(0, 2)
+        d = 2 if b.chance(0.3) else 1
+        if d * (k - 1) + 1 <= size + 2 * p:
+            return k, s, p, d
+    return 1, 1, 0, 1
+
+
+def _conv_uncovered(size: int, k: int, s: int, p: int, d: int, out: int) -> bool:
+    """Whether some convolution output cell along one axis sees only padding."""
+    return any(all(not 0 <= i * s - p + d * t < size for t in range(k)) for i in range(out))
+
+
+def _deconv_uncovered(size: int, k: int, s: int, p: int, d: int, out: int) -> bool:
+    """Whether some deconvolution output cell along one axis receives no input cell."""
+    reached = {i * s - p + d * t for i in range(size) for t in range(k)}
+    return any(j not in reached for j in range(out))
+
+
+def _group(b: _Builder, channels: int) -> int:
+    divisors = [g for g in range(2, channels + 1) if channels % g == 0]
+    return b.pick(divisors) if divisors and b.chance(0.5) else 1
+
+
+def _geometry_text(b: _Builder, kernel, stride, pad, dilation) -> str:
+    parts = [b.pair("kernel_size", kernel, True), b.pair("stride", stride, True, default=1),
+             b.pair("pad", pad, True, default=0)]
+    if dilation != (1, 1):
+        parts.append(b.pair("dilation", dilation, True))
+    return " ".join(p for p in parts if p)
+
+
+def step_conv(b: _Builder, x: str) -> str:
+    """Convolution: groups, dilation, asymmetric kernel/stride/pad, bias or not."""
+    n, c, h, w = b.shapes[x]
+    g = _group(b, c)
+    out = g * b.rand(1, max(1, 6 // g))
+    (kh, sh, ph, dh), (kw, sw, pw, dw) = _conv_axis(b, h), _conv_axis(b, w)
+    oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    bias = b.chance(0.7)
+    blobs = [b.normal((out, c // g, kh, kw), 1 / math.sqrt(c // g * kh * kw))]
+    if bias:
+        blobs.append(b.normal((out,), 0.5))
+    body = (f"convolution_param {{ num_output: {out} "
+            f"{_geometry_text(b, (kh, kw), (sh, sw), (ph, pw), (dh, dw))}"
+            f"{f' group: {g}' if g > 1 else ''}{'' if bias else ' bias_term: false'} }}")
+    # a window lying wholly in the padding gives the bias alone (or an exact 0)
+    uncovered = _conv_uncovered(h, kh, sh, ph, dh, oh) or _conv_uncovered(w, kw, sw, pw, dw, ow)
+    makes = ("flat" if bias else "zeros",) if uncovered else ()
+    return b.add("conv", "Convolution", [x], "sum", body, [(n, out, oh, ow)], blobs=blobs, makes=makes,
+                 mag=math.hypot(b.mag[x], 0.5 if bias else 0.0))[0]
+
+
+def step_deconv(b: _Builder, x: str) -> str:
+    """Deconvolution: groups, stride (upsampling), pad, dilation; output kept <= 16."""
+    n, c, h, w = b.shapes[x]
+    g = _group(b, c)
+    out = g * b.rand(1, max(1, 6 // g))
+    geometry = []
+    for size in (h, w):
+        for _ in range(50):
+            k, s, p = b.rand(1, 4), b.rand(1, 3), b.rand(0, 2)
+            d = 2 if b.chance(0.25) else 1
+            o = s * (size - 1) + d * (k - 1) + 1 - 2 * p
+            if 1 <= o <= 16:
+                break
+        else:
+            k, s, p, d, o = 1, 1, 0, 1, size
+        geometry.append((k, s, p, d, o))
+    (kh, sh, ph, dh, oh), (kw, sw, pw, dw, ow) = geometry
+    bias = b.chance(0.7)
+    blobs = [b.normal((c, out // g, kh, kw), 1 / math.sqrt(c // g * kh * kw))]
+    if bias:
+        blobs.append(b.normal((out,), 0.5))
+    body = (f"convolution_param {{ num_output: {out} "
+            f"{_geometry_text(b, (kh, kw), (sh, sw), (ph, pw), (dh, dw))}"
+            f"{f' group: {g}' if g > 1 else ''}{'' if bias else ' bias_term: false'} }}")
+    # stride > kernel (or a large dilation) leaves cells no input reaches: the bias alone, or 0
+    uncovered = _deconv_uncovered(h, kh, sh, ph, dh, oh) or _deconv_uncovered(w, kw, sw, pw, dw, ow)
+    makes = ("flat" if bias else "zeros",) if uncovered else ()
+    return b.add("deconv", "Deconvolution", [x], "sum", body, [(n, out, oh, ow)], blobs=blobs, makes=makes,
+                 mag=math.hypot(b.mag[x], 0.5 if bias else 0.0))[0]
+
+
+def pooled_size(size: int, k: int, s: int, p: int, ceil: bool) -> int:
+    """Caffe's pooled size before the clip rule (float32 division, then ceil or floor)."""
+    ratio = float(np.float32(size + 2 * p - k) / np.float32(s))
+    return int(math.ceil(ratio) if ceil else math.floor(ratio)) + 1
+
+
+def pool_geometry(b: _Builder, h: int, w: int, want: str):
+    """Kernel, stride, pad (h, w), round mode and output size, with no empty window.
+
+    ``want``: "ceil" (a partial last window from ceil rounding), "clip" (pad > 0 and
+    Caffe's clip rule drops a last window) or "any". Falls back to "any" after 200 tries.
+    """
+    for attempt in range(400):
+        kernel = (b.rand(1, 4), b.rand(1, 4)) if b.chance(0.4) else (b.rand(1, 4),) * 2
+        stride = (b.rand(1, 3), b.rand(1, 3)) if b.chance(0.4) else (b.rand(1, 3),) * 2
+        if b.chance(0.3):
+            pad = (0, 0)
+        elif b.chance(0.6):
+            pad = (b.rand(0, min(min(kernel) - 1, 2)),) * 2
+        else:
+            pad = tuple(b.rand(0, min(k - 1, 2)) for k in kernel)
+        ceil = b.chance(0.8)
+        sizes, clipped, partial = [], False, False
+        for size, k, s, p in zip((h, w), kernel, stride, pad):
+            if size + 2 * p < k:
+                break
+            o = pooled_size(size, k, s, p, ceil)
+            partial |= ceil and (size + 2 * p - k) % s != 0
+            if pad != (0, 0) and (o - 1) * s >= size + p:
+                o -= 1
+                clipped = True
+            if o < 1 or (o - 1) * s - p >= size:  # an empty window: Caffe writes outside the blob
+                break
+            sizes.append(o)
+        else:
+            ok = {"ceil": partial, "clip": clipped}.get(want if attempt < 200 else "any", True)
+            if ok:
+                return kernel, stride, pad, ceil, tuple(sizes)
+    return (1, 1), (1, 1), (0, 0), True, (h, w)
+
+
+def step_pool(b: _Builder, x: str) -> str:
+    """Pooling MAX or AVE at geometries that exercise ceil rounding and the pad clip rule."""
+    n, c, h, w = b.shapes[x]
+    method = b.pick(["MAX", "AVE"])
+    family = "exact" if method == "MAX" else "sum"
+    if b.chance(0.15):
+        body = f"pooling_param {{ pool: {method} global_pooling: true }}"
+        return b.add("pool", "Pooling", [x], family, body, [(n, c, 1, 1)])[0]
+    kernel, stride, pad, ceil, (oh, ow) = pool_geometry(b, h, w, b.pick(["ceil", "clip", "any"]))
+    parts = [b.pair("kernel_size", kernel, False), b.pair("stride", stride, False, default=1),
+             b.pair("pad", pad, False, default=0), "" if ceil else "round_mode: FLOOR"]
+    body = f"pooling_param {{ pool: {method} {' '.join(p for p in parts if p)} }}"
+    return b.add("pool", "Pooling", [x], family, body, [(n, c, oh, ow)])[0]
+
+
+def step_lrn(b: _Builder, x: str) -> str:
+    """LRN across channels or within a channel, with drawn size, alpha, beta and k."""
+    within = b.chance(0.5)
+    size = f"local_size: {b.pick([1, 3, 5])}" if b.chance(0.8) else ""
+    alpha = b.rng.uniform(0.05, 2.0) / max(1.0, b.mag[x] ** 2)  # alpha * x^2 of order 1
+    explicit_alpha = b.chance(0.7) or b.mag[x] > 30  # the default 1e-4 suits x up to ~100
+    parts = [size, f"alpha: {_f(alpha)}" if explicit_alpha else "",
+             f"beta: {_f(b.rng.uniform(0.5, 1.0))}" if b.chance(0.7) else "",
+             f"k: {_f(b.rng.uniform(0.5, 3.0))}" if b.chance(0.6) else "",  # ignored WITHIN_CHANNEL
+             "norm_region: WITHIN_CHANNEL" if within else "norm_region: ACROSS_CHANNELS" if b.chance(0.3) else ""]
+    body = f"lrn_param {{ {' '.join(p for p in parts if p)} }}"
+    return b.add("lrn", "LRN", [x], "transcendental", body, [b.shapes[x]], reads="value", reads_top="value")[0]
+
+
+def step_eltwise(b: _Builder, x: str) -> str:
+    """Eltwise SUM (with coefficients), PROD or MAX of 2-3 same-shape blobs.
+
+    The other bottoms are earlier blobs of the same shape (a residual join) or new inputs.
+    """
+    shape = b.shapes[x]
+    bottoms = [x]
+    for _ in range(b.rand(1, 2)):
+        earlier = [s for s in b.same_shape_blobs(shape) if s not in bottoms]
+        bottoms.append(b.pick(earlier) if earlier and b.chance(0.6) else b.new_input(shape, "other"))
+    order = list(b.rng.permutation(len(bottoms)))
+    bottoms = [bottoms[i] for i in order]
+    op = b.pick(["SUM", "PROD", "MAX"])
+    family = "exact" if op == "MAX" else "sum"
+    parts = [f"operation: {op}" if op != "SUM" or b.chance(0.5) else ""]
+    coeffs = [1.0] * len(bottoms)
+    if op == "SUM" and b.chance(0.7):
+        coeffs = [round(b.rng.uniform(-2, 2), 2) for _ in bottoms]
+        parts += [f"coeff: {_f(c)}" for c in coeffs]
+    mags = [b.mag[t] for t in bottoms]
+    mag = sum(abs(c) * m for c, m in zip(coeffs, mags)) if op == "SUM" else \
+        math.prod(mags) if op == "PROD" else max(mags)
+    unstable = op == "PROD" and not any(t in b.zeros for t in bottoms) and b.chance(0.4)
+    if unstable:
+        parts.append("stable_prod_grad: false")  # Caffe divides y / x_i: only for nonzero bottoms
+    body = f"eltwise_param {{ {' '.join(p for p in parts if p)} }}"
+    return b.add("eltwise", "Eltwise", bottoms, family, body, [shape], reads="value" if op == "PROD" else None,
+                 reads_top="value" if unstable else None, makes=("zeros",) if op == "SUM" else (), mag=mag)[0]
+
+
+def step_batchnorm(b: _Builder, x: str) -> str:
+    """BatchNorm (global statistics or batch statistics), then Scale; each in place or not."""
+    shape = b.shapes[x]
+    c = shape[1]
+    parts = []
+    # Batch statistics over m values per channel: m = 1 normalizes to an exact 0; m = 2 gives
+    # y = +-1 up to eps, where the backward is all cancellation (ill-conditioned); a channel
+    # that may be one constant gives normalized rounding noise.
+    m = shape[0] * shape[2] * shape[3]
+    batch_stats = b.chance(0.3) and x not in b.flat and m != 2
+    if batch_stats:
+        parts.append("use_global_stats: false")
+    elif b.chance(0.3):
+        parts.append("use_global_stats: true")
+    eps = 1e-5
+    if b.chance(0.5):
+        eps = b.pick([1e-3, 0.1, 1e-5])
+        parts.append(f"eps: {_f(eps)}")
+    factor = 0.0 if b.chance(0.1) else b.rng.uniform(0.5, 2.0)
+    blobs = [b.normal((c,)), b.rng.uniform(0.2, 2.0, c), np.array([factor])]
+    inverse = 0.0 if factor == 0 else 1.0 / factor
+    mag = 1.0 if batch_stats else \
+        float(np.max((b.mag[x] + np.abs(blobs[0]) * inverse) / np.sqrt(blobs[1] * inverse + eps)))
+    body = f"batch_norm_param {{ {' '.join(parts)} }}" if parts else ""
+    in_place = b.chance(0.5) and b.may_overwrite(x, "nothing")
+    # the batch-statistics backward reads the top (a copy of it when in place)
+    y = b.add("bn", "BatchNorm", [x], "transcendental", body, [shape], in_place=in_place, blobs=blobs,
+              reads_top="value" if batch_stats and not in_place else None,
+              makes=("zeros",) if batch_stats else (), mag=mag)[0]
+    if b.chance(0.2):
+        return y
+    bias = b.chance(0.6)
+    blobs = [b.rng.uniform(0.5, 1.5, c) * b.rng.choice([-1, 1], c)] + ([b.normal((c,))] if bias else [])
+    body = "scale_param { bias_term: true }" if bias else ""
+    in_place = b.chance(0.5) and b.may_overwrite(y, "nothing")
+    return b.add("scale", "Scale", [y], "sum", body, [shape], in_place=in_place, blobs=blobs,
+                 mag=1.5 * b.mag[y] + (1.0 if bias else 0.0))[0]
+
+
+def step_crop(b: _Builder, x: str) -> str:
+    """Crop to a new reference input's shape on axes >= axis, at one offset or one per axis."""
+    shape = b.shapes[x]
+    axis = b.pick([1, 2, 2, 3])
+    ref = list(shape[:axis])
+    if axis >= 2 and b.chance(0.3):
+        ref[1] = b.rand(1, 3)  # dims before the axis are not compared
+    ref += [b.rand(1, d) for d in shape[axis:]]
+    slack = [d - r for d, r in zip(shape[axis:], ref[axis:])]
+    style = b.pick(["none", "one", "each"])
+    if style == "one":
+        offsets = [b.rand(0, min(slack))]
+    elif style == "each":
+        offsets = [b.rand(0, s) for s in slack]
+    else:
+        offsets = []
+    reference = b.new_input(ref, "ref")
+    axis_text = "" if axis == 2 and b.chance(0.5) else f"axis: {axis - 4 if b.chance(0.3) else axis} "
+    body = f"crop_param {{ {axis_text}{' '.join(f'offset: {o}' for o in offsets)} }}"
+    top = tuple(shape[:axis]) + tuple(ref[axis:])
+    return b.add("crop", "Crop", [x, reference], "exact", body, [top])[0]
+
+
+def step_slice_concat(b: _Builder, x: str) -> str:
+    """Slice along an axis, then Concat some parts (and maybe the bottom) in a new order."""
+    shape = b.shapes[x]
+    axes = [a for a in (1, 2, 3) if shape[a] >= 2] or [1]
+    axis = b.pick(axes)
+    size = shape[axis]
+    n_parts = b.rand(1, min(size, 3)) if size > 1 else 1
+    if n_parts == 1 and not b.may_share_diff(x):
+        if size == 1:
+            return step_crop(b, x)
+        n_parts = 2
+    if n_parts > 1 and size % n_parts == 0 and b.chance(0.4):
+        points, sizes = [], [size // n_parts] * n_parts  # equal split
+    else:
+        points = sorted(int(p) for p in b.rng.choice(np.arange(1, size), n_parts - 1, replace=False)) \
+            if n_parts > 1 else []
+        bounds = [0] + points + [size]
+        sizes = [q - p for p, q in zip(bounds, bounds[1:])]
+    axis_text = f"slice_dim: {axis}" if b.chance(0.2) else f"axis: {axis}" if axis != 1 or b.chance(0.5) else ""
+    body = f"slice_param {{ {axis_text} {' '.join(f'slice_point: {p}' for p in points)} }}"
+    part_shapes = [shape[:axis] + (s,) + shape[axis + 1:] for s in sizes]
+    parts = b.add("slice", "Slice", [x], "exact", body, part_shapes, shares=len(part_shapes) == 1)
+    chosen = [parts[i] for i in b.rng.permutation(len(parts))[: b.rand(1, len(parts))]]
+    if b.chance(0.3):
+        chosen.insert(b.rand(0, len(chosen)), x)  # same shape but the axis: joins along it
+    cat_axis = axis
+    others = [a for a in (0, 1, 2, 3) if a != axis]
+    if len(set(b.shapes[t][axis] for t in chosen)) == 1 and b.chance(0.3):
+        cat_axis = b.pick(others)  # equal parts may be joined along another axis
+    top = list(b.shapes[chosen[0]])
+    top[cat_axis] = sum(b.shapes[t][cat_axis] for t in chosen)
+    axis_text = f"concat_dim: {cat_axis}" if b.chance(0.2) else \
+        f"axis: {cat_axis}" if cat_axis != 1 or b.chance(0.5) else ""
+    return b.add("concat", "Concat", chosen, "exact", f"concat_param {{ {axis_text} }}", [tuple(top)],
+                 shares=len(chosen) == 1)[0]
+
+
+def step_relu(b: _Builder, x: str) -> str:
+    """ReLU, in place or not; sometimes leaky."""
+    leaky = b.chance(0.25)
+    body = f"relu_param {{ negative_slope: {_f(b.rng.uniform(0.05, 0.5))} }}" if leaky else ""
+    in_place = b.chance(0.7) and b.may_overwrite(x, "sign")
+    return b.add("relu", "ReLU", [x], "sum" if leaky else "exact", body, [b.shapes[x]], in_place=in_place,
+                 reads="sign", makes=() if leaky else ("zeros",))[0]
+
+
+def step_dropout(b: _Builder, x: str) -> str:
+    """Dropout (the identity at TEST), in place or not."""
+    body = f"dropout_param {{ dropout_ratio: {b.pick([0.5, 0.1, 0.9])} }}" if b.chance(0.5) else ""
+    return b.add("drop", "Dropout", [x], "exact", body, [b.shapes[x]], in_place=b.chance(0.5))[0]
+
+
+def step_split(b: _Builder, x: str) -> str:
+    """A declared Split into 2-3 tops; the next steps go on from one of them (others may join later)."""
+    tops = b.add("split", "Split", [x], "exact", "", [b.shapes[x]] * b.rand(2, 3), shares=True)
+    return b.pick(tops)
+
+
+STEPS = {"conv": step_conv, "deconv": step_deconv, "pool": step_pool, "lrn": step_lrn, "eltwise": step_eltwise,
+         "batchnorm": step_batchnorm, "crop": step_crop, "slice_concat": step_slice_concat}
+FOLLOW = KINDS + ("relu", "relu", "dropout", "split")
+FILLERS = {"relu": step_relu, "dropout": step_dropout, "split": step_split}
+
+
+def make_example(seed: int, depth: int, focus: str | int, aliasing: bool = False) -> Example:
+    """The net of (seed, depth, focus): a pure function of them (NumPy RandomState(seed)).
+
+    ``aliasing``: let in-place layers write memory that Caffe shares or reads later (see
+    ``_Builder``), where Caffe's results are artifacts of its memory layout.
+    """
+    focus = KINDS[focus] if isinstance(focus, int) else focus
+    if focus not in STEPS:
+        raise ValueError(f"focus must be one of {KINDS}, not {focus!r}")
+    if not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be 1..{MAX_DEPTH}, not {depth}")
+    b = _Builder(np.random.RandomState(seed), aliasing)
+    head = b.new_input((b.rand(1, 2), b.rand(1, 6), b.rand(1, 12), b.rand(1, 12)))
+    for step in range(depth):
+        kind = focus if step == 0 else b.pick(FOLLOW)
+        if kind == "deconv" and max(b.shapes[head][2:]) > 12:
+            kind = "pool"
+        if kind in ("conv", "deconv") and b.shapes[head][1] > 12:
+            kind = "slice_concat"
+        head = (STEPS.get(kind) or FILLERS[kind])(b, head)
+    text = f'name: "property_{seed}_{depth}_{focus}"\n' + "\n".join(b.input_lines + b.lines) + "\n"
+    diff = b.normal(b.shapes[head])
+    return Example(seed, depth, focus, text, b.weights, b.inputs, head, diff, b.families,
+                   b.upstream, b.writer, aliasing)
+
+
+# ---------------------------------------------------------------------------------------
+# Running one example through real Caffe and the port
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """Errors of every array Caffe returned: (key, error, bound, problem or "")."""
+
+    example: Example
+    rows: list
+    folder: Path
+
+    @property
+    def failures(self) -> list:
+        return [r for r in self.rows if r[3] or not r[1] <= r[2]]
+
+    def report(self) -> str:
+        ex = self.example
+        lines = [f"seed {ex.seed}, depth {ex.depth}, focus {ex.focus}; reproduce: {ex.command}",
+                 f"files in {self.folder}", ex.prototxt.rstrip(),
+                 f"top diff injected at blob {ex.diff_blob!r}",
+                 f"{'array':40} {'rel err':>10} {'bound':>8}"]
+        for key, err, tol, problem in self.rows:
+            mark = "  <-- " + (problem or "beyond") if problem or not err <= tol else ""
+            lines.append(f"{key:40} {err:10.3g} {tol:8.2g}{mark}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GivenDiff(Objective):
+    """An objective whose seed is a given array (the random top diff), not a one-hot unit."""
+
+    diff: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def seed(self, shape) -> np.ndarray:
+        if tuple(shape) != self.diff.shape:
+            raise ValueError(f"top diff of shape {self.diff.shape} for a top of shape {tuple(shape)}")
+        return self.diff
+
+
+def write_files(example: Example, folder: Path) -> tuple[Path, Path | None]:
+    """prototxt, caffemodel (None without weights) and the arrays (.npy) into ``folder``."""
+    from porting.write import write_caffemodel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    prototxt = folder / "net.prototxt"
+    prototxt.write_text(example.prototxt)
+    caffemodel = None
+    if example.weights:
+        caffemodel = folder / "net.caffemodel"
+        write_caffemodel(caffemodel, example.weights)
+    for name, value in example.inputs.items():
+        np.save(folder / f"input_{name}.npy", value)
+    np.save(folder / f"top_diff_{example.diff_blob}.npy", example.top_diff)
+    return prototxt, caffemodel
+
+
+def compare_with_caffe(worker, example: Example, folder: Path) -> Comparison:
+    """Run ``example`` in real Caffe (``worker``) and in the port; compare every array.
+
+    Caffe returns every blob and every layer top, data and diff, after a forward and a
+    backward from the random diff at ``example.diff_blob``; the port's arrays come from
+    ``porting.verify.port_arrays`` with the same diff. Each Caffe array is compared with
+    the port's array of the same key (missing or misshapen ones are failures).
+    """
+    import torch
+
+    from porting import load_caffe
+    from porting.verify import port_arrays
+
+    prototxt, caffemodel = write_files(example, folder)
+    caffe = worker.run_net(prototxt, caffemodel, inputs=example.inputs,
+                           top_diffs={example.diff_blob: example.top_diff})
+    torch.manual_seed(0)
+    net = load_caffe(prototxt, caffemodel)
+    last = example.writer[example.diff_blob]
+    port = port_arrays(net, example.inputs, GivenDiff(last, 0, example.diff_blob, example.top_diff))
+    rows = []
+    for key in sorted(caffe):
+        tol = example.tolerance(key)
+        if key not in port:
+            rows.append((key, math.inf, tol, "missing in the port"))
+        elif port[key].shape != caffe[key].shape:
+            rows.append((key, math.inf, tol, f"shape {port[key].shape} != Caffe's {caffe[key].shape}"))
+        else:
+            try:
+                rows.append((key, rel_err(port[key], caffe[key]), tol, ""))
+            except AssertionError as err:  # NaN, inf or -FLT_MAX in different places
+                rows.append((key, math.inf, tol, str(err)))
+    return Comparison(example, rows, folder)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Reproduce one property-test example against real Caffe.")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--depth", type=int, default=1, help=f"building steps, 1..{MAX_DEPTH}")
+    parser.add_argument("--focus", default="conv", choices=KINDS, help="the first step")
+    parser.add_argument("--aliasing", action="store_true",
+                        help="let in-place layers write memory Caffe shares or reads later")
+    parser.add_argument("--out", help="folder for prototxt, caffemodel and arrays (default: a new temp folder)")
+    parser.add_argument("--print-only", action="store_true", help="print the prototxt, run nothing")
+    args = parser.parse_args(argv)
+    example = make_example(args.seed, args.depth, args.focus, args.aliasing)
+    if args.print_only:
+        print(example.prototxt, end="")
+        return 0
+    from porting.legacy import Worker
+    from porting.legacy_build import resolve_root
+
+    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="property-"))
+    worker = Worker(resolve_root(None))
+    try:
+        result = compare_with_caffe(worker, example, folder)
+    finally:
+        worker.close()
+    print(result.report())
+    print("FAIL" if result.failures else "ok")
+    return 1 if result.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
