@@ -70,11 +70,15 @@ def property_folder(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("property")
 
 
+class PortDisagreement(AssertionError):
+    """The port and Caffe differ beyond the bound somewhere (the message says where)."""
+
+
 def _check(worker, example: nets.Example, base: Path) -> None:
     folder = base / f"seed{example.seed}-depth{example.depth}-{example.focus}{'-aliasing' * example.aliasing}"
     result = nets.compare_with_caffe(worker, example, folder)
     if result.failures:  # keep the files the message points to
-        pytest.fail(result.report(), pytrace=False)
+        raise PortDisagreement(result.report())
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -93,25 +97,25 @@ def test_random_net_matches_caffe(caffe_worker, property_folder, seed, depth, fo
 # The port computes each value and gradient as the net's arithmetic defines it.
 ARTIFACTS = [
     pytest.param(319685222, 2, "slice_concat", id="in-place-on-shared-memory",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+                 marks=pytest.mark.xfail(strict=True, raises=PortDisagreement, reason=(
                      "Slice to one top and Concat of one bottom share data with their bottom "
                      "(ShareData in Reshape); the in-place ReLU after them rewrites the input blob "
                      "'data' too, so Caffe's blob/data/data is relu(data); the port keeps the input"))),
     pytest.param(559370230, 4, "lrn", id="relu-backward-reads-overwritten-data",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+                 marks=pytest.mark.xfail(strict=True, raises=PortDisagreement, reason=(
                      "ReLU's Backward_cpu gates by bottom_data > 0, but in place that memory holds the "
                      "output of the in-place BatchNorm and Scale run after it, so Caffe gates by their "
                      "signs; the port by the ReLU's own input"))),
     pytest.param(1357636146, 3, "eltwise", id="prod-backward-reads-overwritten-top",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+                 marks=pytest.mark.xfail(strict=True, raises=PortDisagreement, reason=(
                      "Eltwise PROD with stable_prod_grad: false computes top_data / bottom_data in its "
                      "backward; the in-place BatchNorm after it has overwritten top_data"))),
     pytest.param(4193300, 3, "pool", id="lrn-backward-reads-overwritten-top",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+                 marks=pytest.mark.xfail(strict=True, raises=PortDisagreement, reason=(
                      "LRN's CrossChannelBackward_cpu reads top_data, which the in-place BatchNorm after it "
                      "has overwritten"))),
     pytest.param(665517280, 4, "crop", id="in-place-backward-rewrites-shared-diff",
-                 marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+                 marks=pytest.mark.xfail(strict=True, raises=PortDisagreement, reason=(
                      "Slice to one top and Concat of one bottom also share the diff (ShareDiff); the "
                      "backward of the in-place ReLU before them runs after theirs and rewrites that "
                      "memory, so Caffe's diff of slice3 and concat4 is the ReLU's bottom diff"))),
