@@ -13,8 +13,9 @@ Tie-breaking: Caffe routes the MAX gradient to the first maximum of a window in 
 scan order; torch's CPU max_pool2d keeps the first strictly greater value too, so its
 backward matches (tests/test_layers_pooling.py checks this on ReLU-style ties at 0).
 A window with no image cell (possible only with pad 0 and stride > kernel) gives Caffe's
--FLT_MAX for MAX and 0 / divisor for AVE (NaN when the divisor is 0), as Caffe does.
-STOCHASTIC pooling (random at TRAIN, GPU-only at TEST) is refused.
+-FLT_MAX for MAX and 0 / divisor for AVE (NaN when the divisor is 0), as Caffe does;
+Caffe's MAX backward of such a window writes before the blob (index -1), here nothing.
+Only the CPU path has been checked against Caffe. STOCHASTIC pooling (random at TRAIN, GPU-only at TEST) is refused.
 """
 from __future__ import annotations
 
