@@ -94,12 +94,13 @@ def _blob_head(a: np.ndarray, legacy: bool, path, where: str) -> bytes:
             raise PortingError(f"a {a.ndim}-D blob cannot be stored with legacy 4-D dims", path, where)
         blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - a.ndim) + a.shape
     else:
+        blob.shape.SetInParent()  # a 0-axis blob (channel-shared PReLU) keeps an empty shape
         blob.shape.dim.extend(a.shape)
     return blob.SerializeToString()
 
 
 def _as_float32(a) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a, dtype="<f4"))
+    return np.require(np.asarray(a, dtype="<f4"), requirements="C")  # keeps 0-d arrays 0-d
 
 
 def _blob_len(head: bytes, a: np.ndarray) -> int:

@@ -141,3 +141,14 @@ def test_real_caffe_reads_our_legacy_files_to_the_same_numbers(caffe_weights, ca
     again = caffe_worker.run_net(prototxt, resaved, inputs={"data": x}, params=True)
     for key in ("param/conv1/0", "param/conv1/1", "param/ip/0", "param/ip/1", "blob/prob/data"):
         assert np.array_equal(again[key], original[key]), key
+
+
+def test_zero_axis_blob_round_trips(tmp_path):
+    """Caffe stores a channel-shared PReLU slope as a blob with an empty shape."""
+    from porting.parse import read_caffemodel
+    from porting.write import write_caffemodel
+
+    path = tmp_path / "prelu.caffemodel"
+    write_caffemodel(path, [("prelu", "PReLU", [np.float32(0.25)])])
+    blob = read_caffemodel(path)["prelu"][0]
+    assert blob.shape == () and blob.data.tolist() == [0.25]
