@@ -14,7 +14,15 @@ plus the octaves' zooms, for the mean-image (370 iterations) and centre-bias (53
 schedules. ``--facet N`` also runs the first N iterations of a real facet through
 ``mfv.loop.run_facet`` and reports its median seconds per iteration.
 
-    python benchmarks/bench_mfv.py [--repeats 5] [--facet 20] [--threads N]
+``--caffe N`` (needs the legacy stack, ``porting env build``) runs the first N
+iterations of the mean-image schedule on both sides from the same noise start with the
+same weights (Caffe's Xavier filler, so TV converges alike on both): the Caffe side
+(reference/mfv_legacy.py: Python 2.7, Caffe 1.0 through the worker, scikit-image 0.13.1's
+TV) and the torch side in faithful mode, and prints their medians side by side: seconds
+per iteration, its net part (Caffe: the worker round trip of forward + backward; torch:
+the iteration less its TV) and its TV part, and the per-facet estimates.
+
+    python benchmarks/bench_mfv.py [--repeats 5] [--facet 20] [--caffe 20] [--threads N]
 
 Torch's thread count matters on a busy machine: on 2 shared cores at load 5 one step
 took 1.48 s with torch's default 2 threads and 0.085 s with ``--threads 1``.
@@ -55,11 +63,67 @@ def caffenet():
     return FacetNet.from_caffe(net)
 
 
+def side_by_side(iterations: int) -> None:
+    """The Caffe side and torch faithful mode, N iterations each, medians side by side."""
+    import tempfile
+
+    from porting import load_caffe
+    from porting.legacy import Worker
+
+    from mfv import schedule, tv
+    from mfv.loop import Swap, run_facet
+    from mfv.step import FacetNet
+
+    prototxt = ROOT / "porting" / "models" / "caffenet.prototxt"
+    with tempfile.TemporaryDirectory() as tmp, Worker() as worker:
+        weights = Path(tmp) / "xavier.caffemodel"
+        worker.make_weights(prototxt, weights, filler="xavier", seed=0)
+        worker.py2("mfv_legacy.facet", prototxt=prototxt, caffemodel=weights, unit=1, seed=0, iterations=2)  # warm-up
+        start = time.perf_counter()
+        done = worker.py2("mfv_legacy.facet", prototxt=prototxt, caffemodel=weights, unit=1, seed=0,
+                          variant="mean", iterations=iterations, every=0)
+        caffe_wall = (time.perf_counter() - start) / iterations
+        records = done["records"]
+        net = FacetNet.from_caffe(load_caffe(prototxt, weights))
+
+    tv_seconds, stamps = [], [time.perf_counter()]
+
+    def timed_tv(rgb, weight):
+        began = time.perf_counter()
+        out = tv.denoise(rgb, weight, mode="faithful")
+        tv_seconds.append(time.perf_counter() - began)
+        return out
+
+    run_facet(net, 1, 0, schedule.MEAN_OCTAVES, progress=False, snapshot_every=0, iterations=iterations,
+              swap=Swap(denoise=timed_tv), observe=lambda record, snap: stamps.append(time.perf_counter()))
+    torch_iteration = [b - a for a, b in zip(stamps, stamps[1:])]
+    rows = [
+        ("seconds per iteration (median)", statistics.median(r["seconds"] for r in records),
+         statistics.median(torch_iteration)),
+        ("  net: forward + backward (+ step)", statistics.median(r["seconds_net"] for r in records),
+         statistics.median(t - v for t, v in zip(torch_iteration, tv_seconds))),
+        ("  TV (0.13.1 compiled | our NumPy)", statistics.median(r["seconds_tv"] for r in records),
+         statistics.median(tv_seconds)),
+        ("seconds per iteration, wall (mean)", caffe_wall, sum(torch_iteration) / len(torch_iteration)),
+    ]
+    for variant, octaves in schedule.VARIANTS.items():
+        n = sum(o.iter_n for o in octaves)
+        rows.append((f"facet {variant} ({n} it), estimate", rows[0][1] * n, rows[0][2] * n))
+    width = max(len(name) for name, *_ in rows)
+    print(f"\nside by side, {iterations} iterations of the mean-image schedule from the noise start "
+          f"(Caffe's Xavier weights)")
+    print(f"{'':<{width}}  {'Caffe side':>10}  {'torch faithful':>14}")
+    for name, caffe, torch_side in rows:
+        print(f"{name:<{width}}  {caffe:10.3f}  {torch_side:14.3f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--facet", type=int, default=0, help="also time N iterations of a real run")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--caffe", type=int, default=0,
+                        help="also run N iterations on the Caffe side (legacy stack) and in faithful mode, side by side")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,6 +163,8 @@ def main(argv=None) -> int:
         result = run_facet(net, 1, 0, octaves, mode="faithful", progress=False, snapshot_every=0)
         elapsed = time.perf_counter() - start
         print(f"{f'run_facet, {len(result.records)} iterations, s/iteration':<{width}}  {elapsed / args.facet:8.3f}")
+    if args.caffe:
+        side_by_side(args.caffe)
     return 0
 
 

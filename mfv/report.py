@@ -179,48 +179,65 @@ def _octave_starts(rows: list[dict]) -> list[int]:
     return [r["iteration"] for r in rows if r.get("i") == 0 and r["iteration"] > 0]
 
 
+ZERO_FLOOR = 1e-12   # exact zeros are drawn here on the log scales
+
+
 def plot_trajectories(report: dict) -> bytes:
-    """PNG: objective (both sides), image max |difference| and relative L2 per iteration."""
+    """PNG, per iteration: the objective (both sides); max |torch - Caffe| and the relative
+    L2 of the whole image entering the iteration (solid) and of the crop after the step
+    (dotted); the torch gradient's relative L2 against Caffe's (flipped decisions stand out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(11, 11), sharex=True)
+    from mfv.compare import GRADIENT_AGREES
+
+    fig, axes = plt.subplots(4, 1, figsize=(11, 13), sharex=True)
     records = report["caffe"]["records"]
-    its = [r["iteration"] for r in records]
-    axes[0].plot(its, [r["objective"] for r in records], color="#1f77b4", lw=2.2, label="Caffe side")
+    axes[0].plot([r["iteration"] for r in records], [r["objective"] for r in records], color="#1f77b4", lw=2.2,
+                 label="Caffe side")
+
+    def series(rows, what, key):
+        return [(r["iteration"], max(r[what][key], ZERO_FLOOR)) for r in rows
+                if r.get(what) is not None and isinstance(r[what][key], (int, float))]
+
     for name, run in report["runs"].items():
         rows = run["iterations"]
         color = RUN_COLORS.get(name, "#444444")
-        style = "-" if not name.endswith("free") else "--"
-        x = [r["iteration"] for r in rows]
-        axes[0].plot(x, [r["objective"]["torch"] for r in rows], style, color=color, lw=1, label=f"torch {name}")
-        for what, marker in (("image", None), ("after_step", ".")):
-            for ax, key in ((axes[1], "max_abs"), (axes[2], "rel_l2")):
-                pts = [(r["iteration"], max(r[what][key], 1e-12)) for r in rows
-                       if r.get(what) is not None and isinstance(r[what][key], (int, float))]
+        axes[0].plot([r["iteration"] for r in rows], [r["objective"]["torch"] for r in rows], color=color, lw=1,
+                     label=f"torch {name}")
+        for ax, key in ((axes[1], "max_abs"), (axes[2], "rel_l2")):
+            for what, style, label in (("image", "-", "whole image entering"), ("after_step", ":", "crop after step")):
+                pts = series(rows, what, key)
                 if pts:
-                    ax.semilogy(*zip(*pts), style, color=color, lw=0.9, marker=marker, ms=2,
-                                label=f"{name}: {'whole image entering' if what == 'image' else 'crop after step'}")
+                    ax.semilogy(*zip(*pts), style, color=color, lw=1, label=f"{name}: {label}")
+        pts = series(rows, "gradient", "rel_l2")
+        if pts:
+            axes[3].semilogy(*zip(*pts), ".", color=color, ms=3, label=f"{name}")
         first = run["summary"]["first_beyond_rounding"]
         if first:
-            for ax in axes[1:]:
-                ax.axvline(first["iteration"], color=color, lw=0.8, ls=":")
+            for ax in axes[1:3]:
+                ax.axvline(first["iteration"], color=color, lw=0.8, ls="--")
     bounds = [r["after_step"]["bound"] for run in report["runs"].values() for r in run["iterations"]
               if r.get("after_step")]
     if bounds:
         axes[1].axhline(max(bounds), color="k", lw=0.8, ls="--", label="float32 rounding (1 ulp)")
     axes[1].axhline(1e-3, color="#888888", lw=0.8, ls="-.", label="1e-3 grey levels")
+    axes[3].axhline(GRADIENT_AGREES, color="#888888", lw=0.8, ls="-.",
+                    label=f"{GRADIENT_AGREES:g}: above it, at the same input, a max-pooling winner or ReLU sign flipped")
+    starts = _octave_starts(next(iter(report["runs"].values()))["iterations"]) if report["runs"] else []
     for ax in axes:
-        for start in _octave_starts(next(iter(report["runs"].values()))["iterations"] if report["runs"] else []):
+        for start in starts:
             ax.axvline(start, color="#bbbbbb", lw=0.6)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel("objective")
     axes[1].set_ylabel("max |torch - Caffe| (grey levels)")
     axes[2].set_ylabel("||torch - Caffe|| / ||Caffe||")
-    axes[2].set_xlabel("iteration (grey lines: octave starts; dotted: first beyond float32 rounding)")
+    axes[3].set_ylabel("gradient: ||torch - Caffe|| / ||Caffe||")
+    axes[3].set_xlabel(f"iteration (grey lines: octave starts; dashed: first beyond float32 rounding; "
+                       f"exact zeros drawn at {ZERO_FLOOR:g})")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
