@@ -291,9 +291,11 @@ def compare_torch_side(net: FacetNet, caffe: CaffeRun, mode: str = "faithful", s
 # The bounds the issue sets: an image after one step, in grey levels; the objective, relative.
 IMAGE_TOLERANCE = 1e-3
 OBJECTIVE_TOLERANCE = 1e-4
-# The torch gradient at the Caffe side's input, relative L2 against Caffe's, when no
-# discrete decision (max-pooling winner, ReLU sign) differs: 1.05e-6 to 1.19e-6 (CaffeNet,
-# MSRA weights, mean_0 start, iterations 0-5). Above GRADIENT_AGREES a decision flipped.
+# The torch gradient at the Caffe side's input, relative L2 against Caffe's, is bimodal
+# (CaffeNet, Caffe's Xavier weights, unit 498, synchronised): at most 1.1e-6 in the 272 of
+# 370 mean-image iterations (mean_0 start) and 7e-6 in the centre-bias subset where both
+# take the same discrete decisions; at least 4.9e-5 (2.1e-4) where a max-pooling winner or
+# a ReLU sign flips (porting.verify counts them). GRADIENT_AGREES lies in the gap.
 GRADIENT_AGREES = 1e-5
 
 
@@ -328,8 +330,20 @@ def summarize(run: TorchRun) -> dict:
         best = max((r for r in rows if r.get(what) is not None), key=lambda r: r[what][key], default=None)
         return None if best is None else best["iteration"]
 
+    def split(what):
+        departs = [r for r in rows if r.get("gradient") is not None and r["gradient"]["rel_l2"] > GRADIENT_AGREES
+                   and r.get(what) is not None]
+        agrees = [r for r in rows if r.get("gradient") is not None and r["gradient"]["rel_l2"] <= GRADIENT_AGREES
+                  and r.get(what) is not None]
+        return (max((r[what]["max_abs"] for r in agrees), default=None),
+                max((r[what]["max_abs"] for r in departs), default=None))
+
     return {
         "iterations": len(rows),
+        "gradient_departures": sum(1 for r in rows if r.get("gradient") is not None
+                                   and r["gradient"]["rel_l2"] > GRADIENT_AGREES),
+        "after_step_max_abs_gradient_agrees": split("after_step")[0],
+        "after_step_max_abs_gradient_departs": split("after_step")[1],
         "crops_identical": all(r["crop"]["caffe"] == r["crop"]["torch"] for r in rows),
         "step_sizes_identical": all(r["step_size"]["caffe"] == r["step_size"]["torch"] for r in rows),
         "denoise_weights_identical": all(r["denoise_weight"]["caffe"] == r["denoise_weight"]["torch"] for r in rows),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfv.compare import IMAGE_TOLERANCE, Comparison, TorchRun, summarize
+from mfv.compare import GRADIENT_AGREES, IMAGE_TOLERANCE, Comparison, TorchRun, summarize
 from mfv.files import _atomic, save_npy, truncating_uint8
 
 SCHEMA = "caffe-port-harness/mfv-compare"
@@ -112,6 +112,11 @@ def verdict(comparison: Comparison) -> str:
                  f"; never beyond {_g(IMAGE_TOLERANCE)} grey levels")
         if s["first_gradient_departure"] is not None:
             text += f"; the torch gradient first departs from Caffe's at iteration {s['first_gradient_departure']}"
+        if run.sync:
+            text += (f"; at the same input the torch gradient departs from Caffe's (relative L2 > {GRADIENT_AGREES:g}, "
+                     f"a flipped decision) in {s['gradient_departures']} of {s['iterations']} iterations, where the "
+                     f"crop after the step differs by up to {_g(s['after_step_max_abs_gradient_departs'], 2)} grey "
+                     f"levels; elsewhere by at most {_g(s['after_step_max_abs_gradient_agrees'], 2)}")
         if s["final"]:
             text += (f"; final image max |diff| {_g(s['final']['max_abs'], 3)} grey levels, SSIM "
                      f"{s['final']['ssim']:.6f}")
@@ -190,8 +195,6 @@ def plot_trajectories(report: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mfv.compare import GRADIENT_AGREES
 
     fig, axes = plt.subplots(4, 1, figsize=(11, 13), sharex=True)
     records = report["caffe"]["records"]
@@ -338,6 +341,10 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
                lambda s, r: None if not s["first_beyond_tolerance"] else
                f"{s['first_beyond_tolerance']['iteration']} ({s['first_beyond_tolerance']['array']})"),
               ("first iteration whose gradient departs (a flipped decision)", lambda s, r: s["first_gradient_departure"]),
+              ("iterations whose gradient departs", lambda s, r: s["gradient_departures"]),
+              ("crop after step, max |diff| where the gradient agrees",
+               lambda s, r: s["after_step_max_abs_gradient_agrees"]),
+              ("crop after step, max |diff| where it departs", lambda s, r: s["after_step_max_abs_gradient_departs"]),
               ("final image, max |diff|", lambda s, r: _d(s["final"], "max_abs")),
               ("final image, relative L2", lambda s, r: _d(s["final"], "rel_l2")),
               ("final image, SSIM", lambda s, r: _d(s["final"], "ssim"))]
