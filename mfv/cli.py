@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
+from porting.cli import run_command
 from porting.errors import PortingError
 
 
@@ -199,18 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except PortingError as err:
-        print(f"mfv: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception:  # an internal error: keep the traceback for the bug report
-        traceback.print_exc()
-        print("mfv: internal error (the traceback above belongs in a bug report)", file=sys.stderr)
-        return 1
+    return run_command("mfv", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -65,19 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
 _FEATURE_MODULES: list[str] = ["porting.legacy", "porting.cli_verify", "porting.export", "porting.report"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(prog: str, args: argparse.Namespace) -> int:
+    """Run a parsed subcommand with the exit-status contract (0, 1 internal, 2 bad input)."""
     try:
         return int(args.func(args) or 0)
     except PortingError as err:
-        print(f"porting: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except Exception:  # an internal error: keep the traceback for the bug report
         traceback.print_exc()
-        print("porting: internal error (the traceback above belongs in a bug report)", file=sys.stderr)
+        print(f"{prog}: internal error (the traceback above belongs in a bug report)", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("porting", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
