@@ -268,18 +268,25 @@ def test_small_net_loop_is_the_2016_loop(caffe_worker, small_caffe_net, tmp_path
 def test_cli_compare_on_a_small_net(caffe_worker, small_caffe_net, tmp_path, capsys):
     from mfv.cli import main
 
+    from PIL import Image
+
     prototxt, caffemodel, _ = small_caffe_net
+    start = tmp_path / "start.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(start)
     out = tmp_path / "out"
     code = main(["compare", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--unit", "1",
-                 "--seed", "2", "--out", str(out), "--iterations", "4", "--every", "2", "--sync", "--no-progress"])
+                 "--init", str(start), "--seed", "2", "--out", str(out), "--iterations", "4", "--every", "2",
+                 "--sync", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "faithful (synchronised): 4 iterations, crops identical, step sizes identical" in printed
     report = json.loads((out / "compare.json").read_text())
-    assert report["settings"]["variant"] == "center-bias" and report["settings"]["iterations"] == 4
-    assert set(report["runs"]) == {"faithful", "modern", "faithful free", "modern free"}
+    assert report["settings"]["variant"] == "mean" and report["settings"]["iterations"] == 4
+    assert set(report["runs"]) == {"faithful", "modern"} and report["runs"]["modern"]["sync"]
     assert [s["source"] for s in report["sources"]][:2] == ["framework arithmetic", "Python 2 step size"]
     assert report["sources"][-1]["source"] == "all of modern mode"
+    python2_step = report["sources"][1]["per_step"]      # octave 0: step 1 (Python 2) against 1 + i/190
+    assert python2_step["max"] > report["sources"][0]["per_step"]["max"]
     code = main(["compare", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--unit", "1",
                  "--out", str(out), "--iterations", "0"])
     err = capsys.readouterr().err
@@ -333,17 +340,18 @@ def mean_sync(caffe_worker, caffenet, mean_image, one_torch_thread, tmp_path_fac
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_flipped_decision(diagnosis):
-    """porting.verify at a departing iteration: no layer of either framework beyond float32
-    rounding, and some max-pooling winner or ReLU sign decided otherwise than in float64."""
+def check_rounding_amplified(diagnosis):
+    """porting.verify at a departing iteration: no layer of either framework adds more than
+    float32 rounding; the net amplified it (a max-pooling winner or ReLU sign decided otherwise
+    than in float64, or, for the prob objective, the softmax gradient's 1 - p cancelling as p -> 1)."""
     assert diagnosis["departure"] is None, diagnosis["verdict"]
-    assert diagnosis["decision_notes"], diagnosis["verdict"]
+    assert "No layer adds more than float32 rounding can explain" in diagnosis["verdict"], diagnosis["verdict"]
 
 
 def check_synchronised(caffe, run, replay, iterations, worker, caffenet):
     """The issue's bounds for every iteration where both frameworks take the same discrete
     decisions; where they do not, the gradient is what departs (named, and by how much),
-    and the worst such iteration is a flipped decision, not an arithmetic fault."""
+    and the worst such iteration is float32 rounding amplified, not an arithmetic fault."""
     s = summarize(run)
     assert s["iterations"] == len(caffe.records) == iterations
     assert s["crops_identical"] and s["step_sizes_identical"] and s["denoise_weights_identical"]
@@ -366,7 +374,7 @@ def check_synchronised(caffe, run, replay, iterations, worker, caffenet):
     worst = worst_gradient_iteration(replay)
     if worst is not None:
         prototxt, caffemodel, net = caffenet
-        check_flipped_decision(diagnose_gradient(worker, prototxt, caffemodel, caffe, worst, module=net.module))
+        check_rounding_amplified(diagnose_gradient(worker, prototxt, caffemodel, caffe, worst, module=net.module))
     return s, agrees
 
 
@@ -414,7 +422,8 @@ def test_mean_schedule_free_running_with_report(caffe_worker, caffenet, mean_ima
             assert row[what]["max_abs"] <= IMAGE_TOLERANCE, (row["iteration"], what)
     if departs is not None:     # measured: iteration 0 (Caffe flips a pool2 winner and a relu4 sign)
         assert "the torch gradient first departs from Caffe's at iteration" in report["verdict"]
-        check_flipped_decision(report["diagnosis"])
+        check_rounding_amplified(report["diagnosis"])
+        assert report["diagnosis"]["decision_notes"]
     assert [x["source"] for x in report["sources"]] == [
         "framework arithmetic", "Python 2 step size", "step casting", "TV padding", "TV today", "zoom",
         "random stream", "all of modern mode"]
@@ -424,11 +433,16 @@ def test_mean_schedule_free_running_with_report(caffe_worker, caffenet, mean_ima
     assert not re.search(r"(src|href)=\"(?!data:)", page) and "Sources of drift" in page
 
 
-# The centre-bias schedule (530 iterations) synchronised costs about 2.1 s per iteration
-# here (Caffe side 1.0 s, torch faithful 1.1 s, mostly the NumPy TV), 19 minutes: too
-# slow for CI. The subset keeps every octave's kind of work (prob then fc8 objectives,
-# zooms 227 -> 272 -> 326, the 50-pixel margin, the 6 -> 3 step ramp, all with Python 2
-# arithmetic) with 8 iterations per octave: 40 iterations, about 1.5 minutes.
+# The whole centre-bias schedule (530 iterations) synchronised took 19 minutes here
+# (Caffe side 1.09 s per iteration, torch faithful 1.06 s, mostly its NumPy TV; 2 shared
+# cores): too slow for CI. Measured once in full: crops, steps and weights identical,
+# objective within 1.0e-5 relative; in the 204 iterations where the gradients agree the crop
+# after the step is within 5.2e-4 grey levels; in the other 326 the prob objective's
+# gradient is ill-conditioned (saturating softmax, flipped pooling winners: up to 2.9
+# relative L2, 122 grey levels after a step of 11). The subset keeps every octave's kind of
+# work (prob then fc8 objectives, zooms 227 -> 272 -> 326, the 50-pixel margin, the 6 -> 3
+# step ramp, all with Python 2 arithmetic) with 8 iterations per octave: 40 iterations,
+# about 2 minutes.
 CENTER_BIAS_SUBSET = tuple(o._replace(iter_n=8) for o in schedule.CENTER_BIAS_OCTAVES)
 
 
