@@ -86,8 +86,6 @@ def _facet(args) -> int:
 
 
 def _compare(args) -> int:
-    import numpy as np
-
     from porting.legacy import Worker
 
     from mfv import schedule
@@ -123,6 +121,10 @@ def _compare(args) -> int:
                                    sources=not args.no_sources, progress=not args.no_progress, net=net,
                                    keep=args.keep_arrays, log=say)
     paths = write_report(comparison, args.out)
+
+    def g(value) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
     for name, run in comparison.runs.items():
         s = summarize(run)
         final = s["final"] or {}
@@ -130,8 +132,9 @@ def _compare(args) -> int:
         print(f"{name} ({'synchronised' if run.sync else 'free-running'}): {s['iterations']} iterations, crops "
               f"{'identical' if s['crops_identical'] else 'DIFFER'}, step sizes "
               f"{'identical' if s['step_sizes_identical'] else 'DIFFER'}, objective max rel "
-              f"{s['objective_max_rel']:.2g}, after-step max |diff| {s['after_step_max_abs']:.3g}, first beyond "
-              f"float32 rounding: {first['iteration'] if first else 'never'}, final SSIM {final.get('ssim', np.nan):.5f}")
+              f"{g(s['objective_max_rel'])}, after-step max |diff| {g(s['after_step_max_abs'])} grey levels "
+              f"({s['gradient_departures']} iterations with a departing gradient), first beyond float32 rounding: "
+              f"{first['iteration'] if first else 'never'}, final SSIM {g(final.get('ssim'))}")
     print(f"wrote {paths['html']} and {paths['json']}")
     return 0
 

@@ -449,8 +449,9 @@ CENTER_BIAS_SUBSET = tuple(o._replace(iter_n=8) for o in schedule.CENTER_BIAS_OC
 @pytest.mark.caffe
 @pytest.mark.slow
 def test_center_bias_schedule_synchronised_subset(caffe_worker, caffenet, one_torch_thread, tmp_path):
-    caffe, run, replay = synchronised(caffe_worker, caffenet, tmp_path, CENTER_BIAS_SUBSET, None, every=4)
+    caffe, run, replay = synchronised(caffe_worker, caffenet, tmp_path / "arrays", CENTER_BIAS_SUBSET, None, every=4)
     check_synchronised(caffe, run, replay, 40, caffe_worker, caffenet)
+    shutil.rmtree(tmp_path / "arrays")
     assert [r["layer"] for r in caffe.records] == ["prob"] * 16 + ["fc8"] * 24
     assert [r["image_shape"][0] for r in caffe.records[::8]] == [227, 272, 326, 326, 326]
     assert [r["step_size"] for r in caffe.records[32:]] == [6.0 + (3.0 - 6.0) * i / 8 for i in range(8)]
