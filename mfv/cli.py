@@ -185,8 +185,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sync", action="store_true",
                    help="synchronised: every torch step starts from the Caffe side's image of that iteration")
     p.add_argument("--iterations", type=int, help="stop both sides after N iterations (quick looks)")
-    p.add_argument("--every", type=int, default=10,
-                   help="replay single operations on the Caffe side's inputs every K iterations (default 10)")
+    p.add_argument("--every", type=int, default=50,
+                   help="keep both sides' arrays (snapshots.npz) and replay single operations on the Caffe side's "
+                        "inputs every K iterations, the first and the last (default 50; 2.4 MB per side each)")
     p.add_argument("--no-modern", action="store_true", help="skip the torch run in modern mode")
     p.add_argument("--no-sources", action="store_true",
                    help="skip the drift-source runs (one free-running torch run per source)")

@@ -273,9 +273,12 @@ def _side_by_side(record: IterationRecord, caffe: dict) -> dict:
 
 
 def compare_torch_side(net: FacetNet, caffe: CaffeRun, mode: str = "faithful", sync: bool = False,
-                       swap: Swap | None = None, name: str | None = None, progress: bool = True) -> TorchRun:
+                       swap: Swap | None = None, name: str | None = None, progress: bool = True,
+                       snapshot_every: int = 0) -> TorchRun:
     """Run the torch side as ``caffe`` ran (same unit, seed, octaves, start, iterations) and
-    compare every iteration. sync: each iteration starts from the Caffe side's whole image."""
+    compare every iteration. sync: each iteration starts from the Caffe side's whole image.
+    snapshot_every: keep the torch arrays every k iterations, the first and the last
+    (``result.snapshots``; 0: none)."""
     rows: dict[int, dict] = {}
 
     def start_from(iteration: int, image: np.ndarray):
@@ -295,7 +298,8 @@ def compare_torch_side(net: FacetNet, caffe: CaffeRun, mode: str = "faithful", s
 
     began = time.perf_counter()
     result = run_facet(net, caffe.unit, caffe.seed, caffe.octaves, start=caffe.start, layer=caffe.layer, xy=caffe.xy,
-                       mode=mode, snapshot_every=0, progress=progress, iterations=len(caffe.records), swap=swap,
+                       mode=mode, snapshot_every=snapshot_every, progress=progress, iterations=len(caffe.records),
+                       swap=swap,
                        start_from=start_from, observe=observe)
     seconds = time.perf_counter() - began
     ordered = [rows[k] for k in sorted(rows)]
@@ -600,6 +604,7 @@ class Comparison:
     sources: list
     versions: dict
     diagnosis: dict | None = None     # diagnose_gradient at the worst replayed iteration, if any
+    caffe_snapshots: dict = field(default_factory=dict)   # iteration -> {input, gradient, after_step, after_denoise}
 
 
 def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES,
@@ -609,7 +614,9 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
                   keep: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Comparison:
     """Run the Caffe side once, then the torch side (faithful, and modern unless told not
     to) in the chosen mode, the operation replays every ``every`` iterations and, with
-    ``sources``, one torch run per source of drift in the same mode.
+    ``sources``, one torch run per source of drift in the same mode. Both sides' arrays
+    (input crop, gradient, after the step, after denoising) are kept every ``every``
+    iterations, the first and the last.
 
     net: the torch side (default: porting's CaffeNet of prototxt/caffemodel). keep: a
     folder to keep the Caffe side's per-iteration arrays in (default: temporary)."""
@@ -625,7 +632,8 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
         runs = {}
         for mode in ("faithful", "modern") if modern else ("faithful",):
             say(f"PyTorch side, {mode} mode, {'synchronised' if sync else 'free-running'}")
-            runs[mode] = compare_torch_side(net, caffe, mode=mode, sync=sync, progress=progress)
+            runs[mode] = compare_torch_side(net, caffe, mode=mode, sync=sync, progress=progress,
+                                            snapshot_every=every)
         say("replaying single operations on the Caffe side's inputs")
         attribution = attribute_operations(net, caffe, every)
         diagnosis = None
@@ -644,7 +652,9 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
                     "start": "noise" if start is None else f"RGB image {np.asarray(start).shape[1]}x"
                                                             f"{np.asarray(start).shape[0]}",
                     "sync": bool(sync), "iterations": len(caffe.records), "every": int(every)}
-        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis)
+        snapshots = {n: {what: caffe.array(n, what) for what in ("input", "gradient", "after_step", "after_denoise")}
+                     for n in sampled(len(caffe.records), every)}
+        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis, snapshots)
     finally:
         if keep is None:
             caffe.cleanup()

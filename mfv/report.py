@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mfv.compare import GRADIENT_AGREES, IMAGE_TOLERANCE, Comparison, TorchRun, chaotic, summarize
-from mfv.files import _atomic, save_npy, truncating_uint8
+from mfv.files import _atomic, save_npy, save_npz, truncating_uint8
 
 SCHEMA = "caffe-port-harness/mfv-compare"
 SCHEMA_VERSION = 1
@@ -426,8 +426,10 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
 
 
 def write_report(comparison: Comparison, folder) -> dict[str, Path]:
-    """Write compare.json, compare.html, trajectories.png and the final images (.npy,
-    float32 RGB 0-255) into ``folder``, each whole or not at all. Returns the paths."""
+    """Write compare.json, compare.html, trajectories.png, the final images (.npy, float32
+    RGB 0-255) and snapshots.npz (both sides' arrays every k iterations, keyed
+    "<iteration>/caffe/<what>" and "<iteration>/torch_<run>/<what>", net layout float32)
+    into ``folder``, each whole or not at all. Returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = build_report(comparison)
@@ -443,4 +445,12 @@ def write_report(comparison: Comparison, folder) -> dict[str, Path]:
     for name, run in comparison.runs.items():
         key = name.replace(" ", "_")
         paths[f"torch_{key}_final"] = save_npy(folder / f"torch_{key}_final.npy", run.result.image.astype(np.float32))
+    arrays = {f"{n:04d}/caffe/{what}": value for n, snap in comparison.caffe_snapshots.items()
+              for what, value in snap.items()}
+    for name, run in comparison.runs.items():
+        for snap in run.result.snapshots:
+            for what in ("input", "gradient", "after_step", "after_denoise"):
+                arrays[f"{snap.iteration:04d}/torch_{name.replace(' ', '_')}/{what}"] = getattr(snap, what)
+    if arrays:
+        paths["snapshots"] = save_npz(folder / "snapshots.npz", **arrays)
     return paths

@@ -285,6 +285,12 @@ def test_cli_compare_on_a_small_net(caffe_worker, small_caffe_net, tmp_path, cap
     assert set(report["runs"]) == {"faithful", "modern"} and report["runs"]["modern"]["sync"]
     assert [s["source"] for s in report["sources"]][:2] == ["framework arithmetic", "Python 2 step size"]
     assert report["sources"][-1]["source"] == "all of modern mode"
+    with np.load(out / "snapshots.npz") as snaps:        # every 2 iterations, the first and the last
+        assert sorted({k.split("/")[0] for k in snaps.files}) == ["0000", "0002", "0003"]
+        assert {k.split("/", 1)[1] for k in snaps.files if k.startswith("0002/")} == {
+            f"{side}/{what}" for side in ("caffe", "torch_faithful", "torch_modern")
+            for what in ("input", "gradient", "after_step", "after_denoise")}
+        np.testing.assert_array_equal(snaps["0002/torch_faithful/input"], snaps["0002/caffe/input"])  # synchronised
     python2_step = report["sources"][1]["per_step"]      # octave 0: step 1 (Python 2) against 1 + i/190
     assert python2_step["max"] > report["sources"][0]["per_step"]["max"]
     code = main(["compare", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--unit", "1",
