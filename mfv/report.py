@@ -22,7 +22,6 @@ import datetime as _dt
 import html
 import io
 import json
-import math
 import platform
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from mfv.compare import GRADIENT_AGREES, IMAGE_TOLERANCE, Comparison, TorchRun, chaotic, summarize
 from mfv.files import _atomic, save_npy, save_npz, truncating_uint8
+from porting.report import jsonable
 
 SCHEMA = "caffe-port-harness/mfv-compare"
 SCHEMA_VERSION = 1
@@ -37,26 +37,6 @@ ROUNDING_RULE = ("A difference is beyond float32 rounding when it exceeds one fl
                  "magnitude of the Caffe side's array (np.spacing(float32(max |x|)); 1.5e-5 grey levels for "
                  "images reaching 128-255 in the net layout, 0-255 minus the mean).")
 RUN_COLORS = {"faithful": "#d62728", "modern": "#2ca02c"}
-
-
-def _jsonable(obj):
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, np.floating):
-        return _jsonable(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def _host_versions() -> dict:
@@ -145,7 +125,7 @@ def verdict(comparison: Comparison) -> str:
 def build_report(comparison: Comparison) -> dict:
     """The report as one plain dict (see the module docstring)."""
     caffe = comparison.caffe
-    return _jsonable({
+    return jsonable({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": comparison.settings,
@@ -163,7 +143,7 @@ def build_report(comparison: Comparison) -> dict:
 
 
 def dumps(report: dict) -> str:
-    return json.dumps(_jsonable(report), indent=1, allow_nan=False)
+    return json.dumps(jsonable(report), indent=1, allow_nan=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -420,7 +400,7 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
                  "net layout's units (BGR 0-255 minus the mean). Synchronised: every torch step starts from the "
                  "Caffe side's whole image of the same iteration (its own crop draw), so each row is one step's "
                  "discrepancy; free-running: each side alone, so differences accumulate.</p>")
-    parts.append("<h2>Provenance</h2><pre>" + _esc(json.dumps(_jsonable(
+    parts.append("<h2>Provenance</h2><pre>" + _esc(json.dumps(jsonable(
         {k: report.get(k) for k in ("created", "settings", "versions")}), indent=1)) + "</pre></body></html>")
     return "\n".join(parts)
 

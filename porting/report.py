@@ -150,7 +150,8 @@ def top5_table(reference: np.ndarray, candidate: np.ndarray, labels=None, synset
 # JSON in and out
 # --------------------------------------------------------------------------------------
 
-def _jsonable(obj):
+def jsonable(obj):
+    """``obj`` with NumPy scalars as Python ones and non-finite floats as "nan"/"inf"/"-inf"."""
     if isinstance(obj, float):
         if math.isnan(obj):
             return "nan"
@@ -158,15 +159,15 @@ def _jsonable(obj):
             return "inf" if obj > 0 else "-inf"
         return obj
     if isinstance(obj, (np.floating,)):
-        return _jsonable(float(obj))
+        return jsonable(float(obj))
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.bool_,)):
         return bool(obj)
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
@@ -186,7 +187,7 @@ def _restore(obj, key=None):
 
 
 def dumps(report: dict) -> str:
-    return json.dumps(_jsonable(report), indent=1, allow_nan=False)
+    return json.dumps(jsonable(report), indent=1, allow_nan=False)
 
 
 def load_report(path: str | os.PathLike) -> dict:
@@ -513,7 +514,7 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
         out += ["", f"Arrays the {fw['reference']} run lacks: " + ", ".join(f"`{k}`" for k in missing["in_reference"])]
     if missing.get("in_candidate"):
         out += ["", f"Arrays only the {fw['reference']} run has (not compared): {len(missing['in_candidate'])}"]
-    out += ["", "## Provenance", "", "```", json.dumps(_jsonable({k: report.get(k) for k in (
+    out += ["", "## Provenance", "", "```", json.dumps(jsonable({k: report.get(k) for k in (
         "created", "net", "inputs", "provenance")}), indent=1), "```", ""]
     return "\n".join(out)
 
@@ -618,7 +619,7 @@ def render_html(report: dict, png: bytes | None = None) -> str:
                  "<p class=\"small\"><b>Tolerances.</b></p><ul class=\"small\">"
                  + "".join(f"<li><code>{_esc(k)}</code> = {_esc(_g(v, 3))}: {_esc(tol.get('sources', {}).get(k, ''))}"
                            f"</li>" for k, v in tol.get("rules", {}).items()) + "</ul>")
-    parts.append("<h2>Provenance</h2><pre>" + _esc(json.dumps(_jsonable({k: report.get(k) for k in (
+    parts.append("<h2>Provenance</h2><pre>" + _esc(json.dumps(jsonable({k: report.get(k) for k in (
         "created", "net", "inputs", "provenance", "missing")}), indent=1)) + "</pre></body></html>")
     return "\n".join(parts)
 
