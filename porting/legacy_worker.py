@@ -363,6 +363,56 @@ class Worker:
         finally:
             shutil.rmtree(call_host, ignore_errors=True)
 
+    def train(self, train_prototxt: str | os.PathLike, out_path: str | os.PathLike,
+              deploy_prototxt: str | os.PathLike | None = None, iterations: int = 200, seed: int = 0,
+              base_lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, classes: int = 4,
+              noise: float = 0.5, scale: float = 1.0, heldout: int = 16, data_blob: str = "data",
+              label_blob: str = "label", loss_blob: str = "loss", timeout: float | None = None) -> CaffeResult:
+        """Train ``train_prototxt`` with real Caffe's SGD solver and write the trained caffemodel.
+
+        The training net has Input layers for ``data_blob`` (N x C x H x W) and
+        ``label_blob`` (N) and a loss top ``loss_blob`` (e.g. SoftmaxWithLoss). Each of
+        ``iterations`` steps feeds a fresh batch of seeded synthetic images of ``classes``
+        classes (reference/caffe_ops.py SyntheticImages: per-class channel offsets and
+        stripes plus Gaussian noise of std ``noise``, times ``scale``; float32 NCHW, no
+        BGR/0-255 convention) and runs ``solver.step(1)``: SGD, fixed learning rate
+        ``base_lr``, ``momentum``, ``weight_decay``, CPU, SolverParameter.random_seed =
+        ``seed`` (fillers and Dropout), so a run repeats exactly. BatchNorm layers train in
+        TRAIN phase, so their moving statistics and factor (blob 2) accumulate. The file is
+        Caffe's ``net.save`` of the training net (data and loss layers included, as Caffe's
+        own snapshots are), written to ``out_path`` atomically. With ``deploy_prototxt``,
+        Caffe checks that the deploy net loads it and that every deploy layer with blobs
+        was trained. Returns arrays ``data``/``label`` (``heldout`` fresh images of the same
+        generator, for testing) and ``provenance``: ``loss_first``, ``loss_last``,
+        ``losses`` (every iteration), ``train_seconds``, the solver text, the data recipe,
+        the output's sha256 and Caffe's version.
+        """
+        if int(iterations) < 1 or int(classes) < 2 or int(heldout) < 1:
+            raise PortingError(f"need iterations >= 1, classes >= 2, heldout >= 1 (got {iterations}, "
+                               f"{classes}, {heldout})", train_prototxt)
+        call_host, call_inside = self._call_dir()
+        out_path = Path(out_path)
+        try:
+            result = self._request("train", {
+                "train_prototxt": self._file_inside(train_prototxt), "out": f"{call_inside}/trained.caffemodel",
+                "deploy_prototxt": self._file_inside(deploy_prototxt) if deploy_prototxt else None,
+                "iterations": int(iterations), "seed": int(seed), "base_lr": float(base_lr),
+                "momentum": float(momentum), "weight_decay": float(weight_decay), "classes": int(classes),
+                "noise": float(noise), "scale": float(scale), "heldout": int(heldout), "data_blob": str(data_blob),
+                "label_blob": str(label_blob), "loss_blob": str(loss_blob),
+                "heldout_out": f"{call_inside}/heldout.npz"}, timeout, train_prototxt)
+            tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+            try:
+                shutil.copyfile(call_host / "trained.caffemodel", tmp)
+                os.replace(tmp, out_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            out = self._load_npz(call_host / "heldout.npz")
+            out.provenance = result["provenance"]
+            return out
+        finally:
+            shutil.rmtree(call_host, ignore_errors=True)
+
     def py2(self, op: str, timeout: float | None = None, **kwargs) -> CaffeResult:
         """Run a Python 2.7 op (reference/py2_ops.py) in the 2016 stack.
 

@@ -2,13 +2,16 @@
 
 ``run_net``: forward (and optionally backward) a net and save every blob, Caffe's own view
 and each layer's own outputs. ``make_weights``: let Caffe's fillers write a caffemodel.
+``train``: let Caffe's own SGD solver train a net on seeded synthetic data and save it.
 ``NetRegistry.call``: the methods a Python 2 ``CaffeProxy`` reaches through the pipe.
 
 Blob arrays are float32, NCHW, in the net's own preprocessing (whatever the caller fed).
 """
+import math
 import os
 import sys
 import tempfile
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -222,6 +225,52 @@ def last_writer(net, blob):
     raise KeyError("no layer writes blob %r, so no diff can be injected there" % blob)
 
 
+class SyntheticImages(object):
+    """Seeded class-dependent images for training: float32 NCHW, labels 0..classes-1.
+
+    Class k has its own per-channel offset (uniform in [-1, 1)) and its own stripe pattern
+    cos(2 pi f_k (x cos a_k + y sin a_k) + phase), f_k in [0.1, 0.4) cycles per pixel,
+    a_k in [0, pi), shown in every channel with a per-class sign; each image draws its
+    own phase and adds Gaussian noise of std ``noise``. Values are then multiplied by
+    ``scale`` (so with scale 1 they lie around [-3, 3]; no BGR/0-255 convention applies).
+    numpy's legacy RandomState stream: the same seed gives the same images on any numpy.
+    """
+
+    def __init__(self, shape_chw, classes, seed, noise=0.5, scale=1.0):
+        channels, height, width = [int(n) for n in shape_chw]
+        self.rng = np.random.RandomState(int(seed))
+        self.classes, self.noise, self.scale = int(classes), float(noise), float(scale)
+        self.offsets = self.rng.uniform(-1, 1, (self.classes, channels, 1, 1))
+        self.signs = self.rng.choice([-1.0, 1.0], (self.classes, channels, 1, 1))
+        freq = self.rng.uniform(0.1, 0.4, self.classes)
+        angle = self.rng.uniform(0, math.pi, self.classes)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+        self.waves = 2 * math.pi * freq[:, None, None] * (xx * np.cos(angle)[:, None, None]
+                                                          + yy * np.sin(angle)[:, None, None])
+
+    def batch(self, n):
+        labels = self.rng.randint(0, self.classes, int(n))
+        phase = self.rng.uniform(0, 2 * math.pi, (int(n), 1, 1))
+        stripes = np.cos(self.waves[labels] + phase)[:, None]  # N x 1 x H x W
+        images = self.offsets[labels] + self.signs[labels] * stripes
+        images = images + self.noise * self.rng.standard_normal(images.shape)
+        return (self.scale * images).astype(np.float32), labels.astype(np.float32)
+
+
+def solver_text(train_prototxt, iterations, seed, base_lr, momentum, weight_decay):
+    """A SolverParameter (SGD, fixed rate, CPU, no test nets, no snapshots) as prototxt text."""
+    solver = caffe_pb2.SolverParameter()
+    solver.train_net = train_prototxt
+    solver.type = "SGD"
+    solver.base_lr, solver.lr_policy = float(base_lr), "fixed"
+    solver.momentum, solver.weight_decay = float(momentum), float(weight_decay)
+    solver.max_iter, solver.display, solver.snapshot = int(iterations), 0, 0
+    solver.snapshot_after_train = False
+    solver.random_seed = int(seed)
+    solver.solver_mode = caffe_pb2.SolverParameter.CPU
+    return text_format.MessageToString(solver)
+
+
 # ---------------------------------------------------------------- operations
 
 class CaffeOps(object):
@@ -342,6 +391,75 @@ class CaffeOps(object):
         provenance = {"op": "make_weights", "seed": int(seed), "seeded_by": "caffe.set_random_seed",
                       "weight_filler": weight_filler, "bias_filler": bias_filler,
                       "inputs": {"prototxt": self.digest(prototxt)},
+                      "output": {"caffemodel": self.digest(out)}}
+        return {"caffemodel": out, "provenance": provenance}
+
+    def train(self, train_prototxt, out, iterations, seed=0, base_lr=0.01, momentum=0.9,
+              weight_decay=5e-4, classes=4, noise=0.5, scale=1.0, heldout=16, data_blob="data",
+              label_blob="label", loss_blob="loss", deploy_prototxt=None, heldout_out=None):
+        """Train with Caffe's SGDSolver on SyntheticImages and ``net.save`` the TRAIN net to ``out``.
+
+        Each iteration fills blob ``data_blob`` (N x C x H x W, the Input layer's shape) and
+        ``label_blob`` (N) with a fresh batch, then ``solver.step(1)``; ``loss_blob`` is read
+        after each step (the loss of that batch before the update). BatchNorm layers run in
+        TRAIN phase and accumulate their moving statistics as in any Caffe training. With
+        ``deploy_prototxt``, every deploy layer with blobs must find a trained layer of the
+        same name (Caffe would silently keep filler values otherwise) and the deploy net
+        must load the saved file. ``heldout`` images of a fresh batch go to ``heldout_out``.
+        """
+        iterations, classes = int(iterations), int(classes)
+        if iterations < 1 or classes < 2:
+            raise ValueError("need iterations >= 1 and classes >= 2 (got %d, %d)" % (iterations, classes))
+        proto_sha = self.digest(train_prototxt)
+        fd, solver_path = tempfile.mkstemp(prefix="solver-", suffix=".prototxt", dir=self.scratch)
+        text = solver_text(train_prototxt, iterations, seed, base_lr, momentum, weight_decay)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        try:
+            solver = caffe.SGDSolver(solver_path)  # seeds Caffe's RNG (fillers, Dropout) first
+        finally:
+            os.remove(solver_path)
+        net = solver.net
+        for name in (data_blob, label_blob, loss_blob):
+            if name not in net.blobs:
+                raise ValueError("the training net has no blob %r (blobs: %s)" % (name, ", ".join(net.blobs)))
+        if len(net.blobs[data_blob].data.shape) != 4:
+            raise ValueError("blob %r must be N x C x H x W, is %s" % (data_blob, net.blobs[data_blob].data.shape))
+        batch = net.blobs[data_blob].data.shape[0]
+        if net.blobs[label_blob].data.size != batch:
+            raise ValueError("blob %r holds %d values; one label per image (%d) expected"
+                             % (label_blob, net.blobs[label_blob].data.size, batch))
+        data = SyntheticImages(net.blobs[data_blob].data.shape[1:], classes, seed, noise, scale)
+        losses, started = [], time.time()
+        for step in range(iterations):
+            images, labels = data.batch(batch)
+            net.blobs[data_blob].data[...] = images
+            net.blobs[label_blob].data[...] = labels.reshape(net.blobs[label_blob].data.shape)
+            solver.step(1)
+            loss = float(net.blobs[loss_blob].data.ravel()[0])
+            if not math.isfinite(loss):
+                raise ValueError("training diverged: loss %r at iteration %d (lower base_lr)" % (loss, step))
+            losses.append(loss)
+        seconds = time.time() - started
+        tmp = out + ".tmp"
+        net.save(tmp)
+        os.rename(tmp, out)
+        if deploy_prototxt:
+            deploy = load_net(deploy_prototxt, out)
+            lacking = [name for name in deploy.params if name not in net.params]
+            if lacking:
+                raise ValueError("deploy layer(s) %s have blobs but the training net has no layer of that "
+                                 "name, so they would keep filler values" % ", ".join(lacking))
+        if heldout_out:
+            images, labels = data.batch(int(heldout))
+            save_npz(heldout_out, {"data": images, "label": labels})
+        provenance = {"op": "train", "seed": int(seed), "seeded_by": "SolverParameter.random_seed",
+                      "solver": text.replace(train_prototxt, os.path.basename(train_prototxt)),
+                      "data": {"generator": "SyntheticImages", "classes": classes, "noise": float(noise),
+                               "scale": float(scale), "batch": int(batch), "numpy_stream": "RandomState"},
+                      "iterations": iterations, "loss_first": losses[0], "loss_last": losses[-1],
+                      "losses": losses, "train_seconds": seconds,
+                      "inputs": {"train_prototxt": proto_sha, "deploy_prototxt": self.digest(deploy_prototxt)},
                       "output": {"caffemodel": self.digest(out)}}
         return {"caffemodel": out, "provenance": provenance}
 

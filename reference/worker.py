@@ -5,7 +5,7 @@ Reads one JSON message per request on stdin, answers one on stdout (framing in
 reference/wire.py); arrays travel as .npy/.npz files under JOBDIR. glog and anything
 printed go to stderr, which the host keeps to explain a crash.
 
-Requests: {"id", "op", "args"}; ops: version, run_net, make_weights, py2.
+Requests: {"id", "op", "args"}; ops: version, run_net, make_weights, train, py2.
 Replies: {"id", "ok": true, "result"} or {"id", "ok": false, "error", "traceback"}.
 A failed Caffe CHECK aborts this process; the host reads stderr and starts a new one.
 
@@ -120,6 +120,8 @@ def main():
                 result = ops.run_net(**args)
             elif op == "make_weights":
                 result = ops.make_weights(**args)
+            elif op == "train":
+                result = ops.train(**args)
             elif op == "py2":
                 done = py2.run(args["op"], args["args"], args["out"])
                 if not done["ok"]:
