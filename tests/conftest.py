@@ -5,6 +5,14 @@ Real Caffe (the legacy stack, see porting/legacy.py):
   caffe_worker   one reference Worker for the whole run (Caffe starts once)
   caffe_weights  make(prototxt, seed=0, **filler) -> Path of a caffemodel written by real
                  Caffe's fillers, made once per (prototxt content, filler, seed) per session
+  caffe_trained  train(name) -> TrainedNet(deploy, caffemodel, train, provenance, heldout):
+                 one of the nets in tests/fixtures/trained/ (TRAINED_RECIPES) trained by real
+                 Caffe's SGD solver on seeded synthetic images (Worker.train), once per name
+                 per session (about 1-3 s each on 2 cores); the caffemodel is Caffe's net.save
+                 of the training net, so BatchNorm/Scale/PReLU blobs hold trained values.
+                 ``heldout``: {"data": 16 x 3 x 32 x 32 float32 NCHW, "label": 16} fresh
+                 images of the same generator (not BGR/0-255: per-class offsets and
+                 stripes within [-2, 2] plus Gaussian noise of std 1.5).
 Tests that use them, or carry ``@pytest.mark.caffe``, skip when the stack is absent,
 and fail instead when PORTING_REQUIRE_CAFFE=1 (as in CI).
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import settings
@@ -86,3 +95,40 @@ def caffe_weights(caffe_worker, tmp_path_factory):
         return made[key]
 
     return make
+
+
+TRAINED_DIR = Path(__file__).parent / "fixtures" / "trained"
+# name -> Worker.train keywords; each net has {name}_train.prototxt and {name}_deploy.prototxt.
+TRAINED_RECIPES = {
+    "resnet_tiny": dict(iterations=200, base_lr=0.01, noise=1.5, seed=0),
+    "caffenet_tiny": dict(iterations=300, base_lr=0.003, noise=1.5, seed=0),
+    "deconv_tiny": dict(iterations=200, base_lr=0.01, noise=1.5, seed=0),
+}
+
+
+class TrainedNet(NamedTuple):
+    deploy: Path        # deploy prototxt (Input "data", Softmax "prob")
+    caffemodel: Path    # Caffe's net.save of the trained training net
+    train: Path         # training prototxt (Input "data" and "label", SoftmaxWithLoss "loss")
+    provenance: dict    # Worker.train's: loss_first, loss_last, losses, train_seconds, versions, ...
+    heldout: dict       # {"data": N x C x H x W float32, "label": N float32}, unseen in training
+
+
+@pytest.fixture(scope="session")
+def caffe_trained(caffe_worker, tmp_path_factory):
+    """train(name) -> TrainedNet; trained once per name per session (see TRAINED_RECIPES)."""
+    folder = tmp_path_factory.mktemp("caffe-trained")
+    made: dict[str, TrainedNet] = {}
+
+    def train(name: str) -> TrainedNet:
+        if name not in TRAINED_RECIPES:
+            raise KeyError(f"no trained-net recipe {name!r} (known: {', '.join(TRAINED_RECIPES)})")
+        if name not in made:
+            deploy, train_net = TRAINED_DIR / f"{name}_deploy.prototxt", TRAINED_DIR / f"{name}_train.prototxt"
+            out = folder / f"{name}.caffemodel"
+            result = caffe_worker.train(train_net, out, deploy, **TRAINED_RECIPES[name])
+            made[name] = TrainedNet(deploy, out, train_net, result.provenance,
+                                    {"data": result["data"], "label": result["label"]})
+        return made[name]
+
+    return train
