@@ -35,6 +35,13 @@ from porting.errors import PortingError
 from porting.legacy_build import (CHROOT_ENV, INSIDE_JOBS, INSIDE_REFERENCE, REFERENCE_DIR, chroot_argv,
                                   require_built, resolve_root)
 
+
+def _passed_through(name: str) -> bool:
+    """Host variables the worker inherits: OPENBLAS_* and thread counts, so one machine can
+    reproduce another's rounding in Caffe (OPENBLAS_CORETYPE=Zen, Sandybridge, ...)."""
+    return name.startswith("OPENBLAS_") or name in ("GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+
+
 _GLOG_FATAL = re.compile(r"^F\d{4} [\d:.]+\s+\d+ ([^\]]+)\] (.*)$")
 _LAYER_STEP = re.compile(r"\] (Creating layer|Setting up|Forward layer|Backward layer) (.+?)\s*$")
 _STEP_WORDS = {"Creating layer": "while creating it", "Setting up": "while setting it up",
@@ -91,7 +98,7 @@ class Worker:
 
     ``timeout``: seconds a job may take before the worker is killed (CaffeTimeout).
     Calls from several threads are served one at a time.
-    ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: OpenBLAS's default, all cores);
+    ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: the host's, else OpenBLAS's default, all cores);
     recorded in every result's provenance. Use as a context manager, or call ``close()``.
     """
 
@@ -129,6 +136,7 @@ class Worker:
         if self._proc is not None and self._proc.poll() is None:
             return
         env = dict(CHROOT_ENV, PYTHONPATH="/opt/porting", PYTHONDONTWRITEBYTECODE="1", GLOG_logtostderr="1")
+        env.update({k: v for k, v in os.environ.items() if _passed_through(k)})
         if self.blas_threads is not None:
             env["OPENBLAS_NUM_THREADS"] = str(int(self.blas_threads))
         argv = chroot_argv(self.root, ["/bin/sh", "-c", 'cd /opt/porting && exec python3 -m reference.worker "$0"',

@@ -97,9 +97,21 @@ class CaffeLayer(nn.Module):
 
     # -- parameter blobs -------------------------------------------------------
     def init_blobs(self, arrays: list[np.ndarray] | None = None) -> None:
-        """Create the parameter blobs: from ``arrays`` (already shape-checked) or zeros."""
+        """Create the parameter blobs: from ``arrays`` (already shape-checked) or zeros.
+
+        Each blob is copied once into fresh, contiguous float32 torch storage (64-byte
+        aligned by torch's CPU allocator), never kept as a view of ``arrays``: the arrays
+        read from a caffemodel are views into the file's memory map at whatever byte offset
+        the protobuf put them (often not even 4-byte aligned), and MKL's GEMV (an
+        InnerProduct at batch 1) sums in a different order for each address mod 16 bytes,
+        so the same weights read from a V1 and a V2 file gave different output bits.
+        """
         for i, shape in enumerate(self.param_shapes):
-            data = torch.zeros(shape) if arrays is None else torch.as_tensor(np.asarray(arrays[i]), dtype=torch.float32).reshape(shape)
+            if arrays is None:
+                data = torch.zeros(shape, dtype=torch.float32)
+            else:
+                data = torch.empty(shape, dtype=torch.float32).copy_(
+                    torch.as_tensor(np.asarray(arrays[i]), dtype=torch.float32).reshape(shape))
             self.register_parameter(str(i), nn.Parameter(data, requires_grad=not self.frozen_blobs))
 
     @property
