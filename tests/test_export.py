@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from porting import PortingError, load_caffe
 from porting.layers import LAYERS
-from porting.verify import blob_metrics, default_objective, float64_twin, port_arrays, random_inputs, verify_arrays
+from porting.verify import default_objective, float64_twin, port_arrays, random_inputs, verify_arrays
 
 onnx = pytest.importorskip("onnx")
 from porting.export import add_parser, check_onnx, export_onnx, onnx_arrays, onnx_opinion  # noqa: E402
@@ -61,10 +62,15 @@ def test_export_check_and_evaluate(net, tmp_path):
     assert not list(tmp_path.glob("*.part"))
     theirs, ours = onnx_arrays(path, inputs), port_arrays(net, inputs)
     assert {k for k in ours if k.endswith("/data")} == set(theirs)
-    for key, value in ours.items():
-        # NumPy's float32 kernels against torch's: measured 9.3e-7 relative on this net (AVE
-        # pooling included: the stock exporter's divisor_override slip would show as 0.89)
-        assert blob_metrics(theirs[key], value).max_rel <= 2e-6, key
+    # NumPy's float32 kernels sum in another order than torch's, and how far apart the two
+    # end up depends on the CPU's kernels; what holds everywhere is that each ONNX layer,
+    # given its own (ONNX) inputs, is within float32 rounding of the exact layer (the stock
+    # exporter's divisor_override slip in AVE pooling would be 0.89 relative, far beyond).
+    v = verify_arrays(float64_twin(net), ours, ours, others={"onnx": theirs})
+    checks = {c.layer: c for c in v.checks if c.framework == "onnx"}
+    assert set(checks) == {s.name for s in net.graph.layers if s.type != "Input"}
+    beyond = {name: c.error_ratio for name, c in checks.items() if c.within is not True}
+    assert not beyond, f"ONNX layers beyond their float32 rounding bound (error / bound): {beyond}"
     # in-place views: the blob is the ReLU output, the top keeps the pre-ReLU values
     assert (theirs["top/conv1/0/data"] < 0).any()
     np.testing.assert_array_equal(theirs["blob/conv1/data"], theirs["top/relu1/0/data"])
@@ -85,7 +91,7 @@ def test_onnx_as_third_opinion_is_within_float32_bounds(net, tmp_path):
     assert all(c.within for c in onnx_checks if c.within is not None)
     row = next(r for r in v.rows if r.key == "top/fc/0/data")
     assert "onnx" in row.others and "onnx" in row.vs_float64
-    assert row.others["onnx"]["max_rel"] <= 2e-6  # measured 1.1e-7
+    assert math.isfinite(row.others["onnx"]["max_rel"])
 
 
 def test_check_refuses_a_broken_file(tmp_path):
