@@ -125,6 +125,36 @@ class CaffeLayer(nn.Module):
         """Short text of the parameters that matter (for tables and drift reports)."""
         return ""
 
+    # -- float32 rounding and decisions (see porting.rounding) --------------------
+    # Every tensor in and out is float64. ``bottoms`` are this layer's inputs as one
+    # framework saw them (float32 values), ``exact_tops`` this layer in float64 applied to
+    # those same bottoms, ``tops`` that framework's own (float32) outputs, ``top_diffs`` the
+    # gradients it received per top (None for a top that got none), ``abs_module`` an
+    # optional ``porting.rounding.magnitude_twin`` of this layer (saves a copy).
+    def forward_bound(self, bottoms, exact_tops, abs_module=None) -> list[torch.Tensor] | None:
+        """Element-wise bound on |fl32(top) - exact top| that float32 rounding inside this
+        layer can cause, one tensor per top in the top's units, derived from Caffe 1.0's
+        own CPU algorithm; None: no rule (the error is reported, not judged)."""
+        return None
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs,
+                       abs_module=None) -> list[torch.Tensor | None] | None:
+        """Element-wise bound on |fl32(bottom diff) - exact bottom diff|, one per bottom in
+        its units (None where no gradient flows). The exact diff is this layer's float64
+        backward at ``bottoms``; the bound counts the error of ``tops`` where Caffe's
+        backward reads its stored top. None: no rule."""
+        return None
+
+    def decisions(self, bottoms) -> list[torch.Tensor] | None:
+        """The discrete decisions this layer takes on these bottoms (integer or bool
+        tensors, e.g. x > 0 for ReLU, the winner's index for MAX pooling); None: none."""
+        return None
+
+    def decision_margins(self, bottoms) -> list[torch.Tensor] | None:
+        """Per decision of ``decisions``, how far the deciding value is from its kink or tie,
+        in the bottom's units (0: a tie; inf: nothing to decide); None: no decisions."""
+        return None
+
 
 def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None) -> CaffeLayer:
     """One layer outside any net, from a LayerParameter or its prototxt text.

@@ -57,6 +57,12 @@ class ArgMax(CaffeLayer):
             out = torch.stack((indices.to(x.dtype), values), dim=1)
         return (out.reshape((x.shape[0],) + self.top_shapes[0][1:]),)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        return [torch.zeros_like(exact_tops[0])]  # copied values and indices
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return [None]  # no backward in Caffe
+
     def describe(self) -> str:
         text = f"top {self.top_k}" + ("" if self.axis is None else f" axis {self.axis}")
         return text + (" values" if self.out_max_val else "")

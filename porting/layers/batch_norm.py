@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from porting.layers import CaffeLayer, register
+from porting.rounding import ETA, gamma
 
 
 @register("BatchNorm")
@@ -54,6 +55,23 @@ class BatchNorm(CaffeLayer):
             self._update_statistics(mean.detach(), var.detach(), x.numel() // self.channels)
         std = torch.sqrt(var.to(x.dtype) + self.eps)
         return (centered / self._per_channel(std, x.dim()),)
+
+    def _global_stats(self, x):
+        """The stored mean and variance (divided by the scale factor), shaped to broadcast."""
+        mean, var, factor = (b.detach().to(x.dtype) for b in self.blobs)
+        sf = float(factor.reshape(-1)[0])
+        sf = 0.0 if sf == 0 else 1.0 / sf
+        return self._per_channel(mean * sf, x.dim()), self._per_channel(var * sf, x.dim())
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        x = bottoms[0]
+        mean, var = self._global_stats(x)
+        # (x - mean) / sqrt(var + eps): subtraction, sum, sqrt, quotient, stats rescaling.
+        return [gamma(6) * (x.abs() + mean.abs()) / torch.sqrt(var + self.eps) + 2 * ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        _, var = self._global_stats(bottoms[0])
+        return [gamma(4) * top_diffs[0].abs() / torch.sqrt(var + self.eps) + ETA]
 
     @torch.no_grad()
     def _update_statistics(self, mean, var, m: int) -> None:

@@ -9,9 +9,12 @@ tests/test_layers_conv.py. Bottoms are (N..., C, spatial...) with the channel ax
 """
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 
 from porting.layers import CaffeLayer, canonical_axis, register
+from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -111,6 +114,24 @@ class _ConvBase(CaffeLayer):
             y = self._convolve(x, weight, bias)
             tops.append(y.reshape(tuple(batch) + tuple(y.shape[1:])))
         return tuple(tops)
+
+    def terms(self) -> tuple[int, int]:
+        """(products per top element, products per bottom-diff element): the dot-product lengths."""
+        w = self.param_shapes[0]
+        kernel = math.prod(w[2:])
+        if self.reverse:  # w = (C_in, C_out/g, k...)
+            return (w[0] // self.group) * kernel, w[1] * kernel
+        return w[1] * kernel, (w[0] // self.group) * kernel  # w = (C_out, C_in/g, k...)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # im2col + GEMM (Deconvolution: GEMM + col2im) and the bias: n + 1 terms in any order.
+        n = self.terms()[0]
+        return [gamma(n + 1) * m + (n + 1) * ETA for m in magnitude(self, bottoms, abs_module)]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        n = self.terms()[1]
+        mags = magnitude_vjp(self, bottoms, top_diffs, abs_module)
+        return [None if m is None else gamma(n) * m + n * ETA for m in mags]
 
     def describe(self) -> str:
         def fmt(values):

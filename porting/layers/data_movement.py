@@ -18,6 +18,7 @@ import math
 import torch
 
 from porting.layers import CaffeLayer, canonical_axis, count, register
+from porting.rounding import gamma
 
 
 def _legacy_axis(param, legacy: str, num_axes: int, kind: str) -> int:
@@ -32,6 +33,16 @@ def _legacy_axis(param, legacy: str, num_axes: int, kind: str) -> int:
     return canonical_axis(param.axis, num_axes)
 
 
+class _Moving(CaffeLayer):
+    """A layer that only copies or routes values: forward and backward round nothing."""
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        return [torch.zeros_like(y) for y in exact_tops]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return [torch.zeros_like(b) for b in bottoms]
+
+
 def _refuse_in_place(layer: CaffeLayer) -> None:
     param = layer.spec.param
     if len(param.top) and len(param.bottom) and param.top[0] == param.bottom[0]:
@@ -39,7 +50,7 @@ def _refuse_in_place(layer: CaffeLayer) -> None:
 
 
 @register("Concat", v1="CONCAT")
-class Concat(CaffeLayer):
+class Concat(_Moving):
     """Join bottoms along ``axis`` (default 1); every other dim must match."""
 
     def __init__(self, spec, bottom_shapes):
@@ -83,7 +94,7 @@ def slice_sizes(points: list[int], size: int, n_tops: int) -> list[int]:
 
 
 @register("Slice", v1="SLICE")
-class Slice(CaffeLayer):
+class Slice(_Moving):
     """Cut a bottom along ``axis`` (default 1) at ``slice_point``s, or equally among tops."""
 
     def __init__(self, spec, bottom_shapes):
@@ -123,7 +134,7 @@ class SplitFunction(torch.autograd.Function):
 
 
 @register("Split", v1="SPLIT")
-class Split(CaffeLayer):
+class Split(_Moving):
     """The bottom to every top; the backward sums the tops' gradients in top order, as Caffe."""
 
     def __init__(self, spec, bottom_shapes):
@@ -136,9 +147,14 @@ class Split(CaffeLayer):
             return (x.view_as(x),)
         return SplitFunction.apply(x, len(self.top_shapes))
 
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe adds the n top diffs: n - 1 additions in order.
+        diffs = [d.abs() for d in top_diffs if d is not None]
+        return [gamma(max(len(diffs) - 1, 0)) * sum(diffs, torch.zeros_like(bottoms[0]))]
+
 
 @register("Silence", v1="SILENCE")
-class Silence(CaffeLayer):
+class Silence(_Moving):
     """Consumes its bottoms, produces nothing."""
 
     def __init__(self, spec, bottom_shapes):
@@ -157,7 +173,7 @@ def flatten_shape(shape, axis: int, end_axis: int) -> tuple[int, ...]:
 
 
 @register("Flatten", v1="FLATTEN")
-class Flatten(CaffeLayer):
+class Flatten(_Moving):
     """Merge axes ``axis`` (default 1) to ``end_axis`` (default -1) into one."""
 
     def __init__(self, spec, bottom_shapes):
@@ -212,7 +228,7 @@ def reshape_shape(shape, dims, axis: int = 0, num_axes: int = -1) -> tuple[int, 
 
 
 @register("Reshape")
-class Reshape(CaffeLayer):
+class Reshape(_Moving):
     """New shape from reshape_param { shape { dim } axis num_axes } (0 copies, -1 infers)."""
 
     def __init__(self, spec, bottom_shapes):
@@ -254,7 +270,7 @@ def crop_offsets(shape, reference, axis: int, offsets) -> list[int]:
 
 
 @register("Crop")
-class Crop(CaffeLayer):
+class Crop(_Moving):
     """Crop bottom 0 to bottom 1's shape on axes >= ``axis`` (default 2), at ``offset``."""
 
     def __init__(self, spec, bottom_shapes):

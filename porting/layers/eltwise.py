@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from porting import caffe_pb2
 from porting.layers import CaffeLayer, register
+from porting.rounding import ETA, U, gamma, vjp
 
 OP = caffe_pb2.EltwiseParameter
 
@@ -76,6 +77,26 @@ class Eltwise(CaffeLayer):
                 y = y * x
             return (y,)
         return (caffe_eltwise_max(xs),)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        y, n = exact_tops[0], len(bottoms)
+        if self.operation == "MAX":  # a comparison: exact
+            return [torch.zeros_like(y)]
+        if self.operation == "PROD":  # n - 1 products
+            return [gamma(n) * y.abs() + n * ETA]
+        # SUM: n products by a coefficient and n - 1 additions.
+        mag = sum(abs(c) * b.abs() for c, b in zip(self.coeffs, bottoms))
+        return [gamma(2 * n) * mag + n * ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        g, n = top_diffs[0], len(bottoms)
+        if self.operation == "SUM":  # bottom_diff = coeff * top_diff
+            return [U * (c * g).abs() for c in self.coeffs]
+        if self.operation == "MAX":  # routing
+            return [torch.zeros_like(b) for b in bottoms]
+        # PROD: the product of the other bottoms (or y / x_i) times the top diff.
+        mags = vjp(self, bottoms, [g])
+        return [None if m is None else gamma(n + 1) * m.abs() + n * ETA for m in mags]
 
     def describe(self) -> str:
         if self.operation == "SUM" and any(c != 1 for c in self.coeffs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from porting.layers import CaffeLayer, canonical_axis, count, register
+from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 
 @register("InnerProduct", v1="INNER_PRODUCT")
@@ -35,6 +36,16 @@ class InnerProduct(CaffeLayer):
         weight = self.blobs[0].t() if self.transpose else self.blobs[0]
         bias = self.blobs[1] if self.bias_term else None
         return (F.linear(flat, weight, bias),)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # GEMM of K products per output plus the bias, any order: gamma(K + 1).
+        n = self.param_shapes[0][0 if self.transpose else 1]
+        return [gamma(n + 1) * m + (n + 1) * ETA for m in magnitude(self, bottoms, abs_module)]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        n = self.num_output
+        return [None if m is None else gamma(n) * m + n * ETA
+                for m in magnitude_vjp(self, bottoms, top_diffs, abs_module)]
 
     def describe(self) -> str:
         return f"{self.num_output}" + (" T" if self.transpose else "") + ("" if self.bias_term else " nobias")

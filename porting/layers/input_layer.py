@@ -1,6 +1,8 @@
 """Input: declares the shapes of the net's input blobs (Caffe 1.0 input_layer.cpp)."""
 from __future__ import annotations
 
+import torch
+
 from porting.layers import CaffeLayer, register
 
 
@@ -27,6 +29,12 @@ class Input(CaffeLayer):
 
     def forward(self, *tops):
         return tuple(tops)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        return [torch.zeros_like(y) for y in exact_tops]  # a copy
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return []  # no bottoms
 
     def describe(self) -> str:
         return " ".join("x".join(map(str, s)) for s in self.top_shapes)

@@ -26,6 +26,7 @@ from porting import caffe_pb2
 from porting.layers import CaffeLayer, register
 from porting.layers.neuron import caffe_power
 from porting.layers.pooling import caffe_ave_pool
+from porting.rounding import ETA, U, gamma
 
 
 def _window_sum_over_channels(t: torch.Tensor, size: int, front: int) -> torch.Tensor:
@@ -89,6 +90,56 @@ class LRN(CaffeLayer):
         squared = caffe_power(x, 2.0)
         averaged = caffe_ave_pool(squared, (self.size, self.size), (1, 1), (pad, pad), pooled)
         return (x * caffe_power(averaged, -self.beta, self.alpha, 1.0),)
+
+    def _scale(self, x):
+        """s = k + alpha/size * (window sum over channels of x^2), float64 (N, C, ...)."""
+        return self.k + self.alpha / self.size * _window_sum_over_channels(x * x, self.size, (self.size - 1) // 2)
+
+    def _scale_error(self, x, s):
+        """Bound on |fl(s) - s| for Caffe's CPU LRN: a running sum over all C channels.
+
+        Caffe (lrn_layer.cpp, CrossChannelForward_cpu) slides the window by adding the new
+        channel's alpha/size*x^2 and subtracting the old one, so the rounding of every partial
+        sum along the channel axis stays in the scale. Each partial sum is at most
+        k + alpha/size * sum over all channels of x^2 (= s_max); there are at most 2C + size + 2
+        roundings on the chain, and each window term carries gamma_2 of its own.
+        """
+        size, alpha, k = self.size, self.alpha, self.k
+        s_max = k + alpha / size * (x * x).sum(dim=1, keepdim=True)
+        return gamma(2 * x.shape[1] + size + 4) * s_max + gamma(2) * (s - k) + size * ETA
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        x, y = bottoms[0], exact_tops[0]
+        if not self.within:
+            s = self._scale(x)
+            ds = self._scale_error(x, s)
+            # y = x * s^-beta: beta*ds/s from the scale, pow (<= 1 ulp = 2u), one product.
+            return [(self.beta * ds / s + 4 * U) * y.abs() + 2 * ETA]
+        # WITHIN_CHANNEL: Caffe chains Power (square), AVE pooling over size^2, Power, Eltwise PROD.
+        return [(self.beta * gamma(self.size * self.size + 4) + 6 * U) * y.abs() + 3 * ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        if self.within:
+            return None
+        size, alpha, beta = self.size, self.alpha, self.beta
+        x, y_f, y, g = bottoms[0], tops[0], exact_tops[0], top_diffs[0]
+        dy = (y_f - y).abs()
+        s = self._scale(x)
+        ds = self._scale_error(x, s)
+        c = x.shape[1]
+        pad = (size - 1) // 2
+        # Caffe (CrossChannelBackward_cpu): ratio = g*y/s; accum = running window sum of
+        # ratio over channels; bottom_diff = g*s^-beta - (2*alpha*beta/size) * x * accum.
+        a1 = g.abs() * s.pow(-beta)
+        ratio = (g * y_f / s).abs()
+        d_ratio = g.abs() * (dy / s + y_f.abs() * ds / (s * s)) + gamma(3) * ratio
+        win_ratio = _window_sum_over_channels(ratio, size, pad)
+        total_ratio = ratio.sum(dim=1, keepdim=True)
+        cache = 2 * alpha * beta / size
+        a2 = cache * x.abs() * win_ratio
+        d_accum = gamma(2 * c + size + 4) * total_ratio + _window_sum_over_channels(d_ratio, size, pad)
+        bound = (beta * ds / s + 4 * U) * a1 + cache * x.abs() * d_accum + gamma(3) * (a1 + a2)
+        return [bound + 4 * ETA]
 
     def describe(self) -> str:
         region = "within" if self.within else "across"

@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from porting.errors import PortingError
 from porting.layers import CaffeLayer, register
+from porting.rounding import ETA, U, gamma
 
 
 class _Elementwise(CaffeLayer):
@@ -34,6 +35,16 @@ class _Elementwise(CaffeLayer):
         raise NotImplementedError
 
 
+class _Exact(_Elementwise):
+    """An element-wise layer whose forward and backward round nothing."""
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        return [torch.zeros_like(exact_tops[0])]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return [torch.zeros_like(bottoms[0])]
+
+
 @register("ReLU", v1="RELU")
 class ReLU(_Elementwise):
     """y = max(x, 0) + negative_slope * min(x, 0); dy/dx = 1 if x > 0 else negative_slope."""
@@ -46,6 +57,17 @@ class ReLU(_Elementwise):
         if self.negative_slope == 0:
             return torch.relu(x)
         return torch.where(x > 0, x, x * self.negative_slope)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # x or one product slope * x
+        y = exact_tops[0]
+        return [torch.zeros_like(y) if self.negative_slope == 0 else U * y.abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        x, g = bottoms[0], top_diffs[0]
+        if self.negative_slope == 0:
+            return [torch.zeros_like(x)]
+        return [U * (g * self.negative_slope).abs() * (x <= 0) + ETA]
 
     def describe(self):
         return f"slope {self.negative_slope:g}" if self.negative_slope else ""
@@ -115,6 +137,16 @@ class Sigmoid(_Elementwise):
     def apply_to(self, x):
         return SigmoidFunction.apply(x)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # libm / vectorised tanh, exp: within 3.5 ulp (7u); one more rounding for 1/(1+e).
+        return [8 * U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: g * y * (1 - y) with its stored y.
+        y_f, g = tops[0], top_diffs[0]
+        dy = (y_f - exact_tops[0]).abs()
+        return [gamma(3) * g.abs() * y_f.abs() * (1 + y_f.abs()) + g.abs() * (1 - 2 * y_f).abs() * dy + ETA]
+
 
 @register("TanH", v1="TANH")
 class TanH(_Elementwise):
@@ -123,9 +155,19 @@ class TanH(_Elementwise):
     def apply_to(self, x):
         return torch.tanh(x)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # libm / vectorised tanh: within 3.5 ulp (7u), one more rounding to spare.
+        return [8 * U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: g * (1 - y^2) with its stored y.
+        y_f, g = tops[0], top_diffs[0]
+        dy = (y_f - exact_tops[0]).abs()
+        return [gamma(3) * g.abs() * (1 + y_f * y_f) + 2 * (g * y_f).abs() * dy + ETA]
+
 
 @register("AbsVal", v1="ABSVAL")
-class AbsVal(_Elementwise):
+class AbsVal(_Exact):
     """y = |x|; dy/dx = sign(x) with sign(0) = 0."""
 
     def apply_to(self, x):
@@ -296,7 +338,7 @@ class Threshold(_Elementwise):
 
 
 @register("Dropout", v1="DROPOUT")
-class Dropout(_Elementwise):
+class Dropout(_Exact):
     """Identity at TEST (Caffe scales at TRAIN). At TRAIN Caffe's random mask cannot be
     reproduced, so running it raises PortingError unless dropout_ratio is 0."""
 

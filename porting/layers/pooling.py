@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from porting import caffe_pb2
 from porting.layers import CaffeLayer, register
+from porting.rounding import ETA, gamma, vjp
 
 P = caffe_pb2.PoolingParameter
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -130,12 +131,39 @@ class Pooling(CaffeLayer):
         self.kernel, self.stride, self.pad, self.pooled = pooling_geometry(pp, shape[2], shape[3])
         self.top_shapes = [shape[:2] + self.pooled]
 
+    def geometry(self, x):
+        """(kernel, stride, pad, pooled) for this input (Caffe reshapes to a new input size)."""
+        if tuple(x.shape[2:]) != self.bottom_shapes[0][2:]:
+            return pooling_geometry(self.spec.param.pooling_param, x.shape[2], x.shape[3])
+        return self.kernel, self.stride, self.pad, self.pooled
+
     def forward(self, x):
         pool = caffe_max_pool if self.method == "MAX" else caffe_ave_pool
-        geometry = (self.kernel, self.stride, self.pad, self.pooled)
-        if tuple(x.shape[2:]) != self.bottom_shapes[0][2:]:  # Caffe reshapes to a new input size
-            geometry = pooling_geometry(self.spec.param.pooling_param, x.shape[2], x.shape[3])
-        return (pool(x, *geometry),)
+        return (pool(x, *self.geometry(x)),)
+
+    def _overlap(self, x) -> int:
+        """How many windows can cover one input element (ceil(k/s) per axis, 1 for global)."""
+        if self.global_pooling:
+            return 1
+        kernel, stride, _, _ = self.geometry(x)
+        return math.ceil(kernel[0] / stride[0]) * math.ceil(kernel[1] / stride[1])
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        x = bottoms[0]
+        if self.method == "MAX":  # a comparison: exact
+            return [torch.zeros_like(exact_tops[0])]
+        # AVE: a sum of k*k terms in any order, then one division.
+        kernel = self.geometry(x)[0]
+        with torch.no_grad():
+            mag = self(x.abs())[0]
+        return [gamma(kernel[0] * kernel[1] + 1) * mag + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Each bottom diff sums at most `overlap` routed (MAX) or divided (AVE) top diffs.
+        mag = vjp(self, bottoms, [top_diffs[0].abs()])[0].abs()
+        if self.method == "MAX":
+            return [gamma(self._overlap(bottoms[0])) * mag]
+        return [gamma(self._overlap(bottoms[0]) + 1) * mag + ETA]
 
     def describe(self) -> str:
         def fmt(pair):

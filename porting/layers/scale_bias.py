@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from porting.layers import CaffeLayer, canonical_axis, register
+from porting.rounding import ETA, U, gamma, magnitude, magnitude_vjp
 
 
 def operand_shape(shape, axis: int, num_axes: int) -> tuple[int, ...]:
@@ -70,6 +71,17 @@ class Scale(_BroadcastLayer):
             y = y + broadcast(self.blobs[-1], self.start, x.dim())
         return (y,)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        if self.two_bottoms:
+            return None
+        # y = x * s (+ b): one product, one sum, bounded with |s| and |b|.
+        return [gamma(2) * magnitude(self, bottoms, abs_module)[0] + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        if self.two_bottoms:
+            return None
+        return [U * magnitude_vjp(self, bottoms, top_diffs, abs_module)[0] + ETA]
+
     def describe(self) -> str:
         return f"axis {self.start}" + (" bottom" if self.two_bottoms else "") + (" +bias" if self.bias_term else "")
 
@@ -86,6 +98,12 @@ class Bias(_BroadcastLayer):
     def forward(self, x, *bias):
         b = bias[0] if self.two_bottoms else self.blobs[0]
         return (x + broadcast(b, self.start, x.dim()),)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        return None if self.two_bottoms else [U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return None if self.two_bottoms else [torch.zeros_like(bottoms[0])]
 
     def describe(self) -> str:
         return f"axis {self.start}" + (" bottom" if self.two_bottoms else "")

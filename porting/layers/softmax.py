@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from porting.layers import CaffeLayer, canonical_axis, register
+from porting.rounding import ETA, U, gamma
 
 
 @register("Softmax", v1="SOFTMAX")
@@ -21,6 +22,29 @@ class Softmax(CaffeLayer):
 
     def forward(self, x):
         return (torch.softmax(x, dim=self.axis),)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        x, axis = bottoms[0], self.axis
+        spread = (x - x.amax(dim=axis, keepdim=True)).abs()
+        n = x.shape[axis]
+        # y_i = exp(d_i) / sum_j exp(d_j), d = x - max: rounding d_i moves exp(d_i) by |d_i| u
+        # (relative), in y_i's numerator and in the sum's largest term; the sum of n terms adds
+        # gamma_{n-1}; exp itself (up to 3.5 ulp = 7u in vectorised libraries, twice), the
+        # quotient (or reciprocal and product) the rest.
+        rel = U * (spread + spread.amax(dim=axis, keepdim=True)) + gamma(n + 16)
+        return [rel * exact_tops[0].abs() + 2 * ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: dx = (g - sum(g*y)) * y with its stored y: a dot product of n terms, a
+        # subtraction and a product, plus the stored top's own error.
+        y_f, g, axis = tops[0], top_diffs[0], self.axis
+        dy = (y_f - exact_tops[0]).abs()
+        n = y_f.shape[axis]
+        dot = (g * y_f).sum(dim=axis, keepdim=True)
+        dot_mag = (g * y_f).abs().sum(dim=axis, keepdim=True)
+        bound = (gamma(n + 2) * (g.abs() + dot_mag) * y_f.abs() + (g - dot).abs() * dy
+                 + y_f.abs() * (g.abs() * dy).sum(dim=axis, keepdim=True))
+        return [bound + 2 * ETA]
 
     def describe(self) -> str:
         return f"axis {self.axis}"
