@@ -5,13 +5,17 @@ dict (the JSON schema below); ``write_report(report, folder)`` writes the three 
 ``errors.png``; the HTML embeds its images as base64 and links nothing outside itself.
 ``drift_diff(old, new)`` compares two report.json files blob by blob.
 
-JSON schema (``schema`` = "caffe-port-harness/drift-report", ``schema_version`` = 1):
-  passed, exit_status, verdict, departure (or null), objective, frameworks, tolerances,
+JSON schema (``schema`` = "caffe-port-harness/drift-report", ``schema_version`` = 2):
+  passed, exit_status, summary (one line: PASS/FAIL, where, the likely cause), verdict (the
+  long paragraph), strict (per-blob tolerances decided too), problems (why it failed),
+  departure (or null), flips (decisions reference and candidate take differently, each
+  with its kind: "rounding" or "after departure"), objective, frameworks, tolerances,
   rounding_rule, net, inputs, provenance, top5, missing, and
   rows: one per compared array, in net order, keyed by ``key`` ("top/<layer>/<i>/data",
   "blob/<name>/diff", ...: stable across runs of the same net), with the metrics
   max_abs, max_rel, rel_l2, frac_beyond (candidate vs reference), tolerance, passed, the
-  error of each framework against float64 (``vs_float64``) and the ``closer`` one;
+  error of each framework against float64 (``vs_float64``) and the ``closer`` one, and for
+  gradients ``pinned``: the port run at the reference's forward point against the reference;
   checks: the local float32-rounding check of every layer and framework.
 Non-finite numbers are written as the strings "inf", "-inf", "nan".
 """
@@ -36,7 +40,7 @@ from porting.errors import PortingError
 from porting.verify import EXACT, Verification, top_classes
 
 SCHEMA = "caffe-port-harness/drift-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ROUNDING_RULE = (
     "A framework is within float32 rounding at a layer when, fed its own inputs to that layer, "
@@ -48,7 +52,10 @@ ROUNDING_RULE = (
     "inherited from earlier layers are excluded by construction, so the first layer beyond its "
     "bound is where a framework departs from float32 arithmetic; when none is, remaining "
     "differences are float32 rounding amplified by the net. The float64 evaluation is the port "
-    "in double precision on the same float32 weights and inputs.")
+    "in double precision on the same float32 weights and inputs. The verdict passes when every "
+    "layer of both frameworks is within this rule, forward and backward, and every input blob is "
+    "exactly the input given; decisions the two frameworks take differently are then rounding flips. "
+    "Per-blob tolerances decide only with --strict.")
 
 
 # --------------------------------------------------------------------------------------
@@ -85,7 +92,7 @@ def build_report(verification: Verification, net: dict | None = None, inputs: di
                "overwritten_by": r.overwritten_by, "tolerance": r.tolerance, "passed": r.passed,
                "problem": r.problem}
         row.update(asdict(r.metrics) if r.metrics is not None else {})
-        row.update({"others": r.others, "vs_float64": r.vs_float64, "closer": r.closer})
+        row.update({"others": r.others, "vs_float64": r.vs_float64, "closer": r.closer, "pinned": r.pinned})
         rows.append(row)
     checks = [{"framework": c.framework, "direction": c.direction, "layer": c.layer, "type": c.layer_type,
                "params": c.params, "key": c.key, "position": c.position, "error_ratio": c.error_ratio,
@@ -95,7 +102,8 @@ def build_report(verification: Verification, net: dict | None = None, inputs: di
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "passed": v.passed, "exit_status": 0 if v.passed else 1,
-        "verdict": v.verdict,
+        "summary": v.summary, "verdict": v.verdict, "strict": v.strict, "problems": list(v.problems),
+        "flips": [asdict(f) for f in v.flips],
         "departure": asdict(v.departure) if v.departure is not None else None,
         "other_departures": [asdict(d) for d in v.other_departures],
         "objective": ({"layer": v.objective.layer, "unit": v.objective.unit, "blob": v.objective.blob}
@@ -391,6 +399,7 @@ def _table_columns(report: dict):
     for name in [fw["reference"], fw["candidate"], *fw.get("others", [])]:
         cols.append((f"{name} vs f64", lambda r, n=name: _g(r.get("vs_float64", {}).get(n, {}).get("max_rel"))))
     cols.append(("closer to f64", lambda r: r.get("closer", "")))
+    cols.append(("pinned max rel", lambda r: _g((r.get("pinned") or {}).get("max_rel"))))
     cols.append(("top1/top5", lambda r: "" if r.get("top1") is None else
                  f"{_g(r['top1'], 3)}/{_g(r.get('top5'), 3)}"))
     cols.append(("status", lambda r: r["problem"] or ("ok" if r["passed"] else "FAIL")))
@@ -454,7 +463,13 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
     out = [f"# Drift report: {report.get('net', {}).get('name') or 'net'} ({status})", ""]
     for k, v in _summary_lines(report):
         out.append(f"- **{k}**: {v}")
-    out += ["", f"**Verdict ({status}, exit status {report['exit_status']}).** {report['verdict']}", ""]
+    out += ["", f"**{report.get('summary') or status}** (exit status {report['exit_status']})", "",
+            report["verdict"], ""]
+    if report.get("flips"):
+        out += ["## Decisions the frameworks take differently", "",
+                "| layer | type | flipped | of | largest margin (of the blob's max) | kind |", "|---|---|---|---|---|---|"]
+        out += [f"| {f['layer']} | {f['layer_type']} | {f['flips']} | {f['total']} | {_g(f['margin_rel'])} | "
+                f"{f['kind']} |" for f in report["flips"]] + [""]
     dep = report.get("departure")
     out.append("## Point of departure")
     out.append("")
@@ -551,8 +566,18 @@ def render_html(report: dict, png: bytes | None = None) -> str:
     for k, v in _summary_lines(report):
         parts.append(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>")
     parts.append("</ul>")
-    parts.append(f"<p class=\"verdict\"><b>Verdict (exit status {report['exit_status']}).</b> "
-                 f"{_esc(report['verdict'])}</p>")
+    parts.append(f"<p class=\"verdict\"><b>{_esc(report.get('summary') or status)}</b> "
+                 f"(exit status {report['exit_status']})</p>")
+    parts.append(f"<p>{_esc(report['verdict'])}</p>")
+    if report.get("flips"):
+        parts.append("<h2>Decisions the frameworks take differently</h2><table><tr>"
+                     + "".join(f"<th class=\"l\">{h}</th>" for h in (
+                         "layer", "type", "flipped", "of", "largest margin (of the blob's max)", "kind")) + "</tr>")
+        for f in report["flips"]:
+            parts.append(f"<tr><td class=\"l\">{_esc(f['layer'])}</td><td class=\"l\">{_esc(f['layer_type'])}</td>"
+                         f"<td>{f['flips']}</td><td>{f['total']}</td><td>{_esc(_g(f['margin_rel']))}</td>"
+                         f"<td class=\"l\">{_esc(f['kind'])}</td></tr>")
+        parts.append("</table>")
     dep = report.get("departure")
     parts.append("<h2>Point of departure</h2>")
     if dep:
