@@ -50,7 +50,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def caffenet():
-    from porting import load_caffe
+    from porting.net import load_caffe
 
     from mfv.step import FacetNet
 
@@ -67,7 +67,7 @@ def side_by_side(iterations: int) -> None:
     """The Caffe side and torch faithful mode, N iterations each, medians side by side."""
     import tempfile
 
-    from porting import load_caffe
+    from porting.net import load_caffe
     from porting.legacy import Worker
 
     from mfv import schedule, tv

@@ -25,7 +25,7 @@ def _mean_triple(text: str) -> tuple[float, float, float]:
 
 
 def _load_net(args):
-    from porting import load_caffe
+    from porting.net import load_caffe
 
     from mfv.step import FacetNet
 

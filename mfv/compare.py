@@ -465,7 +465,7 @@ def diagnose_gradient(worker, prototxt, caffemodel, caffe: CaffeRun, iteration: 
     winners and ReLU signs behind it). The objective must be a 2-D blob (fc layers)."""
     import torch
 
-    from porting import load_caffe
+    from porting.net import load_caffe
     from porting.verify import Objective, verify_port
 
     record = caffe.records[iteration]
@@ -620,7 +620,7 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
 
     net: the torch side (default: porting's CaffeNet of prototxt/caffemodel). keep: a
     folder to keep the Caffe side's per-iteration arrays in (default: temporary)."""
-    from porting import load_caffe
+    from porting.net import load_caffe
 
     say = log or (lambda _text: None)
     if net is None:

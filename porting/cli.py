@@ -13,7 +13,7 @@ from porting.errors import PortingError
 
 
 def _convert(args) -> int:
-    from porting import load_caffe
+    from porting.net import load_caffe
     from porting.saved import save_converted
 
     net = load_caffe(args.prototxt, args.caffemodel, phase=args.phase)

@@ -63,7 +63,7 @@ def load_input_files(files, shape: tuple[int, ...], mean_bgr=IMAGENET_MEAN_BGR) 
 def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
                tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False) -> dict:
     """Verify a port against real Caffe and write the report; returns the report dict."""
-    from porting import load_caffe
+    from porting.net import load_caffe
     from porting.export import onnx_opinion
     from porting.layers import LAYERS
     from porting.legacy import Worker
@@ -133,7 +133,8 @@ def _verify_command(args) -> int:
 
 def _demo_command(args) -> int:
     """CaffeNet (our shipped MFV-form prototxt) with He-filled weights written by real Caffe."""
-    from porting import load_caffe, models
+    from porting import models
+    from porting.net import load_caffe
     from porting.legacy import Worker
     from porting.saved import save_converted
 

@@ -200,7 +200,7 @@ def onnx_opinion(net, inputs: Mapping[str, np.ndarray], folder: str | os.PathLik
 # --------------------------------------------------------------------------------------
 
 def _export_command(args) -> int:
-    from porting import load_caffe
+    from porting.net import load_caffe
     from porting.verify import blob_metrics, port_arrays
 
     net = load_caffe(args.prototxt, args.caffemodel)

@@ -1,13 +1,17 @@
-"""CaffeNet: the torch module that interprets a Graph layer by layer, pycaffe-style."""
+"""CaffeNet: the torch module that interprets a Graph layer by layer, pycaffe-style, and
+``load_caffe``, which makes one from a prototxt and an optional caffemodel."""
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from porting.graph import Graph
+from porting.graph import Graph, build_graph
+from porting.parse import read_caffemodel, read_prototxt
+from porting.upgrade import upgrade_net
 
 
 def module_key(layer_name: str) -> str:
@@ -90,3 +94,11 @@ class CaffeNet(nn.Module):
             if spec.name == end:
                 break
         return blobs
+
+
+def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
+               phase: str = "test") -> CaffeNet:
+    """Parse a prototxt (any Caffe 1.0 format) and optional caffemodel into a CaffeNet."""
+    net = upgrade_net(read_prototxt(prototxt), source=prototxt)
+    weights = read_caffemodel(caffemodel) if caffemodel is not None else None
+    return CaffeNet(build_graph(net, phase, weights, source=prototxt))
