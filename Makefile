@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv proto bench clean
+.PHONY: demo test test-alt venv proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/porting env build
 	$(BIN)/python -m pytest -q tests
+
+# The real-Caffe tests again under other kernel paths, as another machine would round:
+# torch's portable kernels on one thread, and another OpenBLAS core type for Caffe.
+ALT_CORETYPE ?= Sandybridge
+test-alt: $(STAMP)
+	$(BIN)/porting env build
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 OPENBLAS_CORETYPE=$(ALT_CORETYPE) \
+		$(BIN)/python -m pytest -q -m caffe tests
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iporting --python_out=porting porting/caffe.proto

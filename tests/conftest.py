@@ -53,6 +53,16 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+CAFFE_FIXTURES = {"caffe_root", "caffe_worker", "caffe_weights", "caffe_trained"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a real-Caffe fixture is a ``caffe`` test (``-m caffe`` selects it)."""
+    for item in items:
+        if CAFFE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.caffe)
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("caffe") is not None:
         reason = legacy_stack_missing()
