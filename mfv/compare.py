@@ -484,6 +484,7 @@ def diagnose_gradient(worker, prototxt, caffemodel, caffe: CaffeRun, iteration: 
     notes = [f"{c.framework}, {c.direction} {c.layer}: {c.note}" for c in verification.checks if c.note]
     departure = verification.departure
     return {"iteration": iteration, "layer": blob, "verdict": verification.verdict, "decision_notes": notes,
+            "flips": [f.describe() for f in verification.flips],
             "departure": None if departure is None else {"layer": departure.layer, "direction": departure.direction,
                                                          "frameworks": departure.frameworks,
                                                          "statement": departure.statement}}

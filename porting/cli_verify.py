@@ -69,7 +69,7 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
     from porting.legacy import Worker
     from porting.report import build_report, read_synsets, top5_table, write_report
     from porting.tolerances import parse_tolerances
-    from porting.verify import parse_objective, random_inputs, verify_port
+    from porting.verify import blob_key, parse_objective, random_inputs, verify_port
 
     net = load_caffe(prototxt, caffemodel)
     tolerances = parse_tolerances(tolerance, known_types=LAYERS)
@@ -101,8 +101,8 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
                                        strict=strict)
     top5 = None
     prob = next((s.tops[0] for s in reversed(net.graph.layers) if s.type == "Softmax"), None)
-    if prob and f"blob/{prob}/data" in reference:
-        top5 = top5_table(reference[f"blob/{prob}/data"], arrays["port"][f"blob/{prob}/data"],
+    if prob and blob_key(prob, "data") in reference:
+        top5 = top5_table(reference[blob_key(prob, "data")], arrays["port"][blob_key(prob, "data")],
                           labels=described.get("files"), synsets=read_synsets(synsets) if synsets else None)
     about = {"name": net.graph.name, "prototxt": str(prototxt), "prototxt_sha256": sha256_of(prototxt),
              "caffemodel": str(caffemodel), "caffemodel_sha256": sha256_of(caffemodel)}

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from porting.errors import PortingError
-from porting.verify import EXACT, Verification, top_classes
+from porting.verify import EXACT, Verification, top_classes, top_key
 
 SCHEMA = "caffe-port-harness/drift-report"
 SCHEMA_VERSION = 2
@@ -379,7 +379,7 @@ def _shown_rows(report: dict) -> list[dict]:
         if r["view"] == "top":
             shown.append(r)
             continue
-        twin = by_key.get(f"top/{r['layer']}/{r['index']}/{r['kind']}")
+        twin = by_key.get(top_key(r["layer"], r["index"], r["kind"]))
         if twin is None or twin.get("max_rel") != r.get("max_rel") or twin["passed"] != r["passed"]:
             shown.append(r)
     return shown
