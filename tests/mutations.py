@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mutation"
+TRAINED = Path(__file__).resolve().parent / "fixtures" / "trained"
 MEAN_BGR = (104.0, 117.0, 123.0)  # ImageNet mean pixel, BGR, 0-255
 
 
@@ -42,7 +43,9 @@ class NetSpec:
     """A net the campaign runs: prototxt, objective ("LAYER:UNIT"; None: the layer before
     the Softmax, unit 0), batch (None: the prototxt's), inputs ("pixels": uniform
     [-128, 128), BGR minus mean; "normal": N(0, 1)), ``statistics``: BatchNorm/Scale
-    parameters set by ``with_statistics``, ``shared``: from the shared reference data."""
+    parameters set by ``with_statistics``, ``shared``: from the shared reference data,
+    ``trained``: a tests/conftest.py TRAINED_RECIPES name (weights trained by Caffe's
+    solver, inputs its held-out synthetic images: 16 x 3 x 32 x 32, not BGR/0-255)."""
 
     prototxt: Path
     objective: str | None = None
@@ -50,6 +53,7 @@ class NetSpec:
     inputs: str = "pixels"
     statistics: bool = False
     shared: bool = False
+    trained: str | None = None
 
 
 NETS = {
@@ -60,6 +64,8 @@ NETS = {
     "googlenet": NetSpec(SHARED / "bvlc-prototxt" / "bvlc_googlenet.deploy.prototxt", None, 1, shared=True),
     "pools": NetSpec(FIXTURES / "pools.prototxt"),
     "zoo": NetSpec(FIXTURES / "zoo.prototxt", "score:0", inputs="normal", statistics=True),
+    **{name: NetSpec(TRAINED / f"{name}_deploy.prototxt", inputs="heldout", trained=name)
+       for name in ("resnet_tiny", "caffenet_tiny", "deconv_tiny")},
 }
 
 # Caffe filler recipes (Worker.make_weights keywords); biases N(0, 0.1) as in `porting demo`.
@@ -156,27 +162,30 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(MEAN_BGR, dtype=x.dtype).reshape(1, 3, 1, 1)
 
 
-def rgb_order(net):
+# Each injector: (net, layer) -> None, changing the port in place; ``layer`` is the layer it
+# breaks (for input-side bugs the Input layer, which the wrapper stands in front of).
+
+def rgb_order(net, layer):
     _wrap_input(net, lambda x: x.flip(1))
 
 
-def unit_scale(net):
+def unit_scale(net, layer):
     _wrap_input(net, lambda x: x / 255.0)
 
 
-def mean_kept(net):
+def mean_kept(net, layer):
     _wrap_input(net, lambda x: x + _mean(x))
 
 
-def pool_floor(net):
+def pool_floor(net, layer):
     def forward(self, x):
         pool = F.max_pool2d if self.method == "MAX" else F.avg_pool2d
         return (pool(x, self.kernel, self.stride, self.pad, ceil_mode=False),)
 
-    _patch(_module(net, "pool1"), "forward", forward)
+    _patch(_module(net, layer), "forward", forward)
 
 
-def pool_no_clip(net):
+def pool_no_clip(net, layer):
     from porting.layers.pooling import caffe_ave_pool, caffe_max_pool, pooled_size
 
     def forward(self, x):
@@ -184,83 +193,83 @@ def pool_no_clip(net):
         pool = caffe_max_pool if self.method == "MAX" else caffe_ave_pool
         return (pool(x, self.kernel, self.stride, self.pad, pooled),)
 
-    _patch(_module(net, "pool2"), "forward", forward)
+    _patch(_module(net, layer), "forward", forward)
 
 
-def ave_exclude_pad(net):
+def ave_exclude_pad(net, layer):
     def forward(self, x):
         return (F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=True, count_include_pad=False),)
 
-    _patch(_module(net, "pool3"), "forward", forward)
+    _patch(_module(net, layer), "forward", forward)
 
 
-def lrn_alpha_whole(net):
-    m = _module(net, "norm1")
+def lrn_alpha_whole(net, layer):
+    m = _module(net, layer)
     m.alpha = m.alpha * m.size  # the layer divides by local_size; the porter's formula did not
 
 
-def lrn_k_one(net):
-    _module(net, "norm1").k = 1.0
+def lrn_k_one(net, layer):
+    _module(net, layer).k = 1.0
 
 
-def bn_no_factor(net):
+def bn_no_factor(net, layer):
     def forward(self, x):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean, var = (b.detach().to(x.dtype).reshape(shape) for b in self.blobs[:2])
         return ((x - mean) / torch.sqrt(var + self.eps),)
 
-    _patch(_module(net, "bn1"), "forward", forward)
+    _patch(_module(net, layer), "forward", forward)
 
 
-def bn_torch_eps(net):
-    _module(net, "bn1").eps = 1e-5
+def bn_torch_eps(net, layer):
+    _module(net, layer).eps = 1e-5
 
 
-def scale_no_bias(net):
-    _module(net, "scale1").bias_term = False
+def scale_no_bias(net, layer):
+    _module(net, layer).bias_term = False
 
 
-def ip_transposed(net):
-    _module(net, "fc7").transpose = True  # the layer then uses its (N, K) weights as (K, N)
+def ip_transposed(net, layer):
+    _module(net, layer).transpose = True  # the layer then uses its (N, K) weights as (K, N)
 
 
-def flatten_nhwc(net):
+def flatten_nhwc(net, layer):
     def forward(self, x):
         flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
         return (F.linear(flat, self.blobs[0], self.blobs[1] if self.bias_term else None),)
 
-    _patch(_module(net, "fc6"), "forward", forward)
+    _patch(_module(net, layer), "forward", forward)
 
 
-def group_tiled(net):
+def group_tiled(net, layer):
     def _convolve(self, x, weight, bias):
         return F.conv2d(x, weight.repeat(1, self.group, 1, 1), bias, self.stride, self.pad, self.dilation)
 
-    _patch(_module(net, "conv2"), "_convolve", _convolve)
+    _patch(_module(net, layer), "_convolve", _convolve)
 
 
-def dropout_scaled(net):
-    _patch(_module(net, "drop6"), "apply_to", lambda self, x: x * (1.0 - self.ratio))
+def dropout_scaled(net, layer):
+    _patch(_module(net, layer), "apply_to", lambda self, x: x * (1.0 - self.ratio))
 
 
-def softmax_last_axis(net):
-    _patch(_module(net, "prob"), "forward", lambda self, x: (torch.softmax(x, dim=-1),))
+def softmax_last_axis(net, layer):
+    _patch(_module(net, layer), "forward", lambda self, x: (torch.softmax(x, dim=-1),))
 
 
-def eltwise_no_coeff(net):
-    m = _module(net, "sum1")
+def eltwise_no_coeff(net, layer):
+    m = _module(net, layer)
     m.coeffs = [1.0] * len(m.coeffs)
 
 
-def relu_no_slope(net):
-    _module(net, "relu1").negative_slope = 0.0
+def relu_no_slope(net, layer):
+    _module(net, layer).negative_slope = 0.0
 
 
-def deconv_unflipped(net):
+def deconv_unflipped(net, layer):
     def _convolve(self, x, weight, bias):
         return F.conv_transpose2d(x, weight.flip(2, 3), bias, self.stride, self.pad, 0, self.group, self.dilation)
 
-    _patch(_module(net, "up1"), "_convolve", _convolve)
+    _patch(_module(net, layer), "_convolve", _convolve)
 
 
 # --------------------------------------------------------------------------------------
@@ -270,10 +279,13 @@ def deconv_unflipped(net):
 @dataclass(frozen=True)
 class Mutation:
     id: str
-    bug: str                          # the bug, as a porter would make it
-    net: str                          # key of NETS: a net where the bug shows
-    layer: str                        # where the verifier must say the port departs
-    inject: Callable[[object], None]  # makes a correct port wrong, in place
+    bug: str                                # the bug, as a porter would make it
+    net: str                                # key of NETS: a net where the bug shows
+    layer: str                              # where the verifier must say the port departs
+    fn: Callable[[object, str], None]       # fn(net, layer) makes a correct port wrong, in place
+
+    def inject(self, net) -> None:
+        self.fn(net, self.layer)
 
 
 CATALOGUE = [
@@ -281,22 +293,22 @@ CATALOGUE = [
     Mutation("unit-scale", "preprocesses in 0-1 units (ToTensor: pixels / 255) where Caffe expects 0-255",
              "caffenet", "input", unit_scale),
     Mutation("mean-kept", "forgets to subtract the mean pixel (104, 117, 123 BGR)", "caffenet", "input", mean_kept),
-    Mutation("pool-floor", "max_pool2d with torch's default floor rounding; Caffe rounds the pooled size up",
-             "pools", "pool1", pool_floor),
+    Mutation("pool-floor", "max_pool2d with torch's default floor rounding; Caffe rounds the pooled size up "
+             "(14 -> 7, floor 6)", "pools", "pool1", pool_floor),
     Mutation("pool-clip", "ceil((H + 2p - k) / s) + 1 windows without Caffe's rule that drops a last window "
-             "starting in the padding", "pools", "pool2", pool_no_clip),
+             "starting in the padding (7 -> 4, without the rule 5)", "pools", "pool2", pool_no_clip),
     Mutation("ave-divisor", "avg_pool2d(count_include_pad=False): divides by the image cells only; Caffe's "
              "divisor counts the padding", "pools", "pool3", ave_exclude_pad),
     Mutation("lrn-alpha", "LRN scale k + alpha * sum(x^2) without dividing alpha by local_size",
              "caffenet", "norm1", lrn_alpha_whole),
     Mutation("lrn-k", "LRN k hard-coded to 1 (nn.LocalResponseNorm's default) where the prototxt says k: 2",
-             "zoo", "norm1", lrn_k_one),
+             "caffenet_tiny", "norm1", lrn_k_one),
     Mutation("bn-factor", "BatchNorm uses blobs 0 and 1 as mean and variance, ignoring the moving-average "
-             "factor in blob 2", "zoo", "bn1", bn_no_factor),
+             "factor in blob 2", "resnet_tiny", "bn_conv1", bn_no_factor),
     Mutation("bn-eps", "BatchNorm eps left at nn.BatchNorm2d's 1e-5 where the prototxt says 0.001",
              "zoo", "bn1", bn_torch_eps),
     Mutation("scale-bias", "Scale layer ported as a multiply only, its bias_term blob dropped",
-             "zoo", "scale1", scale_no_bias),
+             "resnet_tiny", "scale_conv1", scale_no_bias),
     Mutation("ip-transposed", "InnerProduct weights used as K x N (x @ W); Caffe stores num_output x K",
              "caffenet", "fc7", ip_transposed),
     Mutation("flatten-nhwc", "flattens pool5 channels-last (NHWC, TensorFlow order) before fc6",
@@ -307,10 +319,12 @@ CATALOGUE = [
              "identity (it scales at train)", "caffenet", "drop6", dropout_scaled),
     Mutation("softmax-axis", "Softmax over the last axis (dim=-1, right for N x C scores) of an N x C x H x W "
              "map; Caffe's axis is 1", "zoo", "prob", softmax_last_axis),
-    Mutation("eltwise-coeff", "Eltwise SUM adds its bottoms, ignoring coeff: 1, -0.5", "zoo", "sum1", eltwise_no_coeff),
-    Mutation("relu-slope", "ReLU ported as torch.relu, negative_slope: 0.1 ignored", "zoo", "relu1", relu_no_slope),
+    Mutation("eltwise-coeff", "Eltwise SUM adds its bottoms, ignoring coeff: 1, -0.5", "deconv_tiny", "mix",
+             eltwise_no_coeff),
+    Mutation("relu-slope", "ReLU ported as torch.relu, negative_slope: 0.1 ignored", "caffenet_tiny", "relu1",
+             relu_no_slope),
     Mutation("deconv-flip", "Deconvolution as zero-insertion upsampling plus a convolution with the kernel "
-             "as stored, not flipped", "zoo", "up1", deconv_unflipped),
+             "as stored, not flipped", "deconv_tiny", "deconv1", deconv_unflipped),
 ]
 
 
@@ -331,25 +345,51 @@ class Case:
     reference: dict
 
 
-def make_case(net: str, worker, make_weights, folder, filler: str = "msra", seed: int = 0,
-              input_seed: int = 0) -> Case:
-    """Weights from Caffe's ``filler`` (``make_weights(prototxt, seed=, **FILLERS[filler])``,
-    the signature of the tests' ``caffe_weights`` fixture), statistics where the net has
-    them, inputs of ``input_seed``, and one real Caffe run (``worker.run_net``)."""
+def make_case(net: str, worker, make_weights=None, folder=None, filler: str = "msra", seed: int = 0,
+              input_seed: int = 0, train=None) -> Case:
+    """One real Caffe run (``worker.run_net``) of ``net`` and its inputs.
+
+    Weights: Caffe's ``filler`` via ``make_weights(prototxt, seed=, **FILLERS[filler])`` (the
+    tests' ``caffe_weights`` fixture), plus ``with_statistics`` where the net has
+    BatchNorm (written into ``folder``); inputs of ``input_seed``. A trained net instead
+    takes ``train(name)`` (the tests' ``caffe_trained`` fixture: ``.deploy``,
+    ``.caffemodel``, ``.heldout``) and its held-out images; filler and seeds do not apply.
+    """
     from porting import load_caffe
     from porting.verify import parse_objective
 
     spec = NETS[net]
-    weights = Path(make_weights(spec.prototxt, seed=seed, **FILLERS[filler]))
-    if spec.statistics:
-        weights = with_statistics(spec.prototxt, weights, Path(folder) / f"{net}-{filler}-{seed}.caffemodel", seed)
     graph = load_caffe(spec.prototxt).graph
+    if spec.trained:
+        trained = train(spec.trained)
+        weights, inputs = Path(trained.caffemodel), {"data": np.asarray(trained.heldout["data"], np.float32)}
+    else:
+        weights = Path(make_weights(spec.prototxt, seed=seed, **FILLERS[filler]))
+        if spec.statistics:
+            weights = with_statistics(spec.prototxt, weights, Path(folder) / f"{net}-{filler}-{seed}.caffemodel", seed)
+        inputs = make_inputs(spec, graph, input_seed)
     objective = parse_objective(spec.objective, graph)
-    inputs = make_inputs(spec, graph, input_seed)
     batch = next(iter(inputs.values())).shape[0]
     seed_diff = objective.seed((batch,) + tuple(graph.blob_shapes[objective.blob][1:]))
     reference = worker.run_net(spec.prototxt, weights, inputs=inputs, top_diffs={objective.blob: seed_diff})
     return Case(net, spec.prototxt, weights, inputs, objective, dict(reference))
+
+
+def generated_case(worker, seed: int, depth: int, focus: str, folder) -> Case:
+    """A random small net of tests/property_nets.py (its weights, standard normal inputs and
+    random top diff, aliasing artifacts excluded) and real Caffe's run of it."""
+    import property_nets as nets
+
+    example = nets.make_example(seed, depth, focus)
+    prototxt, caffemodel = nets.write_files(example, Path(folder))
+    reference = worker.run_net(prototxt, caffemodel, inputs=example.inputs,
+                               top_diffs={example.diff_blob: example.top_diff})
+    objective = nets.GivenDiff(example.writer[example.diff_blob], 0, example.diff_blob, example.top_diff)
+    return Case(f"generated {seed}/{depth}/{focus}", prototxt, caffemodel, example.inputs, objective, dict(reference))
+
+
+GENERATED = [(7000 + i, 2 + i % 3, focus) for i, focus in enumerate(
+    ("conv", "deconv", "pool", "lrn", "eltwise", "batchnorm", "crop", "slice_concat") * 2)]  # (seed, depth, focus)
 
 
 @dataclass
@@ -361,29 +401,32 @@ class Outcome:
 
 def departed_at(verification) -> str | None:
     """The layer the verification blames: its departure, or else the layer of the first
-    array (forward in net order, then backward) that failed, a shape mismatch included."""
+    array that could not be compared (a shape mismatch), or else of the first array beyond
+    its tolerance (forward in net order, then backward)."""
     if verification.departure is not None:
         return verification.departure.layer
-    failed = [r for r in getattr(verification, "rows", []) if not r.passed]
-    return failed[0].layer if failed else None
+    rows = getattr(verification, "rows", [])
+    bad = [r for r in rows if r.problem] or [r for r in rows if not r.passed]
+    return bad[0].layer if bad else None
 
 
 def describe(verification) -> str:
-    """One paragraph: verdict, departure, the first failing arrays, flipped decisions."""
+    """One paragraph: verdict, departure, what failed, flipped decisions, first failing arrays."""
     dep = verification.departure
-    parts = [f"passed={verification.passed}"]
+    parts = [getattr(verification, "summary", "") or f"passed={verification.passed}"]
     if dep is not None:
         parts.append(f"departure {dep.direction} at {dep.layer} ({dep.layer_type}) by {dep.frameworks}, "
-                     f"error {dep.error_ratio:.3g}x bound")
+                     f"{dep.key} error {dep.error_ratio:.3g} x bound")
+    parts += list(getattr(verification, "problems", []))[:4]
+    flips = getattr(verification, "flips", [])
+    if flips:
+        parts.append("flips: " + "; ".join(f.describe() for f in flips[:4]))
     failed = [r for r in getattr(verification, "rows", []) if not r.passed]
     if failed:
         shown = ", ".join(f"{r.key} {r.problem or format(r.metrics.max_rel, '.2g')} (tol {r.tolerance:g})"
-                          for r in failed[:4])
-        parts.append(f"{len(failed)} arrays beyond tolerance: {shown}")
-    notes = [f"{c.framework} {c.layer}: {c.note}" for c in getattr(verification, "checks", []) if c.note]
-    if notes:
-        parts.append("decisions: " + "; ".join(notes[:4]))
-    return "; ".join(parts)
+                          for r in failed[:3])
+        parts.append(f"{len(failed)} arrays beyond tolerance, e.g. {shown}")
+    return "; ".join(p for p in parts if p)
 
 
 def verify(net, case: Case):
