@@ -41,10 +41,9 @@ from porting.verify import Objective
 KINDS = ("conv", "deconv", "pool", "lrn", "eltwise", "batchnorm", "crop", "slice_concat")
 MAX_DEPTH = 4
 
-# Per-layer bound on max |port - caffe| / max |caffe|, from tests/test_layers_caffe.py TOL
-# (measured there on one layer against real Caffe, both float32): "exact" layers measured 0;
-# "sum" (conv/deconv/AVE pooling/Scale/Eltwise SUM and PROD/leaky ReLU) max 2.6e-7;
-# "transcendental" (LRN, BatchNorm) max 1.9e-7; both bounded there by 1e-6.
+# Layer families: "exact" layers (data movement, ReLU, MAX pooling, Eltwise MAX) must give
+# equal bits. 1e-6 bounds the *local* relative error (max |error| / max |float64|) of a layer
+# whose float32 rule is missing in porting (``no_rule``); measured there at most 1.5e-7.
 LAYER_TOL = {"exact": 0.0, "sum": 1e-6, "transcendental": 1e-6}
 
 
@@ -76,13 +75,9 @@ class Example:
         return sum(1 for name in layers if self.families[name] != "exact")
 
     def tolerance(self, key: str) -> float:
-        """Bound for one array key (``blob/<b>/data|diff``, ``top/<layer>/<i>/data|diff``).
-
-        The per-layer bound of LAYER_TOL is added up over the layers that round: for data,
-        the rounding layers upstream of the value; for a diff, every rounding layer of the
-        net (the diff depends on the forward values of all layers down to the injected
-        diff and on their backward), counted twice (forward and backward). A value that
-        only exact layers touch must match bit for bit.
+        """0 for an array key only exact layers touch (it must match Caffe bit for bit), else
+        a rough end-to-end scale, LAYER_TOL per rounding layer (twice over the whole net for
+        a diff), used only to tell the two apart: such values are judged by local checks.
         """
         kind, rest = key.split("/", 1)
         name, what = rest.rsplit("/", 1)
@@ -621,7 +616,7 @@ def make_example(seed: int, depth: int, focus: str | int, aliasing: bool = False
 # ---------------------------------------------------------------------------------------
 @dataclass
 class Comparison:
-    """Errors of every array Caffe returned: (key, error, bound, problem or "")."""
+    """Rows of one example: (what, error, bound, problem or ""); see ``compare_with_caffe``."""
 
     example: Example
     rows: list
@@ -673,23 +668,37 @@ def write_files(example: Example, folder: Path) -> tuple[Path, Path | None]:
 
 
 def compare_with_caffe(worker, example: Example, folder: Path) -> Comparison:
-    """Run ``example`` in real Caffe (``worker``) and in the port; compare every array.
+    """Run ``example`` in real Caffe (``worker``) and in the port; judge every array.
 
     Caffe returns every blob and every layer top, data and diff, after a forward and a
     backward from the random diff at ``example.diff_blob``; the port's arrays come from
-    ``porting.verify.port_arrays`` with the same diff. Each Caffe array is compared with
-    the port's array of the same key (missing or misshapen ones are failures).
+    ``porting.verify.port_arrays`` with the same diff. Rows, each (what, error, bound,
+    problem); a row fails when error > bound or a problem is named:
+
+    * every Caffe array exists in the port with the same shape;
+    * a value only exact layers touch (``Example.tolerance`` 0) is equal bit for bit;
+    * within each framework, a ``blob/`` array equals the layer top it is a view of;
+    * local checks (``porting.verify``): each layer of each framework, forward and
+      backward, given that framework's *own* inputs, is within the layer's float32
+      rounding bound of the float64 layer (error / bound <= 1). Nothing here depends on
+      the order in which one CPU's kernels sum, nor on upstream ReLU or max-pooling
+      decisions (a flipped one is an input like any other to the layers below it). The
+      float64 layer is the port's reading of Caffe, so a semantic difference shows as
+      Caffe beyond its bound. Where a layer has no applicable rule (``no_rule``), its
+      local relative error (max |error| / max |float64|) is held to ``LAYER_TOL``;
+    * the end-to-end port-vs-Caffe errors are listed for the reader, not judged.
     """
     from porting import load_caffe
-    from porting.verify import port_arrays
+    from porting.verify import NetValues, port_arrays, verify_arrays
 
     prototxt, caffemodel = write_files(example, folder)
     caffe = worker.run_net(prototxt, caffemodel, inputs=example.inputs,
                            top_diffs={example.diff_blob: example.top_diff})
     net = load_caffe(prototxt, caffemodel)
     last = example.writer[example.diff_blob]
-    port = port_arrays(net, example.inputs, GivenDiff(last, 0, example.diff_blob, example.top_diff))
-    rows = []
+    objective = GivenDiff(last, 0, example.diff_blob, example.top_diff)
+    port = port_arrays(net, example.inputs, objective)
+    rows, info = [], []
     for key in sorted(caffe):
         tol = example.tolerance(key)
         if key not in port:
@@ -698,10 +707,46 @@ def compare_with_caffe(worker, example: Example, folder: Path) -> Comparison:
             rows.append((key, math.inf, tol, f"shape {port[key].shape} != Caffe's {caffe[key].shape}"))
         else:
             try:
-                rows.append((key, rel_err(port[key], caffe[key]), tol, ""))
-            except AssertionError as err:  # NaN, inf or -FLT_MAX in different places
-                rows.append((key, math.inf, tol, str(err)))
-    return Comparison(example, rows, folder)
+                err = rel_err(port[key], caffe[key])
+            except AssertionError as problem:  # NaN, inf or -FLT_MAX in different places
+                rows.append((key, math.inf, tol, str(problem)))
+                continue
+            (rows if tol == 0 else info).append((key, err, tol if tol == 0 else math.inf, ""))
+    if any(r[3] for r in rows):
+        return Comparison(example, rows + info, folder)
+    values = NetValues(net.graph)
+    for name, arrays in (("caffe", caffe), ("port", port)):
+        for key in sorted(k for k in caffe if k.startswith("blob/")):
+            value = values.value_of_key(key)
+            top = None if value is None else value.key(key.rsplit("/", 1)[1])
+            if top in arrays and not np.array_equal(arrays[key], arrays[top], equal_nan=True):
+                rows.append((f"{name}: {key} vs its top {top}", math.inf, 0.0, "a blob view differs from its top"))
+    verification = verify_arrays(net, caffe, port, objective=objective)
+    for c in verification.checks:
+        what = f"{c.framework} {c.direction} {c.layer} ({c.layer_type}) {c.key}"
+        if c.within is None or _no_rule(net, c):
+            rows.append((what + " local rel", c.local_rel, LAYER_TOL["sum"], ""))
+        else:
+            rows.append((what + " error/bound", c.error_ratio, 1.0, ""))
+    return Comparison(example, rows + info, folder)
+
+
+def _no_rule(net, check) -> bool:
+    """True when the rule porting.verify applied does not describe the layer (``no_rule``)."""
+    specs = [net.graph.layer(name) for name in check.layer.split(", ")]
+    return any(no_rule(spec, check.direction) for spec in specs)
+
+
+def no_rule(spec, direction: str) -> bool:
+    """Layers whose float32 bound in porting is missing or does not apply (to be supplied
+    by the layer classes): BatchNorm with batch statistics (the rule uses the stored global
+    statistics) and the backward of LRN WITHIN_CHANNEL (no rule). Measured over the 200
+    default examples: their local relative error at most 1.5e-7, held to LAYER_TOL."""
+    if spec.type == "BatchNorm":
+        return not spec.module.use_global_stats
+    if spec.type == "LRN":
+        return direction == "backward" and spec.param.lrn_param.norm_region == 1
+    return False
 
 
 def main(argv=None) -> int:
