@@ -11,7 +11,9 @@ underflow; a framework that flushes subnormals to zero can exceed this, and shou
 caught). A library function (exp, log, pow, tanh, ...) is assumed within ``LIBM_ULPS``
 ulps of the true value; one ulp of a float32 y is at most 2 U |y|, so its relative error
 is at most ``LIBM`` = 2 * LIBM_ULPS * U (glibc's float functions are within 1 ulp, SLEEF's
-vectorised ones torch uses within 1 to 3.5 ulps). Every bound is first order in U.
+vectorised ones torch uses within 1 to 3.5 ulps), and ``LIBM_ETA`` absolute where the
+result is subnormal. Every bound is first order in U; a step Caffe computes in double
+(``1. + exp(x)`` in BNLL) counts ``U64`` = 2**-53.
 
 All tensors here are float64; a bound is in the units of the value it bounds.
 """
@@ -26,6 +28,8 @@ U = 2.0 ** -24   # unit roundoff of IEEE float32, round to nearest
 ETA = 2.0 ** -150  # absolute error of one product/quotient that underflows (gradual underflow)
 LIBM_ULPS = 4  # assumed accuracy of exp, log, pow, tanh, ... in float32 ulps (scalar or vectorised)
 LIBM = 2 * LIBM_ULPS * U  # relative error of one such call
+LIBM_ETA = 2 * LIBM_ULPS * ETA  # its absolute error where the result is subnormal (or flushed to 0)
+U64 = 2.0 ** -53  # unit roundoff of float64, for the few steps Caffe computes in double
 
 
 def gamma(n: float) -> float:
@@ -69,6 +73,13 @@ def abs_weights(module, twin=None):
     finally:
         for p, data in zip(module.parameters(), saved):
             p.data = data
+
+
+def stored_error(top, exact_top):
+    """|top - exact_top| for a framework's stored float32 top, as far as float64 can tell:
+    the difference plus the float64 rounding of the exact top (U64 |y|). A backward that
+    reads its stored top (Caffe's often do) carries this error on."""
+    return (top - exact_top).abs() + U64 * exact_top.abs()
 
 
 def magnitude(module, bottoms, abs_module=None):

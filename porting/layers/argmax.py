@@ -9,6 +9,8 @@ decreasing index order; that order is reproduced. There is no backward in Caffe.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from porting.layers import CaffeLayer, canonical_axis, count, register
@@ -56,6 +58,28 @@ class ArgMax(CaffeLayer):
         if self.out_max_val:
             out = torch.stack((indices.to(x.dtype), values), dim=1)
         return (out.reshape((x.shape[0],) + self.top_shapes[0][1:]),)
+
+    def _ranked(self, x):
+        """(values along the ranked axis, that axis): the item flattened without ``axis``."""
+        if self.axis is None:
+            return x.reshape(x.shape[0], -1), 1
+        return x, self.axis
+
+    def decisions(self, bottoms):
+        """The selected indices, rank by rank: (N, top_k) without ``axis``, else the top's shape."""
+        flat, dim = self._ranked(bottoms[0])
+        return [caffe_topk(flat, self.top_k, dim)[1]]
+
+    def decision_margins(self, bottoms):
+        """Per rank k: the k-th largest value minus the (k+1)-th (inf past the last value)."""
+        flat, dim = self._ranked(bottoms[0])
+        k = min(self.top_k + 1, flat.shape[dim])
+        values = caffe_topk(flat, k, dim)[0]
+        if k == self.top_k:  # no (k+1)-th value
+            pad_shape = list(values.shape)
+            pad_shape[dim] = 1
+            values = torch.cat([values, torch.full(pad_shape, -math.inf, dtype=values.dtype)], dim=dim)
+        return [values.narrow(dim, 0, self.top_k) - values.narrow(dim, 1, self.top_k)]
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         return [torch.zeros_like(exact_tops[0])]  # copied values and indices

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from porting.layers import CaffeLayer, register
-from porting.rounding import ETA, gamma
+from porting.rounding import ETA, LIBM, gamma
 
 
 @register("BatchNorm")
@@ -66,12 +66,13 @@ class BatchNorm(CaffeLayer):
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         x = bottoms[0]
         mean, var = self._global_stats(x)
-        # (x - mean) / sqrt(var + eps): subtraction, sum, sqrt, quotient, stats rescaling.
-        return [gamma(6) * (x.abs() + mean.abs()) / torch.sqrt(var + self.eps) + 2 * ETA]
+        # (x - mean) / sqrt(var + eps): the stats rescaling (1/factor and two products), the
+        # subtraction, the sum, sqrt (Caffe: powx 0.5, LIBM), the quotient.
+        return [(gamma(6) + LIBM) * (x.abs() + mean.abs()) / torch.sqrt(var + self.eps) + 2 * ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         _, var = self._global_stats(bottoms[0])
-        return [gamma(4) * top_diffs[0].abs() / torch.sqrt(var + self.eps) + ETA]
+        return [(gamma(4) + LIBM) * top_diffs[0].abs() / torch.sqrt(var + self.eps) + ETA]
 
     @torch.no_grad()
     def _update_statistics(self, mean, var, m: int) -> None:

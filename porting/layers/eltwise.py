@@ -78,6 +78,21 @@ class Eltwise(CaffeLayer):
             return (y,)
         return (caffe_eltwise_max(xs),)
 
+    def decisions(self, bottoms):
+        """MAX: the index of the winning bottom (ties: the first in the order 1, 0, 2, 3, ...)."""
+        if self.operation != "MAX":
+            return None
+        order = torch.tensor([1, 0] + list(range(2, len(bottoms))), device=bottoms[0].device)
+        stacked = torch.stack([bottoms[i] for i in order.tolist()])
+        return [order[torch.argmax(stacked, dim=0)]]
+
+    def decision_margins(self, bottoms):
+        """MAX: the largest bottom minus the second largest, element by element."""
+        if self.operation != "MAX":
+            return None
+        top2 = torch.stack(list(bottoms)).topk(2, dim=0).values
+        return [top2[0] - top2[1]]
+
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         y, n = exact_tops[0], len(bottoms)
         if self.operation == "MAX":  # a comparison: exact

@@ -26,7 +26,7 @@ from porting import caffe_pb2
 from porting.layers import CaffeLayer, register
 from porting.layers.neuron import caffe_power
 from porting.layers.pooling import caffe_ave_pool
-from porting.rounding import ETA, U, gamma
+from porting.rounding import ETA, LIBM, LIBM_ETA, U, gamma, stored_error
 
 
 def _window_sum_over_channels(t: torch.Tensor, size: int, front: int) -> torch.Tensor:
@@ -105,25 +105,54 @@ class LRN(CaffeLayer):
         roundings on the chain, and each window term carries gamma_2 of its own.
         """
         size, alpha, k = self.size, self.alpha, self.k
-        s_max = k + alpha / size * (x * x).sum(dim=1, keepdim=True)
-        return gamma(2 * x.shape[1] + size + 4) * s_max + gamma(2) * (s - k) + size * ETA
+        s_max = abs(k) + abs(alpha) / size * (x * x).sum(dim=1, keepdim=True)
+        return gamma(2 * x.shape[1] + size + 4) * s_max + gamma(2) * (s - k).abs() + size * ETA
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         x, y = bottoms[0], exact_tops[0]
         if not self.within:
             s = self._scale(x)
             ds = self._scale_error(x, s)
-            # y = x * s^-beta: beta*ds/s from the scale, pow (<= 1 ulp = 2u), one product.
-            return [(self.beta * ds / s + 4 * U) * y.abs() + 2 * ETA]
-        # WITHIN_CHANNEL: Caffe chains Power (square), AVE pooling over size^2, Power, Eltwise PROD.
-        return [(self.beta * gamma(self.size * self.size + 4) + 6 * U) * y.abs() + 3 * ETA]
+            # y = x * s^-beta: beta*ds/s from the scale, pow (LIBM), one product.
+            return [(abs(self.beta) * ds / s + LIBM + 2 * U) * y.abs() + 2 * ETA]
+        _, _, _, rel_p = self._within_errors(x)
+        return [(rel_p + U) * y.abs() + 2 * ETA]
+
+    def _within_pool(self, t):
+        pad = (self.size - 1) // 2
+        return caffe_ave_pool(t, (self.size, self.size), (1, 1), (pad, pad), (t.shape[2], t.shape[3]))
+
+    def _within_errors(self, x):
+        """WITHIN_CHANNEL as Caffe chains it: A = AVE pool of x^2 (pow LIBM, n*n terms and a
+        division), z = fl(fl(alpha A) + 1), P = pow(z, -beta) (LIBM). Returns A, z, the bound
+        on |fl(z) - z| / |z| and the one on |fl(P) - P| / |P| (float64)."""
+        a = self._within_pool(x * x)
+        z = 1 + self.alpha * a
+        rel_z = (abs(self.alpha) * a * (LIBM + gamma(self.size * self.size + 1)) + LIBM_ETA) / z.abs() + U
+        return a, z, rel_z, LIBM + abs(self.beta) * rel_z
+
+    def _within_backward_bound(self, x, g):
+        # Caffe's sub-layer backwards: dx = g * P (Eltwise PROD)
+        #   + 2x * poolT(dA / n^2) (Power 2, AVE pooling), dA = (g x) * (-beta alpha) * P / z (Power).
+        # g * P: P's error and one product; dA: P's and z's errors, a quotient, the constant and
+        # two products; pooling's transpose sums at most n*n terms of dA / n^2 in any order;
+        # two products; the final sum of the two paths one rounding.
+        _, z, rel_z, rel_p = self._within_errors(x)
+        p = z.pow(-self.beta)
+        a1 = (g * p).abs()
+        d_a = (g * x * self.alpha * self.beta * p / z).abs()
+        with torch.enable_grad():
+            t = torch.zeros_like(x, requires_grad=True)
+            (spread,) = torch.autograd.grad(self._within_pool(t), t, d_a)
+        a2 = 2 * x.abs() * spread
+        return [a1 * (rel_p + 2 * U) + a2 * (rel_p + rel_z + gamma(self.size * self.size + 8)) + 4 * ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         if self.within:
-            return None
+            return self._within_backward_bound(bottoms[0], top_diffs[0])
         size, alpha, beta = self.size, self.alpha, self.beta
         x, y_f, y, g = bottoms[0], tops[0], exact_tops[0], top_diffs[0]
-        dy = (y_f - y).abs()
+        dy = stored_error(y_f, y)
         s = self._scale(x)
         ds = self._scale_error(x, s)
         c = x.shape[1]
@@ -135,10 +164,10 @@ class LRN(CaffeLayer):
         d_ratio = g.abs() * (dy / s + y_f.abs() * ds / (s * s)) + gamma(3) * ratio
         win_ratio = _window_sum_over_channels(ratio, size, pad)
         total_ratio = ratio.sum(dim=1, keepdim=True)
-        cache = 2 * alpha * beta / size
+        cache = abs(2 * alpha * beta / size)
         a2 = cache * x.abs() * win_ratio
         d_accum = gamma(2 * c + size + 4) * total_ratio + _window_sum_over_channels(d_ratio, size, pad)
-        bound = (beta * ds / s + 4 * U) * a1 + cache * x.abs() * d_accum + gamma(3) * (a1 + a2)
+        bound = (abs(beta) * ds / s + LIBM + 2 * U) * a1 + cache * x.abs() * d_accum + gamma(3) * (a1 + a2)
         return [bound + 4 * ETA]
 
     def describe(self) -> str:

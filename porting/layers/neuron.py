@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from porting.errors import PortingError
 from porting.layers import CaffeLayer, register
-from porting.rounding import ETA, U, gamma
+from porting.rounding import ETA, LIBM, LIBM_ETA, U, U64, gamma, stored_error, vjp
 
 
 class _Elementwise(CaffeLayer):
@@ -35,6 +35,25 @@ class _Elementwise(CaffeLayer):
         raise NotImplementedError
 
 
+class _Kinked(_Elementwise):
+    """An element-wise layer that decides on each input whether x > ``kink``."""
+
+    kink = 0.0
+
+    def decisions(self, bottoms):
+        return [bottoms[0] > self.kink]
+
+    def decision_margins(self, bottoms):
+        return [(bottoms[0] - self.kink).abs()]
+
+
+def _affine_error(x, scale: float, shift: float):
+    """z = shift + scale * x in float64 and the bound on |fl(fl(scale * x) + shift) - z|
+    (Caffe's caffe_scal then caffe_add_scalar: two roundings)."""
+    z = shift + scale * x
+    return z, U * ((scale * x).abs() + z.abs())
+
+
 class _Exact(_Elementwise):
     """An element-wise layer whose forward and backward round nothing."""
 
@@ -46,7 +65,7 @@ class _Exact(_Elementwise):
 
 
 @register("ReLU", v1="RELU")
-class ReLU(_Elementwise):
+class ReLU(_Kinked):
     """y = max(x, 0) + negative_slope * min(x, 0); dy/dx = 1 if x > 0 else negative_slope."""
 
     def __init__(self, spec, bottom_shapes):
@@ -74,7 +93,7 @@ class ReLU(_Elementwise):
 
 
 @register("PReLU")
-class PReLU(_Elementwise):
+class PReLU(_Kinked):
     """y = x if x > 0 else a_c * x, one learned slope per channel (axis 1) or one shared.
 
     Blob 0: slopes of shape (C,), or () with channel_shared (Caffe's zero-axis blob).
@@ -94,12 +113,24 @@ class PReLU(_Elementwise):
             slope = slope.reshape((1, -1) + (1,) * (x.dim() - 2))
         return torch.where(x > 0, x, x * slope)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Caffe: max(x, 0) + slope_c * min(x, 0): one product (adding 0 is exact).
+        return [U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: g * ((x > 0) + slope_c * (x <= 0)): one product where x <= 0.
+        x, g = bottoms[0], top_diffs[0]
+        slope = self.blobs[0].detach().to(x.dtype)
+        if not self.channel_shared:
+            slope = slope.reshape((1, -1) + (1,) * (x.dim() - 2))
+        return [U * (g * slope).abs() * (x <= 0) + ETA]
+
     def describe(self):
         return "shared" if self.channel_shared else "per channel"
 
 
 @register("ELU")
-class ELU(_Elementwise):
+class ELU(_Kinked):
     """y = x if x > 0 else alpha * (exp(x) - 1); Caffe's backward (y + alpha) is the derivative."""
 
     def __init__(self, spec, bottom_shapes):
@@ -109,6 +140,20 @@ class ELU(_Elementwise):
     def apply_to(self, x):
         # exp of min(x, 0): the unused branch must not overflow (its zero gradient times inf is NaN)
         return torch.where(x > 0, x, self.alpha * (torch.exp(torch.clamp_max(x, 0)) - 1))
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Caffe: max(x, 0) + alpha * (exp(min(x, 0)) - 1): exp's error (LIBM relative to
+        # e = exp(min(x, 0)), not to e - 1: it cancels near 0), the subtraction, the product.
+        e = torch.exp(torch.clamp_max(bottoms[0], 0))
+        return [abs(self.alpha) * (LIBM * e + LIBM_ETA) + 2 * U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: g * (alpha + y) where x <= 0 with its stored y (a sum, a product); autograd:
+        # g * alpha * exp(x) (exp, two products). Exact where x > 0.
+        x, g = bottoms[0], top_diffs[0]
+        dy = stored_error(tops[0], exact_tops[0])
+        grad = (g * self.alpha * torch.exp(torch.clamp_max(x, 0))).abs()
+        return [(x <= 0) * (g.abs() * dy + (LIBM + 3 * U) * grad + abs(self.alpha) * g.abs() * LIBM_ETA) + ETA]
 
     def describe(self):
         return f"alpha {self.alpha:g}"
@@ -138,13 +183,15 @@ class Sigmoid(_Elementwise):
         return SigmoidFunction.apply(x)
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
-        # libm / vectorised tanh, exp: within 3.5 ulp (7u); one more rounding for 1/(1+e).
-        return [8 * U * exact_tops[0].abs() + ETA]
+        # 0.5 * tanh(0.5 x) + 0.5: tanh's error (LIBM relative to t = 2y - 1, which does not
+        # shrink with y as x -> -inf), the exact halvings, one sum. Caffe computes it in double.
+        y = exact_tops[0]
+        return [0.5 * LIBM * (2 * y - 1).abs() + U * y.abs() + ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         # Caffe: g * y * (1 - y) with its stored y.
         y_f, g = tops[0], top_diffs[0]
-        dy = (y_f - exact_tops[0]).abs()
+        dy = stored_error(y_f, exact_tops[0])
         return [gamma(3) * g.abs() * y_f.abs() * (1 + y_f.abs()) + g.abs() * (1 - 2 * y_f).abs() * dy + ETA]
 
 
@@ -156,13 +203,12 @@ class TanH(_Elementwise):
         return torch.tanh(x)
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
-        # libm / vectorised tanh: within 3.5 ulp (7u), one more rounding to spare.
-        return [8 * U * exact_tops[0].abs() + ETA]
+        return [LIBM * exact_tops[0].abs() + LIBM_ETA]  # one tanh
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         # Caffe: g * (1 - y^2) with its stored y.
         y_f, g = tops[0], top_diffs[0]
-        dy = (y_f - exact_tops[0]).abs()
+        dy = stored_error(y_f, exact_tops[0])
         return [gamma(3) * g.abs() * (1 + y_f * y_f) + 2 * (g * y_f).abs() * dy + ETA]
 
 
@@ -172,6 +218,12 @@ class AbsVal(_Exact):
 
     def apply_to(self, x):
         return torch.abs(x)
+
+    def decisions(self, bottoms):
+        return [torch.sign(bottoms[0]).to(torch.int8)]
+
+    def decision_margins(self, bottoms):
+        return [bottoms[0].abs()]
 
 
 class PowerFunction(torch.autograd.Function):
@@ -242,6 +294,41 @@ class Power(_Elementwise):
     def apply_to(self, x):
         return caffe_power(x, self.power, self.scale, self.shift)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Caffe: z = fl(fl(scale * x) + shift), y = pow(z, power) (LIBM): relative error
+        # LIBM + |power| * dz / |z|; at z = 0 (power > 0) |y| <= dz ** power. Constant
+        # top (power or scale 0): pow(shift, power) once, LIBM.
+        x, y = bottoms[0], exact_tops[0]
+        p = self.power
+        if p * self.scale == 0:
+            return [LIBM * y.abs()]
+        z, dz = _affine_error(x, self.scale, self.shift)
+        if p == 1:
+            return [dz]
+        rel = LIBM + abs(p) * dz / z.abs()
+        at_zero = dz.pow(p) if p > 0 else torch.full_like(z, math.inf)
+        return [torch.where(z == 0, at_zero, rel * y.abs()) + LIBM_ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe's branches (PowerFunction): diff_scale = power * scale rounded once, then
+        #   power 1:  fl(diff_scale) * g                               -> 2u |G|
+        #   power 2:  (diff_scale*scale) * x + diff_scale*shift, * g   -> 3u (|ds scale x| + |ds shift|) |g| + 2u |G|
+        #   else:     y_f / z * diff_scale * g with z = fl(fl(scale x) + shift) (or x at shift 0)
+        #             -> |G| (dz/|z| + 4u) + |g ds (y_f - y) / z|, the stored top's error counted.
+        x, g = bottoms[0], top_diffs[0]
+        p, scale, shift = self.power, self.scale, self.shift
+        ds = p * scale
+        if ds == 0:
+            return [torch.zeros_like(x)]
+        G = vjp(self, bottoms, [g])[0].abs()
+        if p == 1:
+            return [2 * U * G + ETA]
+        if p == 2:
+            return [3 * U * (g * ds).abs() * ((scale * x).abs() + abs(shift)) + 2 * U * G + 2 * ETA]
+        z, dz = _affine_error(x, scale, shift)
+        dy = stored_error(tops[0], exact_tops[0])
+        return [G * (dz / z.abs() + 4 * U) + (g * ds).abs() * dy / z.abs() + 2 * ETA]
+
     def describe(self):
         return f"power {self.power:g} scale {self.scale:g} shift {self.shift:g}"
 
@@ -268,6 +355,26 @@ class Exp(_Elementwise):
         y = torch.exp(x * self.inner_scale if self.inner_scale != 1 else x)
         return y * self.outer_scale if self.outer_scale != 1 else y
 
+    def _constant_error(self) -> float:
+        """Relative error of Caffe's float32 inner_scale = log(base) * scale (exact for base e)."""
+        return 0.0 if self.base == -1 else LIBM + U
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Caffe: exp(fl(inner_scale * x)) * outer_scale: the exponent's error (constant and
+        # product) times |inner x| moves y relatively; exp and outer_scale (pow) LIBM each,
+        # one product.
+        inner_x = (self.inner_scale * bottoms[0]).abs()
+        rel = inner_x * (self._constant_error() + U) + 2 * LIBM + U
+        return [rel * exact_tops[0].abs() + LIBM_ETA + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: fl(y_f * g) * inner_scale (its stored top, two products, the constant);
+        # autograd: g * outer * exp(z) * inner (four products, two constants).
+        g = top_diffs[0]
+        G = (self.inner_scale * g * exact_tops[0]).abs()
+        dy = stored_error(tops[0], exact_tops[0])
+        return [G * (self._constant_error() + 6 * U) + (self.inner_scale * g).abs() * dy + 2 * ETA]
+
     def describe(self):
         return f"base {'e' if self.base == -1 else f'{self.base:g}'}"
 
@@ -290,6 +397,23 @@ class Log(_Elementwise):
             inner = inner + self.shift
         y = torch.log(inner)
         return y * self.base_scale if self.base_scale != 1 else y
+
+    def _constant_error(self) -> float:
+        """Relative error of Caffe's float32 1/log(base) and scale/log(base) (exact for base e)."""
+        return 0.0 if self.base == -1 else LIBM + U
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Caffe: log(z) * base_scale with z = fl(fl(scale x) + shift): dz/|z| absolute in
+        # log(z); log (LIBM relative to its result), the constant, one product.
+        z, dz = _affine_error(bottoms[0], self.scale, self.shift)
+        rel = LIBM + self._constant_error() + U
+        return [abs(self.base_scale) * dz / z.abs() + rel * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: pow(z, -1) (LIBM) * (scale / log(base)) * g; autograd: g * base_scale / z * scale.
+        z, dz = _affine_error(bottoms[0], self.scale, self.shift)
+        G = (top_diffs[0] * self.scale * self.base_scale / z).abs()
+        return [G * (dz / z.abs() + LIBM + self._constant_error() + 4 * U) + 2 * ETA]
 
     def describe(self):
         return f"base {'e' if self.base == -1 else f'{self.base:g}'}"
@@ -321,17 +445,41 @@ class BNLL(_Elementwise):
     def apply_to(self, x):
         return BNLLFunction.apply(x)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Caffe: x>0 ? x + log(1. + exp(-x)) : log(1. + exp(x)), the 1. in double: with
+        # e = exp(-|x|) and L = log(1 + e) <= y, exp's error moves L by at most LIBM e/(1+e)
+        # <= LIBM L, log adds LIBM L, the sum 1. + e rounds in double (U64 absolute in L, or
+        # u with float), the final sum and store u |y|. Torch: log1p(exp(-|x|)), the same.
+        x, y = bottoms[0], exact_tops[0]
+        L = torch.log1p(torch.exp(-x.abs()))
+        return [(2 * LIBM + U) * L + U * y.abs() + U64 + LIBM_ETA + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: e = exp(min(x, 50)) (LIBM), g * e (u) / (e + 1.) (double, stored: u);
+        # e/(1+e) moves by LIBM/(1+e) relative; torch the same in float32 (3u).
+        x, g = bottoms[0], top_diffs[0]
+        e = torch.exp(torch.clamp_max(x, BNLL_THRESHOLD))
+        G = (g * e / (1 + e)).abs()
+        return [G * (LIBM + 3 * U + U64) + g.abs() * LIBM_ETA + ETA]
+
 
 @register("Threshold", v1="THRESHOLD")
-class Threshold(_Elementwise):
+class Threshold(_Kinked):
     """y = 1 if x > threshold else 0 (no backward in Caffe: the top carries no gradient)."""
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.threshold = float(spec.param.threshold_param.threshold)
+        self.kink = self.threshold
 
     def apply_to(self, x):
         return (x > self.threshold).to(x.dtype)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        return [torch.zeros_like(exact_tops[0])]  # a comparison with the float32 threshold: exact
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return [None]  # no backward in Caffe (NOT_IMPLEMENTED); the top carries no gradient
 
     def describe(self):
         return f"> {self.threshold:g}"

@@ -148,6 +148,40 @@ class Pooling(CaffeLayer):
         kernel, stride, _, _ = self.geometry(x)
         return math.ceil(kernel[0] / stride[0]) * math.ceil(kernel[1] / stride[1])
 
+    def _windows(self, x):
+        """Each window's values and their plane indices h * W + w (-1 for padding), as
+        (N, C, pooled_h, pooled_w, k_h * k_w) in Caffe's row-major scan order."""
+        kernel, stride, pad, pooled = self.geometry(x)
+        plane = torch.arange(x.shape[2] * x.shape[3], dtype=x.dtype, device=x.device).reshape(1, 1, *x.shape[2:])
+        values = _cover(x, kernel, stride, pad, pooled, -math.inf)
+        index = _cover(plane, kernel, stride, pad, pooled, -1.0)
+
+        def unfold(t):
+            t = t.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
+            return t.reshape(t.shape[:4] + (-1,))
+
+        return unfold(values), unfold(index).long()
+
+    def decisions(self, bottoms):
+        """MAX: each window's winner as Caffe's mask holds it, h * W + w within its (N, C)
+        plane (the first maximum in row-major scan order; -1 for a window with no image cell)."""
+        if self.method != "MAX":
+            return None
+        values, index = self._windows(bottoms[0])
+        best = values.argmax(dim=-1, keepdim=True)  # the first maximum
+        return [index.expand_as(values).gather(-1, best).squeeze(-1)]
+
+    def decision_margins(self, bottoms):
+        """MAX: winner minus runner-up in each window (inf for a window of one image cell)."""
+        if self.method != "MAX":
+            return None
+        values, _ = self._windows(bottoms[0])
+        if values.shape[-1] == 1:
+            return [torch.full(values.shape[:4], math.inf, dtype=values.dtype, device=values.device)]
+        top2 = values.topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]
+        return [torch.where(torch.isnan(margin), math.inf, margin)]
+
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         x = bottoms[0]
         if self.method == "MAX":  # a comparison: exact

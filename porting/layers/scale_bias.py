@@ -72,15 +72,18 @@ class Scale(_BroadcastLayer):
         return (y,)
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
-        if self.two_bottoms:
-            return None
-        # y = x * s (+ b): one product, one sum, bounded with |s| and |b|.
+        # y = x * s (+ b): one product, one sum, bounded with |s| and |b| (s a blob or bottom 1).
         return [gamma(2) * magnitude(self, bottoms, abs_module)[0] + ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # dx = g * s: one product. A second bottom s gets sum of g * x over the n elements
+        # it is broadcast to (Caffe: products, then gemv/dot in any order): gamma(n + 1).
+        mags = magnitude_vjp(self, bottoms, top_diffs, abs_module)
+        bounds = [U * mags[0] + ETA]
         if self.two_bottoms:
-            return None
-        return [U * magnitude_vjp(self, bottoms, top_diffs, abs_module)[0] + ETA]
+            n = bottoms[0].numel() // max(bottoms[1].numel(), 1)
+            bounds.append(gamma(n + 1) * mags[1] + n * ETA)
+        return bounds
 
     def describe(self) -> str:
         return f"axis {self.start}" + (" bottom" if self.two_bottoms else "") + (" +bias" if self.bias_term else "")
@@ -100,10 +103,15 @@ class Bias(_BroadcastLayer):
         return (x + broadcast(b, self.start, x.dim()),)
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
-        return None if self.two_bottoms else [U * exact_tops[0].abs() + ETA]
+        return [U * exact_tops[0].abs()]  # one sum
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
-        return None if self.two_bottoms else [torch.zeros_like(bottoms[0])]
+        # dx = g; a second bottom b gets the sum of g over the n elements it is broadcast to.
+        bounds = [torch.zeros_like(bottoms[0])]
+        if self.two_bottoms:
+            n = bottoms[0].numel() // max(bottoms[1].numel(), 1)
+            bounds.append(gamma(n - 1) * magnitude_vjp(self, bottoms, top_diffs, abs_module)[1])
+        return bounds
 
     def describe(self) -> str:
         return f"axis {self.start}" + (" bottom" if self.two_bottoms else "")

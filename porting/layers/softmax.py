@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from porting.layers import CaffeLayer, canonical_axis, register
-from porting.rounding import ETA, U, gamma
+from porting.rounding import ETA, LIBM, U, gamma, stored_error
 
 
 @register("Softmax", v1="SOFTMAX")
@@ -29,16 +29,16 @@ class Softmax(CaffeLayer):
         n = x.shape[axis]
         # y_i = exp(d_i) / sum_j exp(d_j), d = x - max: rounding d_i moves exp(d_i) by |d_i| u
         # (relative), in y_i's numerator and in the sum's largest term; the sum of n terms adds
-        # gamma_{n-1}; exp itself (up to 3.5 ulp = 7u in vectorised libraries, twice), the
-        # quotient (or reciprocal and product) the rest.
-        rel = U * (spread + spread.amax(dim=axis, keepdim=True)) + gamma(n + 16)
+        # gamma_{n-1}; exp itself (LIBM, in y_i and in the sum), the quotient (or reciprocal
+        # and product) the rest.
+        rel = U * (spread + spread.amax(dim=axis, keepdim=True)) + gamma(n + 1) + 2 * LIBM
         return [rel * exact_tops[0].abs() + 2 * ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         # Caffe: dx = (g - sum(g*y)) * y with its stored y: a dot product of n terms, a
         # subtraction and a product, plus the stored top's own error.
         y_f, g, axis = tops[0], top_diffs[0], self.axis
-        dy = (y_f - exact_tops[0]).abs()
+        dy = stored_error(y_f, exact_tops[0])
         n = y_f.shape[axis]
         dot = (g * y_f).sum(dim=axis, keepdim=True)
         dot_mag = (g * y_f).abs().sum(dim=axis, keepdim=True)
