@@ -379,3 +379,11 @@ def test_caffe_within_bound(caffe_worker, tmp_path, name):
         exact, exact_grads = _run(layer64, xs64, [d.double() for d in diffs])
         grads = [torch.tensor(caffe[f"blob/b{i}/diff"]) for i in range(len(bottoms))]
         assert check_backward(layer64, xs64, [top], exact, diffs, grads, exact_grads) <= 1
+
+
+def test_batch_norm_with_batch_statistics_has_no_rule_yet():
+    layer = _one('type: "BatchNorm" batch_norm_param { use_global_stats: false }', [N4])
+    x = torch.tensor(normal(N4, 70)).double()
+    y = layer(x)
+    assert layer.forward_bound([x], list(y)) is None
+    assert layer.backward_bound([x], list(y), list(y), [torch.ones_like(y[0])]) is None

@@ -64,6 +64,8 @@ class BatchNorm(CaffeLayer):
         return self._per_channel(mean * sf, x.dim()), self._per_channel(var * sf, x.dim())
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        if not self.use_global_stats:
+            return None  # batch statistics: no rule yet (the stored ones would be wrong)
         x = bottoms[0]
         mean, var = self._global_stats(x)
         # (x - mean) / sqrt(var + eps): the stats rescaling (1/factor and two products), the
@@ -71,6 +73,8 @@ class BatchNorm(CaffeLayer):
         return [(gamma(6) + LIBM) * (x.abs() + mean.abs()) / torch.sqrt(var + self.eps) + 2 * ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        if not self.use_global_stats:
+            return None
         _, var = self._global_stats(bottoms[0])
         return [(gamma(4) + LIBM) * top_diffs[0].abs() / torch.sqrt(var + self.eps) + ETA]
 
