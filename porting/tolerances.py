@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from porting.errors import PortingError
 # Transitional re-exports for porting.verify (see the end of this file).
-from porting.rounding import U, gamma, magnitude_twin  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------
@@ -169,22 +168,3 @@ def _tolerance_value(value, where: str, entry: str) -> float:
     if not math.isfinite(number) or number < 0:
         raise PortingError(f"tolerance must be a finite number >= 0, got {value!r}", where, entry)
     return number
-
-
-# --------------------------------------------------------------------------------------
-# Transitional: porting.verify still imports these from here. The rounding arithmetic lives
-# in porting.rounding and each layer type's bounds in its class (CaffeLayer.forward_bound /
-# backward_bound); remove these once porting.verify calls those directly.
-# --------------------------------------------------------------------------------------
-
-
-def forward_bound(spec, module, bottoms, exact_tops, abs_module=None):
-    """Transitional: ``module.forward_bound(bottoms, exact_tops, abs_module)``."""
-    return module.forward_bound(bottoms, exact_tops, abs_module)
-
-
-def backward_bound(spec, module, bottoms, tops, exact_tops, top_diffs, abs_module=None):
-    """Transitional: ``module.backward_bound(...)``, None per bottom when the first top has no diff."""
-    if top_diffs and top_diffs[0] is None:
-        return [None] * len(bottoms)
-    return module.backward_bound(bottoms, tops, exact_tops, top_diffs, abs_module)

@@ -16,7 +16,8 @@ import torch
 
 from porting import PortingError, load_caffe
 from porting.layers import LAYERS
-from porting.tolerances import Tolerances, gamma, parse_tolerances
+from porting.rounding import gamma
+from porting.tolerances import Tolerances, parse_tolerances
 from porting.verify import (NetValues, Objective, blob_metrics, default_objective, find_departure,
                             float64_twin, local_checks, parse_objective, port_arrays, random_inputs,
                             topk_agreement, verify_arrays, verify_port)
