@@ -569,15 +569,6 @@ def render_html(report: dict, png: bytes | None = None) -> str:
     parts.append(f"<p class=\"verdict\"><b>{_esc(report.get('summary') or status)}</b> "
                  f"(exit status {report['exit_status']})</p>")
     parts.append(f"<p>{_esc(report['verdict'])}</p>")
-    if report.get("flips"):
-        parts.append("<h2>Decisions the frameworks take differently</h2><table><tr>"
-                     + "".join(f"<th class=\"l\">{h}</th>" for h in (
-                         "layer", "type", "flipped", "of", "largest margin (of the blob's max)", "kind")) + "</tr>")
-        for f in report["flips"]:
-            parts.append(f"<tr><td class=\"l\">{_esc(f['layer'])}</td><td class=\"l\">{_esc(f['layer_type'])}</td>"
-                         f"<td>{f['flips']}</td><td>{f['total']}</td><td>{_esc(_g(f['margin_rel']))}</td>"
-                         f"<td class=\"l\">{_esc(f['kind'])}</td></tr>")
-        parts.append("</table>")
     dep = report.get("departure")
     parts.append("<h2>Point of departure</h2>")
     if dep:
@@ -592,6 +583,15 @@ def render_html(report: dict, png: bytes | None = None) -> str:
     for other in report.get("other_departures", []):
         parts.append(f"<p class=\"small\"><b>Third opinion ({_esc(', '.join(other['frameworks']))}).</b> "
                      f"{_esc(other['statement'])}</p>")
+    if report.get("flips"):
+        parts.append("<h2>Decisions the frameworks take differently</h2><table><tr>"
+                     + "".join(f"<th class=\"l\">{h}</th>" for h in (
+                         "layer", "type", "flipped", "of", "largest margin (of the blob's max)", "kind")) + "</tr>")
+        for f in report["flips"]:
+            parts.append(f"<tr><td class=\"l\">{_esc(f['layer'])}</td><td class=\"l\">{_esc(f['layer_type'])}</td>"
+                         f"<td>{f['flips']}</td><td>{f['total']}</td><td>{_esc(_g(f['margin_rel']))}</td>"
+                         f"<td class=\"l\">{_esc(f['kind'])}</td></tr>")
+        parts.append("</table>")
     summary = _framework_summary(report)
     if summary:
         parts.append("<h2>Each framework against float64, layer by layer</h2><table><tr>"

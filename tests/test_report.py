@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import copy
 import json
 import math
@@ -141,6 +142,10 @@ def test_written_files_and_self_contained_html(report, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == paths["png"].read_bytes()
     for text in ("conv1", "Point of departure", "class 0", "b.jpg", "FAIL"):
         assert text in page
+    # the one-line verdict comes first, the long paragraph after it
+    summary = html.escape(report["summary"], quote=True)
+    assert report["summary"].startswith("FAIL at the forward of layer conv1")
+    assert page.index(summary) < page.index(html.escape(report["verdict"][:60], quote=True))
     md = paths["md"].read_text()
     assert "## Point of departure" in md and "| conv1 | Convolution |" in md and "(errors.png)" in md
 
