@@ -397,6 +397,17 @@ class Outcome:
     passed: bool
     departed_at: str | None
     summary: str
+    flips: str = ""   # decisions Caffe and the port take differently by rounding: "layer n/total, ..."
+    worst: str = ""   # the array farthest from Caffe: "key max_rel" (relative to max |caffe|)
+
+
+def _outcome(v) -> Outcome:
+    rounding = [f for f in getattr(v, "flips", []) if f.kind == "rounding"]
+    flips = ", ".join(f"{f.layer} {f.flips}/{f.total}" for f in rounding)
+    rows = [r for r in getattr(v, "rows", []) if r.metrics is not None and r.metrics.max_rel == r.metrics.max_rel]
+    worst = max(rows, key=lambda r: r.metrics.max_rel, default=None)
+    return Outcome(bool(v.passed), departed_at(v), describe(v), flips,
+                   f"{worst.key} {worst.metrics.max_rel:.2g}" if worst else "")
 
 
 def departed_at(verification) -> str | None:
@@ -440,8 +451,7 @@ def verify(net, case: Case):
 def run_correct(case: Case) -> Outcome:
     from porting import load_caffe
 
-    v = verify(load_caffe(case.prototxt, case.weights), case)
-    return Outcome(bool(v.passed), departed_at(v), describe(v))
+    return _outcome(verify(load_caffe(case.prototxt, case.weights), case))
 
 
 def run_mutation(mutation: Mutation, case: Case) -> Outcome:
@@ -450,8 +460,7 @@ def run_mutation(mutation: Mutation, case: Case) -> Outcome:
 
     net = load_caffe(case.prototxt, case.weights)
     mutation.inject(net)
-    v = verify(net, case)
-    return Outcome(bool(v.passed), departed_at(v), describe(v))
+    return _outcome(verify(net, case))
 
 
 def available(net: str) -> bool:
