@@ -411,14 +411,9 @@ def _outcome(v) -> Outcome:
 
 
 def departed_at(verification) -> str | None:
-    """The layer the verification blames: its departure, or else the layer of the first
-    array that could not be compared (a shape mismatch), or else of the first array beyond
-    its tolerance (forward in net order, then backward)."""
-    if verification.departure is not None:
-        return verification.departure.layer
-    rows = getattr(verification, "rows", [])
-    bad = [r for r in rows if r.problem] or [r for r in rows if not r.passed]
-    return bad[0].layer if bad else None
+    """The layer the verification blames (``Verification.departed_at``: the earlier of the
+    departure and the first shape mismatch, forward in net order, then backward)."""
+    return verification.departed_at
 
 
 def describe(verification) -> str:

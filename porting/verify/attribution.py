@@ -163,6 +163,8 @@ def _layer_checks(spec, abs_module, values: NetValues, name: str, arr: Mapping, 
     if not wants_backward:
         return
     g = [None if d is None else _t(d) for d in top_diffs]
+    if any(d is not None and d.shape != y.shape for y, d in zip(exact_tops, g)):
+        return  # a shape the reference does not share: reported as such, nothing to judge here
     pairs = [(y, d) for y, d in zip(exact_tops, g) if d is not None and y.requires_grad]
     if not pairs:
         return
@@ -368,6 +370,11 @@ class Departure:
     local_rel: float
     band: float | None
     statement: str
+    position: int = -1           # the layer's position in the net
+
+    def order(self) -> tuple[int, int]:
+        """Forward in net order first, then backward from the objective down."""
+        return (0, self.position) if self.direction == "forward" else (1, -self.position)
 
 
 def find_departure(checks: list[LocalCheck], frameworks: list[str], reference: str | None = None
@@ -406,7 +413,7 @@ def find_departure(checks: list[LocalCheck], frameworks: list[str], reference: s
                       f"differently from {reference} (a semantic difference), not that {reference}'s "
                       f"arithmetic is wrong.")
     return Departure(bad, within, first.direction, worst.layer, worst.layer_type, worst.params, worst.key,
-                     worst.error_ratio, worst.local_rel, worst.band, statement)
+                     worst.error_ratio, worst.local_rel, worst.band, statement, worst.position)
 
 
 def _fmt_ratio(r: float) -> str:

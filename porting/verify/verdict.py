@@ -61,6 +61,13 @@ class Verification:
     def failed_rows(self) -> list[Row]:
         return [r for r in self.rows if not r.passed]
 
+    @property
+    def departed_at(self) -> str | None:
+        """The layer the verdict names: the earliest (forward in net order, then backward) of
+        the point of departure and the first array whose shape the reference does not share;
+        when the verdict fails by tolerance only, the first failing array's layer."""
+        return blamed_layer(self.rows, self.departure, self.passed)
+
 
 def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolerances: Tolerances | None = None,
                   objective: Objective | None = None, exact: Mapping | None = None,
@@ -111,6 +118,24 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
                         missing_in_reference, not_in_candidate, frameworks, other_departures,
                         summarise(passed, problems, departure, rows, main_checks, flips, names, strict),
                         strict, flips, problems)
+
+
+def blamed_layer(rows: list[Row], departure: Departure | None, passed: bool) -> str | None:
+    """See ``Verification.departed_at``."""
+    if passed:
+        return None
+    places = [(departure.order(), departure.layer)] if departure is not None else []
+    shape = next((r for r in rows if r.problem), None)  # rows come forward first, then backward
+    if shape is not None:
+        places.append((_row_order(shape), shape.layer))
+    if places:
+        return min(places)[1]
+    failed = next((r for r in rows if not r.passed), None)
+    return failed.layer if failed is not None else None
+
+
+def _row_order(row: Row) -> tuple[int, int]:
+    return (0, row.position) if row.kind == "data" else (1, -row.position)
 
 
 def _problems(rows: list[Row], checks: list[LocalCheck], departure: Departure | None,
@@ -165,6 +190,9 @@ def summarise(passed: bool, problems: list[str], departure: Departure | None, ro
         if beyond:
             text += f"; {beyond} array(s) beyond their per-blob tolerance (which decides only with --strict)"
         return text + "."
+    shape = next((r for r in rows if r.problem), None)
+    if shape is not None and (departure is None or _row_order(shape) < departure.order()):
+        return f"FAIL at layer {shape.layer} ({shape.layer_type}): {shape.key} has {shape.problem}."
     if departure is not None:
         where = f"the {departure.direction} of layer {departure.layer} ({departure.layer_type})"
         if departure.layer_type == "Input":
@@ -177,9 +205,6 @@ def summarise(passed: bool, problems: list[str], departure: Departure | None, ro
         else:
             cause = "both frameworks differ from the port's float64 reading there"
         return f"FAIL at {where}: {cause}."
-    shape = next((r for r in rows if r.problem), None)
-    if shape is not None:
-        return f"FAIL at layer {shape.layer} ({shape.layer_type}): {shape.key} has {shape.problem}."
     first = problems[0] if problems else "nothing was compared"
     rule = "strict per-blob tolerance" if strict else "per-blob tolerance (no rounding rule for this layer)"
     return f"FAIL by {rule}: {first}."
@@ -263,7 +288,10 @@ def verify_port(net, reference: Mapping, inputs: Mapping[str, np.ndarray], objec
     if not isinstance(inputs, Mapping):
         inputs = {next(iter(net.graph.inputs)): inputs}
     candidate = port_arrays(net, inputs, objective)
-    pinned = port_arrays(net, inputs, objective, pin=reference) if objective is not None else None
+    pinned = None
+    if objective is not None:  # pinned where the shapes agree (a shape difference is reported as such)
+        same = {k: v for k, v in reference.items() if k in candidate and np.shape(v) == np.shape(candidate[k])}
+        pinned = port_arrays(net, inputs, objective, pin=same)
     net64 = float64_twin(net)
     exact = port_arrays(net64, inputs, objective)
     verification = verify_arrays(net64, reference, candidate, tolerances, objective, exact, others, names,
