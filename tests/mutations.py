@@ -403,7 +403,8 @@ class Outcome:
 
 def _outcome(v) -> Outcome:
     rounding = [f for f in getattr(v, "flips", []) if f.kind == "rounding"]
-    flips = ", ".join(f"{f.layer} {f.flips}/{f.total}" for f in rounding)
+    flips = ", ".join(f"{f.layer} {f.flips}/{f.total}" for f in rounding[:2])
+    flips += f" (+{len(rounding) - 2} layers)" if len(rounding) > 2 else ""
     rows = [r for r in getattr(v, "rows", []) if r.metrics is not None and r.metrics.max_rel == r.metrics.max_rel]
     worst = max(rows, key=lambda r: r.metrics.max_rel, default=None)
     return Outcome(bool(v.passed), departed_at(v), describe(v), flips,

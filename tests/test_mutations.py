@@ -12,7 +12,7 @@ Inputs: uniform [-128, 128) (BGR, 0-255 minus the mean) for pixel nets, N(0, 1) 
 zoo, the held-out synthetic images for trained nets, the generator's own for random nets.
 
 The full campaign (all shared nets x 3 fillers x 3 seeds, GoogLeNet included) is
-benchmarks/bench_verdict.py; this subset took 150 s on 2 shared cores.
+benchmarks/bench_verdict.py; this subset took 36 s on 2 cores (150 s while they were shared).
 """
 from __future__ import annotations
 
