@@ -3,11 +3,11 @@ and the 2016 code's 8-bit conversion."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from porting.files import atomic_path
 
 
 def truncating_uint8(image: np.ndarray) -> np.ndarray:
@@ -17,21 +17,10 @@ def truncating_uint8(image: np.ndarray) -> np.ndarray:
     return (np.trunc(values).astype(np.int64) & 0xFF).astype(np.uint8)
 
 
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def _atomic(path, write) -> Path:
+    with atomic_path(path) as tmp:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp made it 0600; give it an ordinary file's mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def save_png(path, rgb_uint8: np.ndarray) -> Path:

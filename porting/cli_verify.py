@@ -9,24 +9,16 @@ also every blob within its per-blob tolerance), 1 when not, 2 on bad input.
 """
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from porting.errors import PortingError
+from porting.files import file_digest
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff"}
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_input_files(files, shape: tuple[int, ...], mean_bgr=IMAGENET_MEAN_BGR) -> np.ndarray:
@@ -104,8 +96,8 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
     if prob and blob_key(prob, "data") in reference:
         top5 = top5_table(reference[blob_key(prob, "data")], arrays["port"][blob_key(prob, "data")],
                           labels=described.get("files"), synsets=read_synsets(synsets) if synsets else None)
-    about = {"name": net.graph.name, "prototxt": str(prototxt), "prototxt_sha256": sha256_of(prototxt),
-             "caffemodel": str(caffemodel), "caffemodel_sha256": sha256_of(caffemodel)}
+    about = {"name": net.graph.name, "prototxt": str(prototxt), "prototxt_sha256": file_digest(prototxt),
+             "caffemodel": str(caffemodel), "caffemodel_sha256": file_digest(caffemodel)}
     if onnx_summary:
         about["onnx"] = onnx_summary
     report = build_report(verification, net=about, inputs=described, provenance=reference.provenance, top5=top5)

@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from porting.errors import PortingError
+from porting.files import write_atomic
 
 OPSET = 17
 BLOB_VIEWS_KEY = "caffe_blob_views"
@@ -126,15 +126,7 @@ def export_onnx(net, path: str | os.PathLike, inputs: Mapping[str, np.ndarray] |
     entry = model.metadata_props.add()
     entry.key, entry.value = BLOB_VIEWS_KEY, json.dumps(views)
     data = model.SerializeToString()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
     return path
 
 

@@ -15,7 +15,6 @@ killed (``CaffeTimeout``); a missing root raises ``PortingError`` saying how to 
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from porting.errors import PortingError
+from porting.files import copy_atomic, file_digest
 from porting.legacy_build import (CHROOT_ENV, INSIDE_JOBS, INSIDE_REFERENCE, REFERENCE_DIR, chroot_argv,
                                   require_built, resolve_root)
 
@@ -278,7 +278,7 @@ class Worker:
             raise PortingError(f"cannot read: {err.strerror}", path) from None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in self._inputs:
-            digest = _sha256(path)
+            digest = file_digest(path)
             name = digest + "".join(path.suffixes[-1:])
             target = self.jobdir / "in" / name
             if not target.exists():
@@ -361,12 +361,7 @@ class Worker:
             result = self._request("make_weights", {
                 "prototxt": self._file_inside(prototxt), "out": f"{call_inside}/weights.caffemodel",
                 "weight_filler": weight_spec, "bias_filler": bias_spec, "seed": int(seed)}, timeout, prototxt)
-            tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-            try:
-                shutil.copyfile(call_host / "weights.caffemodel", tmp)
-                os.replace(tmp, out_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            copy_atomic(call_host / "weights.caffemodel", out_path)
             return result["provenance"]
         finally:
             shutil.rmtree(call_host, ignore_errors=True)
@@ -409,12 +404,7 @@ class Worker:
                 "noise": float(noise), "scale": float(scale), "heldout": int(heldout), "data_blob": str(data_blob),
                 "label_blob": str(label_blob), "loss_blob": str(loss_blob),
                 "heldout_out": f"{call_inside}/heldout.npz"}, timeout, train_prototxt)
-            tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-            try:
-                shutil.copyfile(call_host / "trained.caffemodel", tmp)
-                os.replace(tmp, out_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            copy_atomic(call_host / "trained.caffemodel", out_path)
             out = self._load_npz(call_host / "heldout.npz")
             out.provenance = result["provenance"]
             return out
@@ -464,14 +454,6 @@ def _filler_spec(filler, std: float, value: float) -> dict:
     elif filler == "constant":
         spec["value"] = float(value)
     return spec
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _remove_orphan_jobdirs(root: Path) -> None:

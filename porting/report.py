@@ -30,13 +30,13 @@ import math
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from porting.errors import PortingError
+from porting.files import write_atomic
 from porting.verify import EXACT, Verification, top_classes, top_key
 
 SCHEMA = "caffe-port-harness/drift-report"
@@ -218,20 +218,6 @@ def load_report(path: str | os.PathLike) -> dict:
     return _restore(obj)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md, report.html and errors.png into ``folder``.
 
@@ -246,10 +232,10 @@ def write_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
     png = plot_errors(report)
     paths = {"json": folder / "report.json", "md": folder / "report.md", "html": folder / "report.html",
              "png": folder / "errors.png"}
-    _atomic_write(paths["png"], png)
-    _atomic_write(paths["json"], (dumps(report) + "\n").encode("utf-8"))
-    _atomic_write(paths["md"], render_markdown(report, image="errors.png").encode("utf-8"))
-    _atomic_write(paths["html"], render_html(report, png).encode("utf-8"))
+    write_atomic(paths["png"], png)
+    write_atomic(paths["json"], (dumps(report) + "\n").encode("utf-8"))
+    write_atomic(paths["md"], render_markdown(report, image="errors.png").encode("utf-8"))
+    write_atomic(paths["html"], render_html(report, png).encode("utf-8"))
     return paths
 
 

@@ -8,7 +8,6 @@ and needs neither the original prototxt nor the caffemodel.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from porting import caffe_pb2
 from porting.errors import PortingError
+from porting.files import atomic_path
 
 FORMAT = "caffe-port-harness/1"
 
@@ -27,14 +27,8 @@ def save_converted(net, path: str | os.PathLike, phase: str = "test") -> None:
     meta = {"format": FORMAT, "phase": phase,
             "prototxt": text_format.MessageToString(net.graph.to_netparameter())}
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_converted(path: str | os.PathLike):

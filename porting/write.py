@@ -8,10 +8,7 @@ not at all: written to a temporary file beside the target, then renamed.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -19,6 +16,7 @@ from google.protobuf import text_format
 
 from porting import caffe_pb2
 from porting.errors import PortingError
+from porting.files import atomic_open
 from porting.upgrade import V0_LAYER_TYPES, V2_TO_V1_TYPE
 
 FORMATS = ("v2", "v1", "v0")
@@ -44,7 +42,7 @@ def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerWeights], fo
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
-    with _atomic(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         if net_name:
             f.write(caffe_pb2.NetParameter(name=net_name).SerializeToString())
         for name, type_name, arrays in layers:
@@ -66,7 +64,7 @@ def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerWeights], fo
 
 def write_prototxt(path: str | os.PathLike, net: caffe_pb2.NetParameter) -> None:
     """Write ``net`` in protobuf text format (what Caffe reads as a .prototxt), atomically."""
-    with _atomic(path, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text_format.MessageToString(net))
 
 
@@ -124,21 +122,3 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike, mode: str):
-    """Open a temporary file beside ``path``; rename it onto ``path`` only on success."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -27,14 +27,11 @@ KNOWN_WEIGHTS = {
 }
 
 
-def sha1_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    import hashlib
+def sha1_of(path: str | Path) -> str:
+    """The SHA-1 the model zoo publishes for a file."""
+    from porting.files import file_digest
 
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def check_weights(name: str, path: str | Path) -> None:

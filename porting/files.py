@@ -1,0 +1,64 @@
+"""Files written whole or not at all, and file digests: the one home of both.
+
+``atomic_path(path)`` yields a temporary name beside ``path``; what is written there is
+renamed onto ``path`` (same folder, so the rename is atomic) only when the block ends
+without an exception, with the usual mode (0666 less the umask; mkstemp makes 0600).
+Otherwise the temporary file is removed: nothing half-written is left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file name beside ``path``, renamed onto it when the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb"):
+    """``open`` on a temporary file beside ``path``; flushed, synced and renamed on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy ``source`` onto ``path`` whole or not at all."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file's bytes, read in chunks (``algorithm``: any hashlib name)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
