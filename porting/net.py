@@ -14,11 +14,6 @@ from porting.parse import read_caffemodel, read_prototxt
 from porting.upgrade import upgrade_net
 
 
-def module_key(layer_name: str) -> str:
-    """Caffe layer names may hold '.', which torch module names cannot."""
-    return layer_name.replace(".", "\u2024")  # one-dot leader, looks the same in tables
-
-
 class CaffeNet(nn.Module):
     """A Caffe net as an ``nn.Module``.
 
@@ -28,14 +23,17 @@ class CaffeNet(nn.Module):
     call, ``layer_outputs[name]`` holds each layer's own tops, so the value of a blob before
     an in-place layer overwrote it stays reachable. Inputs are NCHW float tensors in the
     net's own preprocessing (for CaffeNet: BGR, 0-255 minus the mean).
+
+    Caffe accepts any layer name (empty, dotted, ``type``, ``forward``...), so the torch
+    modules sit in a ``ModuleList`` by layer index (``named_parameters`` reads
+    ``layers.<index>.<blob index>``) and never collide with ``nn.Module`` attributes;
+    ``params``, ``layer_outputs`` and ``state_dict`` keys use the Caffe layer name.
     """
 
     def __init__(self, graph: Graph):
         super().__init__()
         self.graph = graph
-        self.layers = nn.ModuleDict()
-        for spec in graph.layers:
-            self.layers[module_key(spec.name)] = spec.module
+        self.layers = nn.ModuleList(spec.module for spec in graph.layers)
         self.layer_outputs: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
 
     @property
@@ -53,12 +51,27 @@ class CaffeNet(nn.Module):
 
 
     def state_dict(self, *args, **kwargs):
-        """Keys read ``<layer name>.<blob index>`` (no ``layers.`` prefix)."""
+        """Keys read ``<layer name>.<blob index>``, the name as Caffe has it (dots kept).
+
+        Called by a parent module (with a prefix) the keys stay torch's own."""
         state = super().state_dict(*args, **kwargs)
-        return OrderedDict((k.removeprefix("layers."), v) for k, v in state.items())
+        out = OrderedDict()
+        for key, value in state.items():
+            if key.startswith("layers."):  # "layers.<layer index>.<blob index>"
+                _, index, blob = key.split(".", 2)
+                key = f"{self.graph.layers[int(index)].name}.{blob}"
+            out[key] = value
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return super().load_state_dict(OrderedDict(("layers." + k, v) for k, v in state_dict.items()),
+        """Takes ``state_dict()``'s keys; an unknown layer name stays as given (strict refuses it)."""
+        index = {spec.name: i for i, spec in enumerate(self.graph.layers)}
+
+        def torch_key(key: str) -> str:
+            name, _, blob = key.rpartition(".")
+            return f"layers.{index[name]}.{blob}" if name in index else key
+
+        return super().load_state_dict(OrderedDict((torch_key(k), v) for k, v in state_dict.items()),
                                        strict=strict, assign=assign)
 
     def forward(self, *args: torch.Tensor, end: str | None = None,

@@ -50,10 +50,13 @@ def load_converted(path: str | os.PathLike):
         raise PortingError(f"not a converted model (format {meta.get('format')!r}, expected {FORMAT!r})", path)
     net = caffe_pb2.NetParameter()
     text_format.Parse(meta["prototxt"], net)
+    names = {layer.name for layer in net.layer}
     weights: dict[str, list[WeightBlob]] = {}
     for key, tensor in tensors.items():
         layer, index = key.rsplit(".", 1)
-        weights.setdefault(layer.replace("\u2024", "."), []).append((int(index), tensor))
+        if layer not in names:  # files written before keys kept dots had "\u2024" for "."
+            layer = layer.replace("\u2024", ".")
+        weights.setdefault(layer, []).append((int(index), tensor))
     weights = {name: [WeightBlob(t.numpy().reshape(-1), tuple(t.shape)) for _, t in sorted(blobs)]
                for name, blobs in weights.items()}
     return CaffeNet(build_graph(net, meta.get("phase", "test"), weights, source=path))

@@ -1,0 +1,65 @@
+"""Hostile model files (issue 9): each bad input is refused at its source with a
+PortingError in Python and, from the CLI, exit 2 with exactly one line on stderr."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from porting import PortingError, load_caffe
+from porting.saved import load_converted, save_converted
+from porting.write import write_caffemodel
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "porting", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_exit_2(out, *named):
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    for text in named:
+        assert text in out.stderr, out.stderr
+
+
+# --------------------------------------------------------------------------- layer names
+# torch.nn.Module attributes and ModuleDict methods, an empty name, a dotted one.
+ODD_NAMES = ["type", "train", "forward", "keys", "clear", "modules", "training", "_modules",
+             "", "a.b", "layers", "0"]
+
+
+def _net_named(conv: str, fc: str) -> str:
+    return f"""name: "odd"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 2 dim: 5 dim: 5 }} }} }}
+layer {{ name: "{conv}" type: "Convolution" bottom: "data" top: "c" convolution_param {{ num_output: 3 kernel_size: 3 }} }}
+layer {{ name: "{fc}" type: "InnerProduct" bottom: "c" top: "fc" inner_product_param {{ num_output: 4 }} }}
+"""
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_any_layer_name_works(name, tmp_path):
+    """Caffe's Net::Init accepts any layer name, the empty one included; so does the port."""
+    other = "fc" if name != "fc" else "other"
+    proto = tmp_path / "odd.prototxt"
+    proto.write_text(_net_named(name, other))
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal((3, 2, 3, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)]
+    f = [rng.standard_normal((4, 27)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
+    model = tmp_path / "odd.caffemodel"
+    write_caffemodel(model, [(name, "Convolution", w), (other, "InnerProduct", f)])
+    net = load_caffe(proto, model)
+    assert list(net.params) == [name, other]
+    np.testing.assert_array_equal(net.params[name][0].detach().numpy(), w[0])
+    assert list(net.state_dict()) == [f"{name}.0", f"{name}.1", f"{other}.0", f"{other}.1"]
+    x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    blobs = net(x)
+    assert torch.equal(net.layer_outputs[name][0], blobs["c"])
+    assert list(net(x, end=name)) == ["data", "c"]
+    out = tmp_path / "odd.safetensors"
+    save_converted(net, out)
+    back = load_converted(out)
+    assert list(back.state_dict()) == list(net.state_dict())
+    assert torch.equal(back(x)["fc"], blobs["fc"])
+    back.load_state_dict(net.state_dict())
+    assert run("inspect", proto, model).returncode == 0
