@@ -41,6 +41,9 @@ LAYER_V1_BLOBS = 6          # V1LayerParameter.blobs
 LAYER_V1_V0 = 1             # V1LayerParameter.layer (a V0LayerParameter)
 LAYER_V0_BLOBS = 50         # V0LayerParameter.blobs
 BLOB_DATA, BLOB_DIFF, BLOB_DOUBLE_DATA, BLOB_DOUBLE_DIFF = 5, 6, 8, 9
+# Protobuf's default recursion limit: a message or group nested deeper than this (the
+# NetParameter at depth 0, a layer at 1, a blob at 2, each group one more) is refused.
+MAX_DEPTH = 100
 
 MAGIC = [(b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
          (b"PK\x03\x04", "a zip archive (a PyTorch .pt or .npz?)"), (b"\x93NUMPY", "a NumPy .npy file"),
@@ -228,7 +231,11 @@ def _varint_bytes(value: int) -> bytes:
 
 
 class _Walker:
-    """Walks protobuf wire data in ``buf`` (an mmap); collects blob data as arrays."""
+    """Walks protobuf wire data in ``buf`` (an mmap); collects blob data as arrays.
+
+    ``depth`` arguments are the nesting depth of the message being walked, counted as
+    protobuf counts it against its recursion limit (``MAX_DEPTH``).
+    """
 
     def __init__(self, buf, want_data: bool):
         self.buf, self.want_data = buf, want_data
@@ -252,8 +259,9 @@ class _Walker:
             if shift >= 70:
                 raise _Malformed(f"byte {pos}: varint longer than 10 bytes")
 
-    def field(self, pos: int, end: int, top: bool = False) -> tuple[int, int, int, int, int]:
-        """One field at ``pos``: (number, wire type, value start, value end, next pos)."""
+    def field(self, pos: int, end: int, top: bool = False, depth: int = 0) -> tuple[int, int, int, int, int]:
+        """One field at ``pos`` of a message at ``depth``: (number, wire type, value start,
+        value end, next pos)."""
         key, pos = self.varint(pos, end, top)
         field_no, wire = key >> 3, key & 7
         if field_no == 0:
@@ -270,7 +278,7 @@ class _Walker:
             start, stop = pos, pos + 8
         elif wire == SGROUP:
             start = pos
-            stop = self.skip_group(field_no, pos, end, top)
+            stop = self.skip_group(field_no, pos, end, top, depth + 1)
             return field_no, wire, start, stop, stop
         else:
             raise _Malformed(f"byte {pos - 1}: invalid wire type {wire}")
@@ -280,19 +288,22 @@ class _Walker:
             raise _Malformed(f"byte {start}: field {field_no} runs past the end of its message")
         return field_no, wire, start, stop, stop
 
-    def skip_group(self, group_no: int, pos: int, end: int, top: bool) -> int:
+    def skip_group(self, group_no: int, pos: int, end: int, top: bool, depth: int) -> int:
+        """The position after the group that starts at ``pos`` (its own depth: ``depth``)."""
+        if depth > MAX_DEPTH:
+            raise _Malformed(f"byte {pos}: groups nested deeper than protobuf's limit of {MAX_DEPTH}")
         while True:
             key, after = self.varint(pos, end, top)
             if key & 7 == EGROUP:
                 if key >> 3 != group_no:
                     raise _Malformed(f"byte {pos}: unmatched end of group")
                 return after
-            _, _, _, _, pos = self.field(pos, end, top)
+            _, _, _, _, pos = self.field(pos, end, top, depth)
 
     # -- messages --------------------------------------------------------------
     def layer_v2(self, start: int, end: int) -> tuple[bytes, list[np.ndarray]]:
         """LayerParameter bytes without blob data, and the data of each blob."""
-        return self._message_with_blobs(start, end, {LAYER_V2_BLOBS})
+        return self._message_with_blobs(start, end, {LAYER_V2_BLOBS}, depth=1)
 
     def layer_v1(self, start: int, end: int) -> tuple[bytes, tuple[list, list]]:
         """V1LayerParameter bytes without blob data (its own and its V0 layer's)."""
@@ -300,37 +311,37 @@ class _Walker:
         pos = start
         while pos < end:
             at = pos
-            field_no, wire, s, e, pos = self.field(pos, end)
+            field_no, wire, s, e, pos = self.field(pos, end, depth=1)
             if field_no == LAYER_V1_BLOBS:
                 self._expect(wire, LEN, at, "V1 layer blobs")
-                blob, data = self.blob(s, e)
+                blob, data = self.blob(s, e, depth=2)
                 own.append(data)
                 out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
             elif field_no == LAYER_V1_V0:
                 self._expect(wire, LEN, at, "V0 layer")
-                v0_bytes, data = self._message_with_blobs(s, e, {LAYER_V0_BLOBS})
+                v0_bytes, data = self._message_with_blobs(s, e, {LAYER_V0_BLOBS}, depth=2)
                 v0.extend(data)
                 out += _key(field_no, LEN) + _varint_bytes(len(v0_bytes)) + v0_bytes
             else:
                 out += self.buf[at:pos]
         return bytes(out), (own, v0)
 
-    def _message_with_blobs(self, start: int, end: int, blob_fields: set[int]):
+    def _message_with_blobs(self, start: int, end: int, blob_fields: set[int], depth: int):
         out, arrays = bytearray(), []
         pos = start
         while pos < end:
             at = pos
-            field_no, wire, s, e, pos = self.field(pos, end)
+            field_no, wire, s, e, pos = self.field(pos, end, depth=depth)
             if field_no in blob_fields:
                 self._expect(wire, LEN, at, "blobs")
-                blob, data = self.blob(s, e)
+                blob, data = self.blob(s, e, depth + 1)
                 arrays.append(data)
                 out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
             else:
                 out += self.buf[at:pos]
         return bytes(out), arrays
 
-    def blob(self, start: int, end: int) -> tuple[bytes, np.ndarray | None]:
+    def blob(self, start: int, end: int, depth: int) -> tuple[bytes, np.ndarray | None]:
         """BlobProto bytes without data/diff, and its data as float32 (None if not wanted).
 
         ``double_data`` wins over ``data`` when it has any values (Blob::FromProto).
@@ -340,7 +351,7 @@ class _Walker:
         pos = start
         while pos < end:
             at = pos
-            field_no, wire, s, e, pos = self.field(pos, end)
+            field_no, wire, s, e, pos = self.field(pos, end, depth=depth)
             if field_no in (BLOB_DATA, BLOB_DOUBLE_DATA):
                 width, dtype, chunks = (4, "<f4", floats) if field_no == BLOB_DATA else (8, "<f8", doubles)
                 if wire == LEN:

@@ -63,3 +63,68 @@ def test_any_layer_name_works(name, tmp_path):
     assert torch.equal(back(x)["fc"], blobs["fc"])
     back.load_state_dict(net.state_dict())
     assert run("inspect", proto, model).returncode == 0
+
+
+# --------------------------------------------------------------------------- nesting
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | 0x80 if n else low)
+        if not n:
+            return bytes(out)
+
+
+def _groups(field_no: int, n: int) -> bytes:
+    return _varint(field_no << 3 | 3) * n + _varint(field_no << 3 | 4) * n
+
+
+def _nested_model(where: str, n: int) -> bytes:
+    """A V2 caffemodel with ``n`` nested unknown groups at the top level, in a layer or in a blob."""
+    from porting import caffe_pb2
+
+    blob = caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[1]), data=[1.0]).SerializeToString()
+    if where == "blob":
+        blob += _groups(900, n)
+    layer = caffe_pb2.LayerParameter(name="s", type="Scale").SerializeToString()
+    layer += _varint(7 << 3 | 2) + _varint(len(blob)) + blob
+    if where == "layer":
+        layer += _groups(900, n)
+    data = _varint(100 << 3 | 2) + _varint(len(layer)) + layer
+    return data + _groups(50, n) if where == "top" else data
+
+
+@pytest.mark.parametrize("where, limit", [("top", 100), ("layer", 99), ("blob", 98)])
+def test_nested_groups_refused_where_protobuf_refuses(where, limit, tmp_path):
+    """Groups nested past protobuf's recursion limit (100, counting the message depth) are
+    refused with one line naming the file and the byte; protobuf itself draws the same line."""
+    from porting import caffe_pb2
+    from porting.parse import read_caffemodel
+
+    for n in (limit, limit + 1, 5000):
+        data = _nested_model(where, n)
+        path = tmp_path / f"{where}{n}.caffemodel"
+        path.write_bytes(data)
+        try:
+            caffe_pb2.NetParameter.FromString(data)
+            protobuf_ok = True
+        except Exception:
+            protobuf_ok = False
+        assert protobuf_ok == (n == limit)
+        if protobuf_ok:
+            assert read_caffemodel(path)["s"][0].data.tolist() == [1.0]
+            continue
+        with pytest.raises(PortingError) as err:
+            read_caffemodel(path)
+        assert path.name in str(err.value) and "byte " in str(err.value) and "\n" not in str(err.value)
+
+
+def test_nested_groups_cli_one_line(tmp_path):
+    proto = tmp_path / "s.prototxt"
+    proto.write_text('layer { name: "d" type: "Input" top: "d" input_param { shape { dim: 1 } } }\n'
+                     'layer { name: "s" type: "Scale" bottom: "d" top: "d" }\n')
+    model = tmp_path / "deep.caffemodel"
+    model.write_bytes(_nested_model("layer", 1000))  # about 4 KB
+    for command in ("inspect", "convert"):
+        out = run(command, proto, model, *(["-o", tmp_path / "o.safetensors"] if command == "convert" else []))
+        assert_one_line_exit_2(out, "deep.caffemodel", "byte ", "nested")
