@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from porting import caffe_pb2
-from porting.errors import PortingError, UnsupportedLayers
+from porting.errors import PortingError, UnsupportedLayers, shown
 from porting.layers import LAYERS, REFUSED, CaffeLayer
 from porting.weights import WeightBlob
 
@@ -60,7 +60,7 @@ class Graph:
         for spec in self.layers:
             shape = "" if spec.module is None else " ".join("x".join(map(str, s)) for s in spec.module.top_shapes)
             count = 0 if spec.module is None else sum(int(np.prod(s)) for s in spec.module.param_shapes)
-            rows.append((spec.name, spec.type, f"{','.join(spec.bottoms)} -> {','.join(spec.tops)}",
+            rows.append((shown(spec.name), shown(spec.type), f"{_names(spec.bottoms)} -> {_names(spec.tops)}",
                          shape, f"{count:,}", "yes" if spec.type in LAYERS else "NO"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -107,7 +107,7 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
     phase_id = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}[phase.lower()]
     specs = [LayerSpec(l.name, l.type, list(l.bottom), list(l.top), _with_phase(l, phase_id))
              for l in net.layer if _phase_allowed(l, phase_id)]
-    bad = [f"{s.name} ({s.type}{': ' + REFUSED[s.type] if s.type in REFUSED else ''})"
+    bad = [f"{shown(s.name)} ({shown(s.type)}{': ' + REFUSED[s.type] if s.type in REFUSED else ''})"
            for s in specs if s.type not in LAYERS or s.type in REFUSED]
     if bad and not shape_only:
         raise UnsupportedLayers("unsupported layer types: " + "; ".join(bad), source)
@@ -117,14 +117,14 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
             break
         missing = [b for b in spec.bottoms if b not in graph.blob_shapes]
         if missing:
-            raise PortingError(f"bottom blob(s) {', '.join(missing)} not produced by any earlier layer",
-                               source, f"layer {spec.name}")
+            raise PortingError(f"bottom blob(s) {_names(missing, ', ')} not produced by any earlier layer",
+                               source, _place(spec))
         try:
             spec.module = LAYERS[spec.type](spec, [graph.blob_shapes[b] for b in spec.bottoms])
         except PortingError:
             raise
         except (ValueError, IndexError) as err:
-            raise PortingError(str(err), source, f"layer {spec.name} ({spec.type})") from None
+            raise PortingError(str(err), source, f"{_place(spec)} ({shown(spec.type)})") from None
         if spec.type == "Input":
             graph.inputs.update(zip(spec.tops, spec.module.top_shapes))
         for top, shape in zip(spec.tops, spec.module.top_shapes):
@@ -139,19 +139,27 @@ def _attach_weights(spec: LayerSpec, blobs: list[WeightBlob] | None, have_file: 
     if blobs is None:
         if expected and have_file:
             raise PortingError(f"weighted layer has no weights in the caffemodel (expects "
-                               f"{_fmt_shapes(expected)})", source, f"layer {spec.name}")
+                               f"{_fmt_shapes(expected)})", source, _place(spec))
         spec.module.init_blobs(None)
         return
     if len(blobs) != len(expected):
         raise PortingError(f"caffemodel has {len(blobs)} blob(s) {_fmt_shapes([b.declared() for b in blobs])}, "
-                           f"layer expects {len(expected)} {_fmt_shapes(expected)}", source, f"layer {spec.name}")
+                           f"layer expects {len(expected)} {_fmt_shapes(expected)}", source, _place(spec))
     for i, (blob, shape) in enumerate(zip(blobs, expected)):
         if not blob.matches(shape) or blob.data.size != int(np.prod(shape)):
             raise PortingError(f"blob {i} shape mismatch: caffemodel {_fmt_shapes([blob.declared()])} "
                                f"({blob.data.size} values), layer expects {_fmt_shapes([shape])}",
-                               source, f"layer {spec.name}")
+                               source, _place(spec))
     spec.weights = blobs
     spec.module.init_blobs([b.data for b in blobs])
+
+
+def _place(spec: LayerSpec) -> str:
+    return f"layer {shown(spec.name)}"
+
+
+def _names(names, sep: str = ",") -> str:
+    return sep.join(shown(n) for n in names)
 
 
 def _fmt_shapes(shapes) -> str:

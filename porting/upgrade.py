@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 
 from porting import caffe_pb2
-from porting.errors import PortingError
+from porting.errors import PortingError, shown
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +195,14 @@ def fold_padding_layers(net: caffe_pb2.NetParameter, source: object = None) -> c
             out.layers.add().CopyFrom(entry)
         for j, bottom in enumerate(entry.bottom):
             if bottom not in last_producer:
-                raise PortingError(f"bottom blob {bottom!r} is not produced by any earlier layer",
+                raise PortingError(f"bottom blob '{shown(bottom)}' is not produced by any earlier layer",
                                    source, _v0_place(entry, i))
             producer = last_producer[bottom]
             if producer == -1 or net.layers[producer].layer.type != "padding":
                 continue
             pad_entry = net.layers[producer]
             if v0.type not in ("conv", "pool"):
-                raise PortingError(f"V0 padding layer {pad_entry.layer.name!r} feeds a {v0.type!r} "
+                raise PortingError(f"V0 padding layer '{shown(pad_entry.layer.name)}' feeds a '{shown(v0.type)}' "
                                    "layer; only conv and pool layers can take a padding layer",
                                    source, _v0_place(entry, i))
             if len(entry.bottom) != 1 or len(pad_entry.bottom) != 1 or len(pad_entry.top) != 1:
@@ -218,7 +218,7 @@ def fold_padding_layers(net: caffe_pb2.NetParameter, source: object = None) -> c
 
 def _v0_place(entry: caffe_pb2.V1LayerParameter, index: int) -> str:
     name = entry.layer.name if entry.HasField("layer") else entry.name
-    return f"layer {name}" if name else f"layers entry {index}"
+    return f"layer {shown(name)}" if name else f"layers entry {index}"
 
 
 def _upgrade_v0_layer(entry: caffe_pb2.V1LayerParameter, out: caffe_pb2.V1LayerParameter,
@@ -234,7 +234,7 @@ def _upgrade_v0_layer(entry: caffe_pb2.V1LayerParameter, out: caffe_pb2.V1LayerP
     kind = v0.type
     if v0.HasField("type"):
         if kind not in V0_LAYER_TYPES:
-            raise PortingError(f"unknown V0 layer type {kind!r}", source, _v0_place(entry, index))
+            raise PortingError(f"unknown V0 layer type '{shown(kind)}'", source, _v0_place(entry, index))
         out.type = V0_LAYER_TYPES[kind]
     for blob in v0.blobs:
         out.blobs.add().CopyFrom(blob)
@@ -324,7 +324,7 @@ def _upgrade_v1_layer(entry: caffe_pb2.V1LayerParameter, out: caffe_pb2.LayerPar
     if entry.HasField("type"):
         if entry.type not in V1_LAYER_TYPES:
             raise PortingError(f"unknown V1 layer type {entry.type}", source,
-                               f"layer {entry.name}" if entry.name else f"layers entry {index}")
+                               f"layer {shown(entry.name)}" if entry.name else f"layers entry {index}")
         out.type = V1_LAYER_TYPES[entry.type]
     for blob in entry.blobs:
         out.blobs.add().CopyFrom(blob)

@@ -128,3 +128,40 @@ def test_nested_groups_cli_one_line(tmp_path):
     for command in ("inspect", "convert"):
         out = run(command, proto, model, *(["-o", tmp_path / "o.safetensors"] if command == "convert" else []))
         assert_one_line_exit_2(out, "deep.caffemodel", "byte ", "nested")
+
+
+# --------------------------------------------------------------------------- names in messages
+EVIL = r"a\nb\rc\x1b[2J\x07\x00d" + "x" * 500  # prototxt escapes: newline, CR, ESC, BEL, NUL
+
+_INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 5 dim: 5 } } }\n'
+EVIL_NETS = {
+    "type": _INPUT + f'layer {{ name: "l" type: "{EVIL}" bottom: "data" top: "t" }}\n',
+    "layer": _INPUT + f'layer {{ name: "{EVIL}" type: "Convolution" bottom: "data" top: "c" '
+                      'convolution_param { num_output: 3 kernel_size: 9 } }\n',  # kernel larger than the input
+    "bottom": _INPUT + f'layer {{ name: "{EVIL}" type: "ReLU" bottom: "{EVIL}" top: "r" }}\n',
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL_NETS))
+def test_names_with_control_bytes_print_escaped_and_short(case, tmp_path):
+    """A layer, blob or type name with newline, CR or escape bytes prints escaped and
+    shortened: one line, no control byte on the terminal."""
+    proto = tmp_path / "evil.prototxt"
+    proto.write_text(EVIL_NETS[case])
+    with pytest.raises(PortingError) as err:
+        load_caffe(proto)
+    message = str(err.value)
+    assert message.isprintable() and len(message) < 400, message
+    assert "a\\nb\\rc\\x1b[2J\\x07\\x00d" in message and "..." in message
+    out = run("convert", proto, "-o", tmp_path / "o.safetensors")
+    assert_one_line_exit_2(out, "evil.prototxt", "a\\nb\\rc\\x1b")
+    assert out.stderr.rstrip("\n").isprintable()
+
+
+def test_inspect_table_escapes_names(tmp_path):
+    proto = tmp_path / "evil.prototxt"
+    proto.write_text(_INPUT + f'layer {{ name: "{EVIL}" type: "ReLU" bottom: "data" top: "r" }}\n')
+    out = run("inspect", proto)
+    assert out.returncode == 0, out.stderr
+    assert all(line.isprintable() for line in out.stdout.splitlines())
+    assert len(out.stdout.splitlines()) == 5  # title, header, rule, a row per layer
