@@ -3,7 +3,9 @@
 ``atomic_path(path)`` yields a temporary name beside ``path``; what is written there is
 renamed onto ``path`` (same folder, so the rename is atomic) only when the block ends
 without an exception, with the usual mode (0666 less the umask; mkstemp makes 0600).
-Otherwise the temporary file is removed: nothing half-written is left behind.
+Otherwise the temporary file is removed: nothing half-written is left behind. Missing
+folders on the way are created; a target that cannot be written (a directory, a folder
+path through a file, no permission) is a ``PortingError`` naming it.
 """
 from __future__ import annotations
 
@@ -15,23 +17,43 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from porting.errors import PortingError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary file name beside ``path``, renamed onto it when the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    if target.is_dir():
+        raise PortingError("cannot write: is a directory, not a file", path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as err:
+        raise PortingError(_write_problem(err), path) from None
     os.close(fd)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as err:
+            raise PortingError(_write_problem(err), path) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _write_problem(err: OSError) -> str:
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # mkdir or mkstemp through a file
+        return "cannot write: a part of its folder path is not a folder"
+    if isinstance(err, IsADirectoryError):
+        return "cannot write: is a directory, not a file"
+    if isinstance(err, PermissionError):
+        return "cannot write: permission denied"
+    return f"cannot write ({err.strerror or err})"
 
 
 @contextlib.contextmanager

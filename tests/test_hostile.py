@@ -165,3 +165,29 @@ def test_inspect_table_escapes_names(tmp_path):
     assert out.returncode == 0, out.stderr
     assert all(line.isprintable() for line in out.stdout.splitlines())
     assert len(out.stdout.splitlines()) == 5  # title, header, rule, a row per layer
+
+
+# --------------------------------------------------------------------------- output paths
+SMALL = _INPUT + 'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }\n'
+
+
+@pytest.mark.parametrize("case", ["directory", "file-as-folder"])
+def test_convert_output_path_refused_in_one_line(case, tmp_path):
+    proto = tmp_path / "small.prototxt"
+    proto.write_text(SMALL)
+    (tmp_path / "plain").write_text("a file")
+    target, problem = {"directory": (tmp_path, "is a directory"),
+                       "file-as-folder": (tmp_path / "plain" / "o.safetensors", "not a folder")}[case]
+    with pytest.raises(PortingError, match=problem):
+        save_converted(load_caffe(proto), target)
+    out = run("convert", proto, "-o", target)
+    assert_one_line_exit_2(out, str(target), problem)
+    assert not list(tmp_path.glob("**/*.part"))
+
+
+def test_convert_creates_missing_output_folders(tmp_path):
+    proto = tmp_path / "small.prototxt"
+    proto.write_text(SMALL)
+    out = run("convert", proto, "-o", tmp_path / "new" / "sub" / "o.safetensors")
+    assert out.returncode == 0, out.stderr
+    assert list(load_converted(tmp_path / "new" / "sub" / "o.safetensors").params) == ["fc"]
