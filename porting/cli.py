@@ -29,7 +29,7 @@ def _inspect(args) -> int:
     from porting.upgrade import upgrade_needed, upgrade_net
 
     raw = read_prototxt(args.prototxt)
-    upgrades = upgrade_needed(raw)
+    upgrades = upgrade_needed(raw, source=args.prototxt)
     weights = read_caffemodel(args.caffemodel) if args.caffemodel else None
     graph = build_graph(upgrade_net(raw, source=args.prototxt), args.phase, weights,
                         source=args.prototxt, shape_only=True)

@@ -132,10 +132,10 @@ def upgrade_net(net: caffe_pb2.NetParameter, source: object = None) -> caffe_pb2
     return _upgrade(net, source)[0]
 
 
-def upgrade_needed(net: caffe_pb2.NetParameter) -> list[str]:
+def upgrade_needed(net: caffe_pb2.NetParameter, source: object = None) -> list[str]:
     """Names of the upgrade steps ``upgrade_net`` applies to ``net``, in order (empty if
-    it is already current)."""
-    return _upgrade(net, None)[1]
+    it is already current); ``source`` names the file in errors."""
+    return _upgrade(net, source)[1]
 
 
 def _upgrade(net: caffe_pb2.NetParameter, source) -> tuple[caffe_pb2.NetParameter, list[str]]:

@@ -191,3 +191,13 @@ def test_convert_creates_missing_output_folders(tmp_path):
     out = run("convert", proto, "-o", tmp_path / "new" / "sub" / "o.safetensors")
     assert out.returncode == 0, out.stderr
     assert list(load_converted(tmp_path / "new" / "sub" / "o.safetensors").params) == ["fc"]
+
+
+@pytest.mark.parametrize("body", [
+    'layers { layer { name: "v0" type: "nope" } bottom: "data" top: "y" }\n',  # V0 upgrade refuses
+    "",  # three input_dim values for one input
+])
+def test_inspect_upgrade_errors_name_the_file(body, tmp_path):
+    proto = tmp_path / "old.prototxt"
+    proto.write_text('input: "data"\ninput_dim: 1\ninput_dim: 2\ninput_dim: 3\n' + body)
+    assert_one_line_exit_2(run("inspect", proto), "old.prototxt: ")
