@@ -372,7 +372,8 @@ class _Walker:
         if not self.want_data:
             return bytes(out), None
         if doubles:
-            data = _concat(doubles).astype(np.float32)
+            with np.errstate(over="ignore"):  # as cvtsd2ss (Caffe on x86): inf beyond float range
+                data = _concat(doubles).astype(np.float32)
         elif len(floats) == 1:
             data = floats[0]
         else:

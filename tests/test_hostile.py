@@ -201,3 +201,22 @@ def test_inspect_upgrade_errors_name_the_file(body, tmp_path):
     proto = tmp_path / "old.prototxt"
     proto.write_text('input: "data"\ninput_dim: 1\ninput_dim: 2\ninput_dim: 3\n' + body)
     assert_one_line_exit_2(run("inspect", proto), "old.prototxt: ")
+
+
+def test_double_data_beyond_float32_is_inf_without_warning(tmp_path):
+    """Blob::FromProto casts double_data to float: beyond float32's range that is inf, as in
+    C++, and no NumPy RuntimeWarning reaches the user's terminal."""
+    import warnings
+
+    from porting import caffe_pb2
+    from porting.parse import read_caffemodel
+
+    net = caffe_pb2.NetParameter()
+    layer = net.layer.add(name="s", type="Scale")
+    layer.blobs.add(shape=caffe_pb2.BlobShape(dim=[2]), double_data=[1e300, -1e300])
+    path = tmp_path / "big.caffemodel"
+    path.write_bytes(net.SerializeToString())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = read_caffemodel(path)["s"][0].data
+    assert data.tolist() == [np.inf, -np.inf]
