@@ -1,0 +1,31 @@
+"""FUZZ (issue 9): 2,500 seeded hostile inputs, none may fail.
+
+The inputs are those of ``python tests/fuzz_models.py --seed 2016 --count 2500
+--no-reference`` (the corpus of this repository only, so every checkout draws the same
+files): mutated prototxts and caffemodels of every family in ``tests/fuzz_models.py``,
+each run in a forked worker under a 3 GB address-space limit and a 10 s alarm. Each must
+load and run, or be refused with one printable ``PortingError`` line naming the file; the
+walker must read every caffemodel as protobuf does; ``porting inspect`` must exit 0, or 2
+with one stderr line. About 60 s on 2 cores. On failure the message holds the table of
+distinct failures; ``python tests/fuzz_models.py --seed 2016 --count 2500 --no-reference
+--out DIR`` saves a reproducer for each and ``--replay DIR/NN-...`` shows its traceback.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fuzz_models import build_seeds, run_campaign
+
+SEED, COUNT = 2016, 2500
+
+
+@pytest.mark.xfail(strict=False, reason="issue 9 fixes in progress")
+def test_fuzz_hostile_files_2500_inputs_no_failure():
+    campaign = run_campaign(SEED, COUNT, jobs=min(2, os.cpu_count() or 1), seeds=build_seeds(reference=False))
+    table = campaign.table()
+    print(table)
+    assert sum(campaign.outcomes.values()) == COUNT
+    assert campaign.outcomes["ok"] > COUNT // 10, table  # the mutations still reach the forward
+    assert campaign.failures == 0, "\n" + table
