@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from porting.legacy import Worker
-from porting.legacy_build import CHROOT_ENV, INSIDE_REFERENCE, REFERENCE_DIR, chroot_argv, resolve_root
+from porting.legacy import get_backend
+from porting.legacy_build import INSIDE_JOBS, INSIDE_REFERENCE, REFERENCE_DIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 CANDIDATES = [SHARED / "mfv-original" / "deploy_alexnet_updated.prototxt",
@@ -52,12 +53,12 @@ def main() -> int:
     if prototxt is None:
         print("no CaffeNet deploy prototxt in the shared reference data", file=sys.stderr)
         return 1
-    root = resolve_root(None)
+    backend = get_backend()  # $PORTING_BACKEND or the first that works
 
     starts = []
     for _ in range(args.starts):
         t0 = time.perf_counter()
-        with Worker(root):
+        with Worker(backend=backend):
             starts.append(time.perf_counter() - t0)
 
     rows = [("worker start (ready to serve)", statistics.median(starts), None)]
@@ -65,10 +66,10 @@ def main() -> int:
     onehot = np.zeros((1, 1000), np.float32)
     onehot[0, 498] = 1
     samples: dict[str, list[float]] = {"direct": [], "worker": [], "py2": []}
-    env = dict(CHROOT_ENV, PYTHONPATH="/opt/porting")
+    env = {"PYTHONPATH": "/opt/porting"}
     if args.blas_threads is not None:
         env["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
-    with tempfile.TemporaryDirectory() as tmp, Worker(root, blas_threads=args.blas_threads) as worker:
+    with tempfile.TemporaryDirectory() as tmp, Worker(backend=backend, blas_threads=args.blas_threads) as worker:
         weights = Path(tmp) / "caffenet.caffemodel"
         worker.make_weights(prototxt, weights, filler="msra", bias_filler="constant", bias_value=0.1, seed=1)
 
@@ -84,12 +85,13 @@ def main() -> int:
         command = ["python3", "-m", "reference.bench_pycaffe", worker._file_inside(prototxt),
                    worker._file_inside(weights), f"{worker._inside}/bench-input.npy", "fc8", "498",
                    str(args.repeats)]
-        argv = chroot_argv(root, ["/bin/sh", "-c", 'cd /opt/porting && exec "$@"', "sh"] + command,
-                           [(REFERENCE_DIR, INSIDE_REFERENCE, "ro")])
+        argv, env = backend.launch(["/bin/sh", "-c", 'cd /opt/porting && exec "$@"', "sh"] + command,
+                                   [(REFERENCE_DIR, INSIDE_REFERENCE, "ro"), (worker.jobdir, INSIDE_JOBS, "rw")], env)
         # Rounds interleave the three ways so that load from other processes on the
         # machine falls on all of them alike.
         for _ in range(args.rounds):
-            out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True,
+                                 stdin=subprocess.DEVNULL).stdout
             samples["direct"] += json.loads(out.strip().splitlines()[-1])["seconds"]
             samples["worker"] += timed(run_worker, args.repeats)
             samples["py2"] += timed(run_py2, args.repeats)
@@ -98,7 +100,7 @@ def main() -> int:
              ("CaffeNet fwd+bwd, Worker.run_net", through_worker, through_worker / direct),
              ("CaffeNet fwd+bwd, py2 op via CaffeProxy", through_py2, through_py2 / direct)]
     print(f"net: {prototxt.name}; {args.rounds} rounds x {args.repeats} runs per way after a warm-up; "
-          f"worker starts: {args.starts}; OPENBLAS_NUM_THREADS={args.blas_threads or 'default'}")
+          f"backend: {backend.name}; worker starts: {args.starts}; OPENBLAS_NUM_THREADS={args.blas_threads or 'default'}")
     print(f"{'what':<42} {'median s':>9} {'vs direct':>9}")
     for what, seconds, ratio in rows:
         print(f"{what:<42} {seconds:>9.3f} {'' if ratio is None else f'{ratio:.3f}':>9}")

@@ -1,16 +1,18 @@
 """Host client of the reference worker: real Caffe 1.0 (and Python 2.7) from the harness.
 
 ``Worker`` keeps one ``python3 -m reference.worker`` process running inside the legacy
-root (``unshare`` + ``chroot``, see porting/legacy_build.py), so a test session or an
-optimisation loop pays Caffe's start-up once. Requests are JSON lines over its pipes;
-arrays travel as .npy/.npz files in a per-worker job folder inside the root; input files
-(prototxt, caffemodel, images) enter that folder once per worker, by hard link when on
-the same filesystem, else by copy, named by their sha256.
+stack, through one of the backends of porting/legacy_backends.py (a chroot, a container
+with no network, or a user namespace), so a test session or an optimisation loop pays
+Caffe's start-up once. Requests are JSON lines over its pipes; arrays travel as
+.npy/.npz files in a per-worker job folder on the host (under
+``~/.cache/caffe-port-harness/jobs``), bound into the stack at /opt/porting/jobs; input
+files (prototxt, caffemodel, images) enter that folder once per worker, by hard link
+when on the same filesystem, else by copy, named by their sha256.
 
 Failures are raised, never swallowed: a failed Caffe CHECK kills the worker, and the
 client raises ``CaffeError`` with glog's "Check failed" line and the layer it came from,
 then starts a fresh worker on the next call; a worker silent past ``timeout`` seconds is
-killed (``CaffeTimeout``); a missing root raises ``PortingError`` saying how to build it.
+killed (``CaffeTimeout``); a missing root or image raises ``PortingError`` saying how to build it.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ import numpy as np
 
 from porting.errors import PortingError
 from porting.files import copy_atomic, file_digest
-from porting.legacy_build import (CHROOT_ENV, INSIDE_JOBS, INSIDE_REFERENCE, REFERENCE_DIR, chroot_argv,
-                                  require_built, resolve_root)
+from porting.legacy_backends import Backend, get_backend, jobs_parent
+from porting.legacy_build import INSIDE_JOBS, INSIDE_REFERENCE, REFERENCE_DIR
 
 
 def _passed_through(name: str) -> bool:
@@ -94,25 +96,25 @@ def parse_caffe_log(lines: list[str]) -> tuple[str | None, str | None]:
 
 
 class Worker:
-    """One long-lived reference worker (Python 3 + pycaffe in the legacy root).
+    """One long-lived reference worker (Python 3 + pycaffe in the legacy stack).
 
-    ``timeout``: seconds a job may take before the worker is killed (CaffeTimeout).
+    ``backend``: a backend name ("chroot", "docker", "podman", "rootless") or object; by
+    default ``get_backend(root=root)``: $PORTING_BACKEND, or a root-folder backend when
+    ``root`` is given, or the first that works. ``timeout``: seconds a job may take before the worker is killed (CaffeTimeout).
     Calls from several threads are served one at a time.
     ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: the host's, else OpenBLAS's default, all cores);
     recorded in every result's provenance. Use as a context manager, or call ``close()``.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, timeout: float = 600.0,
-                 start_timeout: float = 120.0, blas_threads: int | None = None, start: bool = True):
-        self.root = resolve_root(root)
-        require_built(self.root)
-        if os.geteuid() != 0:
-            raise PortingError("running real Caffe needs root privileges (chroot into the legacy root); "
-                               "run as root, or use the Docker image from docker/Dockerfile", self.root)
+                 start_timeout: float = 120.0, blas_threads: int | None = None, start: bool = True,
+                 backend: str | Backend | None = None):
+        self.backend = get_backend(backend, root)
+        self.backend.require_ready()
         self.timeout, self.start_timeout, self.blas_threads = timeout, start_timeout, blas_threads
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.jobdir = self.root / INSIDE_JOBS.lstrip("/") / self.name
-        self._inside = f"{INSIDE_JOBS}/{self.name}"
+        self.jobdir = jobs_parent() / self.name
+        self._inside = INSIDE_JOBS
         self._proc: subprocess.Popen | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=3000)
         self._log_count = 0  # lines read so far; a job's own lines are those after its mark
@@ -124,7 +126,7 @@ class Worker:
         self._inputs: dict[tuple, str] = {}  # (dev, inode, size, mtime) -> name inside the job folder
         self.versions_python3: dict | None = None
         self.starts = 0
-        _remove_orphan_jobdirs(self.root)
+        _remove_orphan_jobdirs(jobs_parent())
         (self.jobdir / "in").mkdir(parents=True, exist_ok=True)
         if start:
             self.start()
@@ -135,13 +137,13 @@ class Worker:
         """Start the worker process (a no-op when it runs) and wait for it to be ready."""
         if self._proc is not None and self._proc.poll() is None:
             return
-        env = dict(CHROOT_ENV, PYTHONPATH="/opt/porting", PYTHONDONTWRITEBYTECODE="1", GLOG_logtostderr="1")
+        env = dict(PYTHONPATH="/opt/porting", PYTHONDONTWRITEBYTECODE="1", GLOG_logtostderr="1")
         env.update({k: v for k, v in os.environ.items() if _passed_through(k)})
         if self.blas_threads is not None:
             env["OPENBLAS_NUM_THREADS"] = str(int(self.blas_threads))
-        argv = chroot_argv(self.root, ["/bin/sh", "-c", 'cd /opt/porting && exec python3 -m reference.worker "$0"',
-                                       self._inside],
-                           [(REFERENCE_DIR, INSIDE_REFERENCE, "ro")])
+        argv, env = self.backend.launch(
+            ["/bin/sh", "-c", 'cd /opt/porting && exec python3 -m reference.worker "$0"', self._inside],
+            [(REFERENCE_DIR, INSIDE_REFERENCE, "ro"), (self.jobdir, INSIDE_JOBS, "rw")], env, name=self.name)
         self._log.clear()
         self._log_count = self._log_mark = 0
         self._buffer = b""
@@ -186,12 +188,15 @@ class Worker:
                 proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        if proc.poll() is None or graceful:
+        killed = proc.poll() is None
+        if killed or graceful:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the python2.7 child too
             except ProcessLookupError:
                 pass
         proc.wait()
+        if killed:
+            self.backend.stop(self.name)  # a container outlives its killed client
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
@@ -456,9 +461,8 @@ def _filler_spec(filler, std: float, value: float) -> dict:
     return spec
 
 
-def _remove_orphan_jobdirs(root: Path) -> None:
+def _remove_orphan_jobdirs(jobs: Path) -> None:
     """Job folders of host processes that no longer exist (killed without close())."""
-    jobs = root / INSIDE_JOBS.lstrip("/")
     for folder in jobs.glob("*-*") if jobs.is_dir() else ():
         pid = folder.name.split("-", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():

@@ -1,7 +1,10 @@
 """Session fixtures shared by the test suite.
 
-Real Caffe (the legacy stack, see porting/legacy.py):
-  caffe_root     the built legacy root folder (a Path)
+Real Caffe (the legacy stack, see porting/legacy.py), through the backend that
+$PORTING_BACKEND names, else the first that works here (porting/legacy_backends.py):
+  caffe_backend  that backend, ready (built); ``launch(command, binds)`` runs a command inside
+  caffe_root     the built legacy root folder (a Path), for tests about the root folder
+                 itself; they skip under the docker and podman backends, which have none
   caffe_worker   one reference Worker for the whole run (Caffe starts once)
   caffe_weights  make(prototxt, seed=0, **filler) -> Path of a caffemodel written by real
                  Caffe's fillers, made once per (prototxt content, filler, seed) per session
@@ -37,14 +40,13 @@ REQUIRE_CAFFE = os.environ.get("PORTING_REQUIRE_CAFFE") == "1"
 
 def legacy_stack_missing() -> str | None:
     """Why real Caffe cannot run here, or None when it can."""
-    from porting.legacy_build import read_stamp, resolve_root
+    from porting.errors import PortingError
+    from porting.legacy_backends import get_backend
 
-    root = resolve_root(None)
-    if read_stamp(root) is None:
-        return f"the legacy Caffe root is not built at {root} (`porting env build`)"
-    if os.geteuid() != 0:
-        return "real Caffe runs in a chroot, which needs root privileges"
-    return None
+    try:
+        return get_backend().problem()
+    except PortingError as err:
+        return str(err)
 
 
 def _skip_or_fail(reason: str) -> None:
@@ -53,7 +55,7 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-CAFFE_FIXTURES = {"caffe_root", "caffe_worker", "caffe_weights", "caffe_trained"}
+CAFFE_FIXTURES = {"caffe_backend", "caffe_root", "caffe_worker", "caffe_weights", "caffe_trained"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,20 +73,27 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def caffe_root() -> Path:
+def caffe_backend():
     reason = legacy_stack_missing()
     if reason:
         _skip_or_fail(reason)
-    from porting.legacy_build import resolve_root
+    from porting.legacy_backends import get_backend
 
-    return resolve_root(None)
+    return get_backend()
 
 
 @pytest.fixture(scope="session")
-def caffe_worker(caffe_root):
+def caffe_root(caffe_backend) -> Path:
+    if not hasattr(caffe_backend, "root"):
+        pytest.skip(f"a test of the root folder; the {caffe_backend.name} backend runs an image")
+    return caffe_backend.root
+
+
+@pytest.fixture(scope="session")
+def caffe_worker(caffe_backend):
     from porting.legacy import Worker
 
-    worker = Worker(caffe_root)
+    worker = Worker(backend=caffe_backend)
     yield worker
     worker.close()
 

@@ -746,16 +746,15 @@ def main(argv=None) -> int:
     if args.print_only:
         print(example.prototxt, end="")
         return 0
-    from porting.legacy import Worker
-    from porting.legacy_build import read_stamp, resolve_root
+    from porting.legacy import Worker, get_backend
 
-    root = resolve_root(None)
-    if read_stamp(root) is None or os.geteuid() != 0:
-        print(f"real Caffe cannot run here: it needs the legacy root built at {root} (`porting env build`) "
-              "and root privileges (it runs in a chroot)", file=sys.stderr)
+    backend = get_backend()
+    reason = backend.problem()
+    if reason:
+        print(f"real Caffe cannot run here: {reason}", file=sys.stderr)
         return 2
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="property-"))
-    worker = Worker(root)
+    worker = Worker(backend=backend)
     try:
         result = compare_with_caffe(worker, example, folder)
     finally:

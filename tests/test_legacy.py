@@ -14,7 +14,7 @@ import pytest
 from porting.errors import PortingError
 from porting.legacy import CaffeError, CaffeTimeout, Worker
 from porting import legacy_build
-from porting.legacy_build import format_status, is_current, status
+from porting.legacy_build import format_status, is_current
 from porting.legacy_worker import parse_caffe_log
 
 TINY = """name: "tiny"
@@ -71,8 +71,8 @@ def numpy_tiny(params, x):
 
 
 @pytest.mark.caffe
-def test_status_reports_the_pinned_stack(caffe_root):
-    info = status(caffe_root)
+def test_status_reports_the_pinned_stack(caffe_backend):
+    info = caffe_backend.status()
     assert info["built"] and info["current"]
     assert info["caffe"] == "1.0.0"
     assert info["caffe_debian"] == "1.0.0+git20180821.99bd997-8+b2"
@@ -157,11 +157,11 @@ def test_parse_caffe_log_takes_the_last_fatal_line_and_layer():
 
 
 @pytest.mark.caffe
-def test_hung_worker_is_killed_after_timeout(caffe_root, tmp_path):
+def test_hung_worker_is_killed_after_timeout(caffe_backend, tmp_path):
     heavy = tmp_path / "heavy.prototxt"
     heavy.write_text(HEAVY)
     x = np.ones((1, 16, 512, 512), np.float32)
-    with Worker(caffe_root, timeout=0.3, blas_threads=1) as worker:
+    with Worker(backend=caffe_backend, timeout=0.3, blas_threads=1) as worker:
         with pytest.raises(CaffeTimeout):
             worker.run_net(heavy, inputs={"data": x}, capture_tops=False)
         assert worker._proc is None  # killed, process group and all

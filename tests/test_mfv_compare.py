@@ -185,15 +185,13 @@ print(json.dumps(dict((k, repr(float(arrays[k].mean()))) for k in arrays.files))
 
 
 @pytest.mark.caffe
-def test_mean_is_numpy_1_11s(caffe_root, tmp_path):
-    from porting.legacy_build import CHROOT_ENV, chroot_argv
-
+def test_mean_is_numpy_1_11s(caffe_backend, tmp_path):
     rng = np.random.RandomState(3)
     arrays = {f"a{k}": np.abs(rng.standard_cauchy(shape) * 1e-3).astype(np.float32)
               for k, shape in enumerate([(3, 227, 227)] * 12 + [(3, 50, 50), (7,), (8193,), (3, 130, 64)])}
     np.savez(tmp_path / "arrays.npz", **arrays)
-    argv = chroot_argv(caffe_root, ["/usr/bin/python2.7", "-c", PY2_MEANS], binds=[(tmp_path, "/mnt", "ro")])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=CHROOT_ENV)
+    argv, env = caffe_backend.launch(["/usr/bin/python2.7", "-c", PY2_MEANS], [(tmp_path, "/mnt", "ro")])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-2000:]
     legacy = {k: float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
     assert {k: float(mean_numpy_1_11(a)) for k, a in arrays.items()} == legacy

@@ -41,16 +41,14 @@ print(json.dumps(out))
 
 
 @pytest.mark.caffe
-def test_shared_modules_under_python27(caffe_root, tmp_path):
-    from porting.legacy_build import CHROOT_ENV, chroot_argv
-
+def test_shared_modules_under_python27(caffe_backend, tmp_path):
     package = tmp_path / "mfv"
     package.mkdir()
     for name in SHARED:
         shutil.copy(Path(schedule.__file__).with_name(name), package / name)
     (package / "__init__.py").write_text("")
-    argv = chroot_argv(caffe_root, ["/usr/bin/python2.7", "-c", PY2_CHECK], binds=[(tmp_path, "/mnt", "ro")])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=CHROOT_ENV)
+    argv, env = caffe_backend.launch(["/usr/bin/python2.7", "-c", PY2_CHECK], [(tmp_path, "/mnt", "ro")])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     ours_py3 = [[schedule.step_size(o, i), schedule.denoise_weight(o, i)]
@@ -87,9 +85,7 @@ STEPS = [1, 2, 1.5, 11., 1.0052631578947369]
 
 
 @pytest.mark.caffe
-def test_step_arithmetic_is_numpy_1_11(caffe_root, tmp_path):
-    from porting.legacy_build import CHROOT_ENV, chroot_argv
-
+def test_step_arithmetic_is_numpy_1_11(caffe_backend, tmp_path):
     from mfv.preprocess import CAFFENET
     from mfv.step import apply_step
 
@@ -98,8 +94,8 @@ def test_step_arithmetic_is_numpy_1_11(caffe_root, tmp_path):
     g = (rng.standard_normal((3, 227, 227)) * 1e-3).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "g.npy", g)
-    argv = chroot_argv(caffe_root, ["/usr/bin/python2.7", "-c", PY2_STEP], binds=[(tmp_path, "/mnt", "rw")])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=CHROOT_ENV)
+    argv, env = caffe_backend.launch(["/usr/bin/python2.7", "-c", PY2_STEP], [(tmp_path, "/mnt", "rw")])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-2000:]
     with np.load(tmp_path / "out.npz") as legacy:
         lo, hi = CAFFENET.bounds()
