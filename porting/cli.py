@@ -9,14 +9,16 @@ import argparse
 import sys
 import traceback
 
+from porting import budget
 from porting.errors import PortingError
 
 
 def _convert(args) -> int:
+    from porting.budget import from_args
     from porting.net import load_caffe
     from porting.saved import save_converted
 
-    net = load_caffe(args.prototxt, args.caffemodel, phase=args.phase)
+    net = load_caffe(args.prototxt, args.caffemodel, phase=args.phase, budget=from_args(args))
     save_converted(net, args.output, phase=args.phase)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.output}: {len(net.graph.layers)} layers, {n_params:,} parameters")
@@ -24,6 +26,8 @@ def _convert(args) -> int:
 
 
 def _inspect(args) -> int:
+    """The layer table from the graph's shapes alone: no parameter or activation is allocated."""
+    from porting.budget import needs
     from porting.graph import build_graph
     from porting.parse import read_caffemodel, read_prototxt
     from porting.upgrade import upgrade_needed, upgrade_net
@@ -36,6 +40,7 @@ def _inspect(args) -> int:
     print(f"net {graph.name or '(unnamed)'}: {len(graph.layers)} layers, phase {args.phase}"
           + (f"; upgraded from: {', '.join(upgrades)}" if upgrades else ""))
     print(graph.table())
+    print(needs(graph).summary())
     return 0
 
 
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("caffemodel", nargs="?")
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
     p.add_argument("--phase", default="test", choices=["test", "train"])
+    budget.add_options(p)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("inspect", help="print the layer table of a Caffe model")

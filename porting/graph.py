@@ -2,18 +2,26 @@
 
 ``build_graph`` takes an upgraded (V2, Input-layer) NetParameter, keeps the layers of the
 requested phase, refuses unsupported types all at once, instantiates each registered
-layer to infer shapes, and attaches weights matched by layer name. ``Graph.table()`` is
-what ``porting inspect`` prints.
+layer to infer shapes (nothing is allocated: the layer classes hold shapes only), refuses
+blobs Caffe cannot hold (``porting.layers.blob_problem``), matches weights by layer name,
+checks the resource budget (``porting.budget``) and only then creates the parameters.
+``Graph.table()`` is what ``porting inspect`` prints.
+
+Layer names need not be unique, as in Caffe. Caffe's CopyTrainedLayersFrom gives a
+caffemodel's blobs of a name to the first layer of that name only; a later layer with
+weights and the same name would keep Caffe's random filler values, which the port does
+not reproduce, so it is refused (rename it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+import math
 
 from porting import caffe_pb2
+from porting.budget import Budget, check
 from porting.errors import PortingError, UnsupportedLayers, shown
-from porting.layers import LAYERS, REFUSED, CaffeLayer
+from porting.layers import LAYERS, REFUSED, CaffeLayer, blob_problem
 from porting.weights import WeightBlob
 
 
@@ -25,7 +33,6 @@ class LayerSpec:
     tops: list[str]
     param: caffe_pb2.LayerParameter
     module: CaffeLayer | None = None
-    weights: list[WeightBlob] | None = None
 
     @property
     def in_place(self) -> bool:
@@ -59,7 +66,7 @@ class Graph:
         rows = [("layer", "type", "bottoms -> tops", "output shape", "params", "supported")]
         for spec in self.layers:
             shape = "" if spec.module is None else " ".join("x".join(map(str, s)) for s in spec.module.top_shapes)
-            count = 0 if spec.module is None else sum(int(np.prod(s)) for s in spec.module.param_shapes)
+            count = 0 if spec.module is None else sum(math.prod(s) for s in spec.module.param_shapes)
             rows.append((shown(spec.name), shown(spec.type), f"{_names(spec.bottoms)} -> {_names(spec.tops)}",
                          shape, f"{count:,}", "yes" if spec.type in LAYERS else "NO"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -98,10 +105,12 @@ def _with_phase(layer: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerP
 
 def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
                 weights: dict[str, list[WeightBlob]] | None = None, source: object = None,
-                shape_only: bool = False) -> Graph:
+                shape_only: bool = False, budget: Budget | None = None) -> Graph:
     """Build the graph of an upgraded NetParameter; ``source`` names the file in errors.
 
-    With ``shape_only`` unsupported layers are kept (for ``inspect``) instead of refused,
+    ``budget`` (default ``Budget.default()``: the environment's or the machine's limits) is
+    checked before any parameter is created. With ``shape_only`` (for ``inspect``) nothing
+    is allocated and no budget applies; unsupported layers are kept instead of refused,
     and shape inference stops at the first of them.
     """
     phase_id = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}[phase.lower()]
@@ -112,7 +121,9 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
     if bad and not shape_only:
         raise UnsupportedLayers("unsupported layer types: " + "; ".join(bad), source)
     graph = Graph(net.name, {}, specs)
-    for spec in specs:
+    first_of_name: dict[str, int] = {}
+    matched: list[list[WeightBlob] | None] = []
+    for index, spec in enumerate(specs):
         if spec.type not in LAYERS or spec.type in REFUSED:
             break
         missing = [b for b in spec.bottoms if b not in graph.blob_shapes]
@@ -125,33 +136,60 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
             raise
         except (ValueError, IndexError) as err:
             raise PortingError(str(err), source, f"{_place(spec)} ({shown(spec.type)})") from None
+        _check_blobs(spec, source)
         if spec.type == "Input":
             graph.inputs.update(zip(spec.tops, spec.module.top_shapes))
         for top, shape in zip(spec.tops, spec.module.top_shapes):
             graph.blob_shapes[top] = tuple(shape)
-        _attach_weights(spec, (weights or {}).get(spec.name), weights is not None, source)
+        if spec.name not in first_of_name:
+            first_of_name[spec.name] = index
+            matched.append(_match_weights(spec, (weights or {}).get(spec.name), weights is not None, source))
+        elif spec.module.param_shapes:
+            raise PortingError(f"a weighted layer with the name of layer {first_of_name[spec.name] + 1}: Caffe gives "
+                               "caffemodel blobs of a name to the first layer of that name only, so this one "
+                               "would keep its random filler values; rename one of them",
+                               source, f"{_place(spec)} (layer {index + 1})")
+        else:
+            matched.append(None)
+    if shape_only:
+        return graph
+    check(graph, budget if budget is not None else Budget.default(), source)
+    for spec, blobs in zip(specs, matched):
+        # The module keeps copies: nothing refers to the caffemodel's memory map after loading.
+        spec.module.init_blobs(None if blobs is None else [b.data for b in blobs])
     return graph
 
 
-def _attach_weights(spec: LayerSpec, blobs: list[WeightBlob] | None, have_file: bool, source) -> None:
-    """Match stored blobs to the layer's expected shapes (Caffe's CopyTrainedLayersFrom)."""
+def _check_blobs(spec: LayerSpec, source) -> None:
+    """Every top and parameter blob must be one Caffe can hold and use (Blob::Reshape)."""
+    module = spec.module
+    named = [(f"top {shown(t)}", s) for t, s in zip(spec.tops, module.top_shapes)]
+    named += [(f"parameter blob {i}", s) for i, s in enumerate(module.param_shapes)]
+    for what, shape in named:
+        problem = blob_problem(shape)
+        if problem:
+            raise PortingError(f"{what}: {problem}", source, f"{_place(spec)} ({shown(spec.type)})")
+
+
+def _match_weights(spec: LayerSpec, blobs: list[WeightBlob] | None, have_file: bool,
+                   source) -> list[WeightBlob] | None:
+    """The stored blobs for this layer, checked against its expected shapes (Caffe's
+    CopyTrainedLayersFrom); None: none (zeros). Nothing is allocated here."""
     expected = spec.module.param_shapes
     if blobs is None:
         if expected and have_file:
             raise PortingError(f"weighted layer has no weights in the caffemodel (expects "
                                f"{_fmt_shapes(expected)})", source, _place(spec))
-        spec.module.init_blobs(None)
-        return
+        return None
     if len(blobs) != len(expected):
         raise PortingError(f"caffemodel has {len(blobs)} blob(s) {_fmt_shapes([b.declared() for b in blobs])}, "
                            f"layer expects {len(expected)} {_fmt_shapes(expected)}", source, _place(spec))
     for i, (blob, shape) in enumerate(zip(blobs, expected)):
-        if not blob.matches(shape) or blob.data.size != int(np.prod(shape)):
+        if not blob.matches(shape) or blob.data.size != math.prod(shape):
             raise PortingError(f"blob {i} shape mismatch: caffemodel {_fmt_shapes([blob.declared()])} "
                                f"({blob.data.size} values), layer expects {_fmt_shapes([shape])}",
                                source, _place(spec))
-    spec.weights = blobs
-    spec.module.init_blobs([b.data for b in blobs])
+    return blobs
 
 
 def _place(spec: LayerSpec) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from porting.budget import Budget
 from porting.graph import Graph, build_graph
 from porting.parse import read_caffemodel, read_prototxt
 from porting.upgrade import upgrade_net
@@ -110,8 +111,15 @@ class CaffeNet(nn.Module):
 
 
 def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
-               phase: str = "test") -> CaffeNet:
-    """Parse a prototxt (any Caffe 1.0 format) and optional caffemodel into a CaffeNet."""
+               phase: str = "test", budget: Budget | None = None) -> CaffeNet:
+    """Parse a prototxt (any Caffe 1.0 format) and optional caffemodel into a CaffeNet.
+
+    ``budget`` (default ``Budget.default()``: PORTING_MEMORY_LIMIT / PORTING_WORK_LIMIT or
+    the machine's available memory and 10^13 multiply-adds, at the prototxt's batch) is
+    checked from the shapes before any parameter is created; a net beyond it is a
+    PortingError naming the layer that needs the most. E.g.
+    ``load_caffe(p, m, budget=Budget.default(batch=64, backward=True))``.
+    """
     net = upgrade_net(read_prototxt(prototxt), source=prototxt)
     weights = read_caffemodel(caffemodel) if caffemodel is not None else None
-    return CaffeNet(build_graph(net, phase, weights, source=prototxt))
+    return CaffeNet(build_graph(net, phase, weights, source=prototxt, budget=budget))

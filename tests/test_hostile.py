@@ -164,7 +164,7 @@ def test_inspect_table_escapes_names(tmp_path):
     out = run("inspect", proto)
     assert out.returncode == 0, out.stderr
     assert all(line.isprintable() for line in out.stdout.splitlines())
-    assert len(out.stdout.splitlines()) == 5  # title, header, rule, a row per layer
+    assert len(out.stdout.splitlines()) == 6  # title, header, rule, a row per layer, the needs
 
 
 # --------------------------------------------------------------------------- output paths

@@ -16,6 +16,7 @@ backward formula; the others rely on autograd.
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,8 +53,57 @@ def canonical_axis(axis: int, num_axes: int) -> int:
 
 
 def count(shape, start: int = 0, end: int | None = None) -> int:
-    """Caffe's Blob::count(start, end): the product of the dims in [start, end)."""
-    return int(np.prod(shape[start:end], dtype=np.int64))
+    """Caffe's Blob::count(start, end): the product of the dims in [start, end) (a Python
+    int: exact at any size, so a shape Caffe refuses is seen as such, not wrapped)."""
+    return math.prod(int(d) for d in shape[start:end])
+
+
+INT_MAX = 2**31 - 1  # Caffe keeps dims, counts, kernels, pads and strides in a C++ int
+MAX_BLOB_AXES = 32   # Caffe's kMaxBlobAxes
+
+
+def caffe_int(value: int, what: str) -> int:
+    """``value`` (an unsigned or 64-bit field) as Caffe's int holds it; ValueError when it
+    does not fit (Caffe would read it as another, often negative, number)."""
+    value = int(value)
+    if not -INT_MAX - 1 <= value <= INT_MAX:
+        wrapped = (value + 2**31) % 2**32 - 2**31
+        raise ValueError(f"{what} {value} does not fit Caffe's int (Caffe would read it as {wrapped})")
+    return value
+
+
+def int_arithmetic(value: int, what: str) -> int:
+    """A value Caffe computes in int (an output size, a padded extent); ValueError when the
+    C++ arithmetic would overflow (its result would be meaningless)."""
+    if not -INT_MAX - 1 <= value <= INT_MAX:
+        raise ValueError(f"{what} ({value}) overflows Caffe's int arithmetic")
+    return value
+
+
+def blob_problem(shape) -> str | None:
+    """Why Caffe 1.0 cannot hold or use a blob of this shape (None: it can).
+
+    Blob::Reshape refuses more than 32 axes, a negative dim and more than INT_MAX values;
+    a blob of 0 values is never given memory, and the first forward that reads or writes
+    it aborts (``Check failed: data_``; a weight filler aborts already at load), so an
+    empty blob is refused too.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) > MAX_BLOB_AXES:
+        return f"{len(shape)} axes, more than Caffe's {MAX_BLOB_AXES}"
+    if any(d < 0 for d in shape):
+        return f"shape {_dims(shape)} has a negative dim"
+    total = count(shape)
+    if total > INT_MAX:
+        return f"shape {_dims(shape)} holds {total:,} values, more than Caffe's INT_MAX ({INT_MAX:,}) per blob"
+    if total == 0:
+        return (f"shape {_dims(shape)} holds no values (Caffe 1.0 aborts at the first use of an empty "
+                "blob: Check failed: data_)")
+    return None
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "()"
 
 
 class CaffeLayer(nn.Module):
@@ -124,6 +174,11 @@ class CaffeLayer(nn.Module):
     def describe(self) -> str:
         """Short text of the parameters that matter (for tables and drift reports)."""
         return ""
+
+    def work(self) -> int:
+        """Multiply-adds (or comparisons) of the port's forward of this layer at its declared
+        shapes, for ``porting.budget``; computed from shapes only. Default: one per top value."""
+        return sum(count(s) for s in self.top_shapes)
 
     # -- float32 rounding and decisions (see porting.rounding) --------------------
     # Every tensor in and out is float64. ``bottoms`` are this layer's inputs as one

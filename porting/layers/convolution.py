@@ -13,7 +13,7 @@ import math
 
 import torch.nn.functional as F
 
-from porting.layers import CaffeLayer, canonical_axis, register
+from porting.layers import CaffeLayer, caffe_int, canonical_axis, count, int_arithmetic, register
 from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -30,7 +30,7 @@ def conv_geometry(cp, num_spatial: int) -> tuple[list[int], list[int], list[int]
         if n not in (1, num_spatial):
             raise ValueError(f"{name} must be given once, or once per spatial axis "
                              f"(given {n} times for {num_spatial} spatial axes)")
-        return [int(values[0 if n == 1 else i]) for i in range(num_spatial)]
+        return [caffe_int(values[0 if n == 1 else i], name) for i in range(num_spatial)]
 
     def with_hw(name: str, default: int | None) -> list[int]:
         has_h, has_w = cp.HasField(f"{name}_h"), cp.HasField(f"{name}_w")
@@ -41,7 +41,7 @@ def conv_geometry(cp, num_spatial: int) -> tuple[list[int], list[int], list[int]
             if len(repeated):
                 raise ValueError(f"give either {name if name != 'kernel' else 'kernel_size'} "
                                  f"or {name}_h/{name}_w, not both")
-            return [int(getattr(cp, f"{name}_h")), int(getattr(cp, f"{name}_w"))]
+            return [caffe_int(getattr(cp, f"{name}_{a}"), f"{name}_{a}") for a in "hw"]
         return per_axis("kernel_size" if name == "kernel" else name, repeated, default)
 
     kernel = with_hw("kernel", None)
@@ -76,8 +76,8 @@ class _ConvBase(CaffeLayer):
                              f"{self.num_spatial} after channel axis {self.axis}")
         self.kernel, self.stride, self.pad, self.dilation = conv_geometry(cp, self.num_spatial)
         self.channels = shape[self.axis]
-        self.num_output = int(cp.num_output)
-        self.group = int(cp.group)
+        self.num_output = caffe_int(cp.num_output, "num_output")
+        self.group = caffe_int(cp.group, "group")
         self.bias_term = bool(cp.bias_term)
         if self.num_output <= 0:
             raise ValueError("convolution_param.num_output must be positive")
@@ -99,7 +99,12 @@ class _ConvBase(CaffeLayer):
         self.top_shapes = [top] * len(self.bottom_shapes)
 
     def _extent(self, i: int) -> int:
-        return self.dilation[i] * (self.kernel[i] - 1) + 1
+        return int_arithmetic(self.dilation[i] * (self.kernel[i] - 1) + 1, "dilated kernel extent")
+
+    def work(self) -> int:
+        """Products: each top value (Deconvolution: each bottom value) times C_in/group * kernel."""
+        side = self.top_shapes[0] if not self.reverse else self.bottom_shapes[0]
+        return len(self.bottom_shapes) * count(side) * self.terms()[0 if not self.reverse else 1]
 
     def _out_size(self, i: int, size: int) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -110,7 +115,7 @@ class _ConvBase(CaffeLayer):
         tops = []
         for x in bottoms:
             batch = x.shape[: self.axis]
-            x = x.reshape((-1,) + tuple(x.shape[self.axis:]))
+            x = x.reshape((math.prod(batch),) + tuple(x.shape[self.axis:]))
             y = self._convolve(x, weight, bias)
             tops.append(y.reshape(tuple(batch) + tuple(y.shape[1:])))
         return tuple(tops)
@@ -148,12 +153,17 @@ class Convolution(_ConvBase):
     """Weights (num_output, C/group, k...), bias (num_output,); out = (in + 2p - ext) // s + 1."""
 
     def _out_size(self, i, size):
-        span = size + 2 * self.pad[i] - self._extent(i)
-        if span < 0:  # C++ division truncates toward zero here; the result is meaningless
-            return 0
-        return span // self.stride[i] + 1
+        span = int_arithmetic(size + 2 * self.pad[i], "input plus padding") - self._extent(i)
+        # C++ division truncates toward zero: a window wider than the padded input by less
+        # than the stride still gives one output (its cells past the input are zeros).
+        return int(span / self.stride[i]) + 1 if span < 0 else span // self.stride[i] + 1
 
     def _convolve(self, x, weight, bias):
+        # Caffe's im2col reads zeros outside the input, also past the padding: where one
+        # window is wider than the padded input (see _out_size), zeros are appended for torch.
+        short = [max(0, self._extent(i) - x.shape[2 + i] - 2 * self.pad[i]) for i in range(self.num_spatial)]
+        if any(short):
+            x = F.pad(x, [v for n in reversed(short) for v in (0, n)])
         return _CONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
                                        dilation=self.dilation, groups=self.group)
 
@@ -165,7 +175,8 @@ class Deconvolution(_ConvBase):
     reverse = True
 
     def _out_size(self, i, size):
-        return self.stride[i] * (size - 1) + self._extent(i) - 2 * self.pad[i]
+        return int_arithmetic(self.stride[i] * (size - 1) + self._extent(i), "output before the padding") \
+            - 2 * self.pad[i]
 
     def _convolve(self, x, weight, bias):
         return _DECONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,

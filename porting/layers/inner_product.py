@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from porting.layers import CaffeLayer, canonical_axis, count, register
+from porting.layers import CaffeLayer, caffe_int, canonical_axis, count, register
 from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 
@@ -20,7 +20,7 @@ class InnerProduct(CaffeLayer):
         ip = spec.param.inner_product_param
         shape = self.bottom_shapes[0]
         self.axis = canonical_axis(ip.axis, len(shape))
-        self.num_output = int(ip.num_output)
+        self.num_output = caffe_int(ip.num_output, "num_output")
         if self.num_output <= 0:
             raise ValueError("inner_product_param.num_output must be positive")
         self.transpose = bool(ip.transpose)
@@ -46,6 +46,10 @@ class InnerProduct(CaffeLayer):
         n = self.num_output
         return [None if m is None else gamma(n) * m + n * ETA
                 for m in magnitude_vjp(self, bottoms, top_diffs, abs_module)]
+
+    def work(self) -> int:
+        """Products: each top value is a dot product of K = count(axis) terms."""
+        return count(self.top_shapes[0]) * count(self.bottom_shapes[0], self.axis)
 
     def describe(self) -> str:
         return f"{self.num_output}" + (" T" if self.transpose else "") + ("" if self.bias_term else " nobias")

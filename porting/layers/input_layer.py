@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from porting.layers import CaffeLayer, register
+from porting.layers import CaffeLayer, caffe_int, register
 
 
 @register("Input")
@@ -16,7 +16,7 @@ class Input(CaffeLayer):
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.expect_bottoms(0)
-        shapes = [tuple(int(d) for d in s.dim) for s in spec.param.input_param.shape]
+        shapes = [tuple(caffe_int(d, "Input dim") for d in s.dim) for s in spec.param.input_param.shape]
         n_tops = len(spec.param.top)
         if not shapes:
             raise ValueError("Input layer needs input_param { shape { dim: ... } }")

@@ -15,6 +15,11 @@ WITHIN_CHANNEL is what Caffe builds from sub-layers: split, Power(power 2), AVE 
 everywhere), Power(power -beta, scale alpha, shift 1), Eltwise PROD. Note that Caffe
 ignores ``k`` here (the shift is 1). It is reproduced from the same pieces, so its
 backward is the composition of Caffe's sub-layer backwards.
+
+A window wider than the channels costs no more than 2C - 1 shifts here (the others add
+only padding zeros); Caffe's own limits are kept: its int local_size, its padded-square
+blob of C + n - 1 channels (at most INT_MAX values) and, within channels, its pooling's
+int divisor n * n.
 """
 from __future__ import annotations
 
@@ -23,18 +28,27 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from porting import caffe_pb2
-from porting.layers import CaffeLayer, register
+from porting.layers import INT_MAX, CaffeLayer, blob_problem, caffe_int, count, int_arithmetic, register
 from porting.layers.neuron import caffe_power
-from porting.layers.pooling import caffe_ave_pool
+from porting.layers.pooling import caffe_ave_pool, pool_work
 from porting.rounding import ETA, LIBM, LIBM_ETA, U, gamma, stored_error
 
 
+def _shifts(size: int, front: int, channels: int) -> range:
+    """The shifts i < size of a window sum whose terms t_{c - front + i} reach a channel."""
+    return range(max(0, front - channels + 1), min(size, front + channels))
+
+
 def _window_sum_over_channels(t: torch.Tensor, size: int, front: int) -> torch.Tensor:
-    """sum_{i < size} of t shifted along channels: out_c = sum t_{c - front + i}, zero outside."""
+    """sum_{i < size} of t shifted along channels: out_c = sum t_{c - front + i}, zero outside.
+
+    Only the shifts that reach a channel are added (at most 2C - 1), in increasing i; the
+    others would add exact zeros."""
     channels = t.shape[1]
-    padded = F.pad(t, (0, 0, 0, 0, front, size - 1 - front))
+    shifts = _shifts(size, front, channels)
+    padded = F.pad(t, (0, 0, 0, 0, front - shifts.start, shifts.stop - 1 - front))
     total = padded[:, 0:channels].clone()
-    for i in range(1, size):
+    for i in range(1, len(shifts)):
         total.add_(padded[:, i:i + channels])
     return total
 
@@ -75,11 +89,20 @@ class LRN(CaffeLayer):
         shape = self.bottom_shapes[0]
         if len(shape) != 4:
             raise ValueError(f"LRN needs a 4-axis (N, C, H, W) bottom, got {shape}")
-        self.size = int(lp.local_size)
+        self.size = caffe_int(lp.local_size, "local_size")
         if self.size % 2 != 1:
             raise ValueError(f"LRN only supports odd values for local_size, got {self.size}")
         self.alpha, self.beta, self.k = float(lp.alpha), float(lp.beta), float(lp.k)
         self.within = lp.norm_region == caffe_pb2.LRNParameter.WITHIN_CHANNEL
+        n, c, h, w = shape
+        if self.within:  # Caffe's AVE pooling sub-layer: kernel n, pad (n - 1) / 2, int pool_size n * n
+            int_arithmetic(max(h, w) + self.size - 1, "input plus padding")
+            if self.size * self.size > INT_MAX:
+                raise ValueError(f"local_size {self.size}: the AVE divisor n * n overflows Caffe's int")
+        else:  # Caffe's CrossChannelForward_cpu: a padded-square blob (1, C + n - 1, H, W)
+            problem = blob_problem((1, int_arithmetic(c + self.size - 1, "channels plus padding"), h, w))
+            if problem:
+                raise ValueError(f"local_size {self.size}: Caffe's padded-square blob {problem}")
         self.top_shapes = [shape]
 
     def forward(self, x):
@@ -169,6 +192,14 @@ class LRN(CaffeLayer):
         d_accum = gamma(2 * c + size + 4) * total_ratio + _window_sum_over_channels(d_ratio, size, pad)
         bound = (abs(beta) * ds / s + LIBM + 2 * U) * a1 + cache * x.abs() * d_accum + gamma(3) * (a1 + a2)
         return [bound + 4 * ETA]
+
+    def work(self) -> int:
+        """ACROSS: one sum per shift that reaches a channel, and a few operations per value;
+        WITHIN: the pooling sub-layer's (``pool_work``) and a few operations per value."""
+        n, c, h, w = self.bottom_shapes[0]
+        if self.within:
+            return pool_work((n, c, h, w), (self.size, self.size), (1, 1), (h, w)) + 4 * n * c * h * w
+        return n * c * h * w * (len(_shifts(self.size, (self.size - 1) // 2, c)) + 4)
 
     def describe(self) -> str:
         region = "within" if self.within else "across"

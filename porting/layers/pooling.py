@@ -16,6 +16,13 @@ A window with no image cell (possible only with pad 0 and stride > kernel) gives
 -FLT_MAX for MAX and 0 / divisor for AVE (NaN when the divisor is 0), as Caffe does;
 Caffe's MAX backward of such a window writes before the blob (index -1), here nothing.
 Only the CPU path has been checked against Caffe. STOCHASTIC pooling (random at TRAIN, GPU-only at TEST) is refused.
+
+A kernel or pad far beyond the input is legal in Caffe, whose loops visit only each
+window's image cells (hstart..hend clipped to the image), so it costs Caffe little. The
+padded cover would then be far larger than the input, so such geometries gather each
+window's clipped cells instead (``clipped_pool``), at a cost bounded by the input and
+output sizes. Values Caffe keeps in a C++ int (kernel, pad, stride, the padded size, the
+AVE divisor) are refused when they do not fit one, as their Caffe result is meaningless.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from porting import caffe_pb2
-from porting.layers import CaffeLayer, register
+from porting.layers import INT_MAX, CaffeLayer, caffe_int, int_arithmetic, register
 from porting.rounding import ETA, gamma, vjp
 
 P = caffe_pb2.PoolingParameter
@@ -59,7 +66,9 @@ def pooling_geometry(pp, height: int, width: int):
             pp.HasField("stride_h") != pp.HasField("stride_w"):
         raise ValueError("give stride, or stride_h and stride_w")
     stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
-    kernel, pad, stride = tuple(map(int, kernel)), tuple(map(int, pad)), tuple(map(int, stride))
+    kernel = tuple(caffe_int(k, "kernel size") for k in kernel)
+    pad = tuple(caffe_int(p, "pad") for p in pad)
+    stride = tuple(caffe_int(s, "stride") for s in stride)
     if min(kernel) <= 0:
         raise ValueError(f"kernel dimensions must be nonzero, got {kernel}")
     if min(stride) <= 0:
@@ -68,16 +77,74 @@ def pooling_geometry(pp, height: int, width: int):
         raise ValueError("with global_pooling: true only pad = 0 and stride = 1 are allowed")
     if any(p >= k for p, k in zip(pad, kernel)):
         raise ValueError(f"pad {pad} must be smaller than the kernel {kernel}")
+    for size, p in zip((height, width), pad):
+        int_arithmetic(size + 2 * p, "input plus padding")
     ceil_mode = pp.round_mode == P.CEIL
     pooled = [pooled_size(s, k, st, p, ceil_mode) for s, k, st, p in zip((height, width), kernel, stride, pad)]
     if pad != (0, 0):  # the last window must start strictly inside the image (Caffe's clip rule)
         for i, size in enumerate((height, width)):
-            if (pooled[i] - 1) * stride[i] >= size + pad[i]:
+            if int_arithmetic((pooled[i] - 1) * stride[i], "last window start") >= size + pad[i]:
                 pooled[i] -= 1
     if min(pooled) <= 0:
         raise ValueError(f"pooling output would be empty: input {height}x{width}, kernel {kernel}, "
                          f"stride {stride}, pad {pad}")
     return kernel, stride, pad, tuple(pooled)
+
+
+def _use_cover(size, kernel, stride, pooled) -> bool:
+    """Whether the padded cover of an input plane ``size`` (h, w) is small enough to build:
+    at most 4 times the plane plus 1024 cells (always so for the kernels of real nets)."""
+    need = [(o - 1) * s + k for o, s, k in zip(pooled, stride, kernel)]
+    return need[0] * need[1] <= 4 * size[0] * size[1] + 1024
+
+
+def clipped_cells(size: int, kernel: int, stride: int, pad: int, pooled: int, device=None):
+    """Along one axis, the image cells of each window as Caffe's loops visit them
+    (hstart..hend clipped to [0, size)): ``index`` and ``valid``, both (pooled, L) with L the
+    longest clipped window (at least 1); an invalid cell's index is any cell in range."""
+    start = torch.arange(pooled, device=device) * stride - pad
+    first, end = start.clamp(0, size), (start + kernel).clamp(0, size)
+    index = first[:, None] + torch.arange(max(int((end - first).max()), 1), device=device)
+    valid = index < end[:, None]
+    return index.clamp_max(size - 1), valid
+
+
+def _pool_axis(x, dim: int, index, valid, fill: float, method: str):
+    """Reduce the windows of axis ``dim`` (MAX: the first maximum; AVE: the sum)."""
+    cells = x.index_select(dim, index.reshape(-1)).unflatten(dim, tuple(index.shape))
+    cells = cells.masked_fill(~valid.reshape(tuple(valid.shape) + (1,) * (cells.dim() - dim - 2)), fill)
+    return cells.max(dim=dim + 1).values if method == "MAX" else cells.sum(dim=dim + 1)
+
+
+_CHUNK = 1 << 24  # gathered cells per step of clipped_pool
+
+
+def clipped_pool(x, kernel, stride, pad, pooled, method: str):
+    """MAX (empty window: -inf) or AVE window sums of x (N, C, H, W) over each window's
+    clipped image cells, by gathering: widths first, then heights. MAX keeps the first
+    maximum of each row, then the first row holding the maximum: Caffe's first maximum in
+    row-major scan order (its backward routes there). Planes go in chunks of about 2^24
+    gathered cells, so the memory stays near the output's."""
+    n, c, h, w = x.shape
+    (ih, vh), (iw, vw) = (clipped_cells(size, k, s, p, o, x.device)
+                          for size, k, s, p, o in zip((h, w), kernel, stride, pad, pooled))
+    fill = -math.inf if method == "MAX" else 0.0
+    planes = x.reshape(n * c, h, w)
+    step = max(1, _CHUNK // max(1, h * pooled[1] * iw.shape[1] + pooled[0] * ih.shape[1] * pooled[1]))
+    parts = [_pool_axis(_pool_axis(planes[i:i + step], 2, iw, vw, fill, method), 1, ih, vh, fill, method)
+             for i in range(0, n * c, step)]
+    out = torch.cat(parts) if parts else planes.new_zeros((0,) + tuple(pooled))
+    return out.reshape(n, c, *pooled)
+
+
+def pool_work(shape, kernel, stride, pooled) -> int:
+    """Cells the port visits pooling an (N, C, H, W) blob: every window cell of the padded
+    cover, or on the clipped path each gathered cell (a width pass, then a height pass)."""
+    n, c, h, w = shape
+    (kh, kw), (ph, pw) = kernel, pooled
+    if _use_cover((h, w), kernel, stride, pooled):
+        return n * c * ph * pw * kh * kw
+    return n * c * (h * pw * min(kw, w) + ph * min(kh, h) * pw)
 
 
 def _cover(x, kernel, stride, pad, pooled, value):
@@ -92,7 +159,10 @@ def _cover(x, kernel, stride, pad, pooled, value):
 
 def caffe_max_pool(x, kernel, stride, pad, pooled):
     """MAX pooling over Caffe's windows; empty windows give -FLT_MAX as in Caffe."""
-    y = F.max_pool2d(_cover(x, kernel, stride, pad, pooled, -math.inf), kernel, stride)
+    if _use_cover(x.shape[2:], kernel, stride, pooled):
+        y = F.max_pool2d(_cover(x, kernel, stride, pad, pooled, -math.inf), kernel, stride)
+    else:
+        y = clipped_pool(x, kernel, stride, pad, pooled, "MAX")
     return y.clamp_min(-FLT_MAX)
 
 
@@ -104,7 +174,10 @@ def ave_divisor(size: int, kernel: int, stride: int, pad: int, pooled: int) -> n
 
 def caffe_ave_pool(x, kernel, stride, pad, pooled):
     """AVE pooling: window sums over the image divided by Caffe's divisor (counts padding)."""
-    sums = F.avg_pool2d(_cover(x, kernel, stride, pad, pooled, 0.0), kernel, stride, divisor_override=1)
+    if _use_cover(x.shape[2:], kernel, stride, pooled):
+        sums = F.avg_pool2d(_cover(x, kernel, stride, pad, pooled, 0.0), kernel, stride, divisor_override=1)
+    else:
+        sums = clipped_pool(x, kernel, stride, pad, pooled, "AVE")
     dh = ave_divisor(x.shape[2], kernel[0], stride[0], pad[0], pooled[0])
     dw = ave_divisor(x.shape[3], kernel[1], stride[1], pad[1], pooled[1])
     divisor = torch.as_tensor(np.outer(dh, dw), dtype=x.dtype, device=x.device)
@@ -129,6 +202,11 @@ class Pooling(CaffeLayer):
         self.method = "MAX" if pp.pool == P.MAX else "AVE"
         self.global_pooling = bool(pp.global_pooling)
         self.kernel, self.stride, self.pad, self.pooled = pooling_geometry(pp, shape[2], shape[3])
+        if self.method == "AVE":  # Caffe's int pool_size: at most min(k, size + 2 pad) per axis
+            largest = math.prod(min(k, n + 2 * p) for k, n, p in zip(self.kernel, shape[2:], self.pad))
+            if largest > INT_MAX:
+                raise ValueError(f"AVE window of {largest:,} cells (kernel {self.kernel}, pad {self.pad}) "
+                                 "overflows Caffe's int divisor")
         self.top_shapes = [shape[:2] + self.pooled]
 
     def geometry(self, x):
@@ -145,13 +223,15 @@ class Pooling(CaffeLayer):
         """How many windows can cover one input element (ceil(k/s) per axis, 1 for global)."""
         if self.global_pooling:
             return 1
-        kernel, stride, _, _ = self.geometry(x)
-        return math.ceil(kernel[0] / stride[0]) * math.ceil(kernel[1] / stride[1])
+        kernel, stride, _, pooled = self.geometry(x)
+        return math.prod(min(math.ceil(k / s), o) for k, s, o in zip(kernel, stride, pooled))
 
     def _windows(self, x):
         """Each window's values and their plane indices h * W + w (-1 for padding), as
         (N, C, pooled_h, pooled_w, k_h * k_w) in Caffe's row-major scan order."""
         kernel, stride, pad, pooled = self.geometry(x)
+        if not _use_cover(x.shape[2:], kernel, stride, pooled):
+            return self._clipped_windows(x, kernel, stride, pad, pooled)
         plane = torch.arange(x.shape[2] * x.shape[3], dtype=x.dtype, device=x.device).reshape(1, 1, *x.shape[2:])
         values = _cover(x, kernel, stride, pad, pooled, -math.inf)
         index = _cover(plane, kernel, stride, pad, pooled, -1.0)
@@ -161,6 +241,17 @@ class Pooling(CaffeLayer):
             return t.reshape(t.shape[:4] + (-1,))
 
         return unfold(values), unfold(index).long()
+
+    @staticmethod
+    def _clipped_windows(x, kernel, stride, pad, pooled):
+        """``_windows`` from each window's clipped image cells (-inf and -1 past its end)."""
+        (ih, vh), (iw, vw) = (clipped_cells(size, k, s, p, o, x.device)
+                              for size, k, s, p, o in zip(x.shape[2:], kernel, stride, pad, pooled))
+        cells = x[:, :, ih][..., iw].permute(0, 1, 2, 4, 3, 5)  # (N, C, ph, pw, row, col)
+        valid = vh[:, None, :, None] & vw[None, :, None, :]
+        values = cells.masked_fill(~valid, -math.inf).flatten(-2)
+        index = torch.where(valid, ih[:, None, :, None] * x.shape[3] + iw[None, :, None, :], -1)
+        return values, index.flatten(-2)[None, None]
 
     def decisions(self, bottoms):
         """MAX: each window's winner as Caffe's mask holds it, h * W + w within its (N, C)
@@ -186,11 +277,11 @@ class Pooling(CaffeLayer):
         x = bottoms[0]
         if self.method == "MAX":  # a comparison: exact
             return [torch.zeros_like(exact_tops[0])]
-        # AVE: a sum of k*k terms in any order, then one division.
+        # AVE: a sum of the window's image cells (at most k*k) in any order, then one division.
         kernel = self.geometry(x)[0]
         with torch.no_grad():
             mag = self(x.abs())[0]
-        return [gamma(kernel[0] * kernel[1] + 1) * mag + ETA]
+        return [gamma(min(kernel[0], x.shape[2]) * min(kernel[1], x.shape[3]) + 1) * mag + ETA]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         # Each bottom diff sums at most `overlap` routed (MAX) or divided (AVE) top diffs.
@@ -198,6 +289,9 @@ class Pooling(CaffeLayer):
         if self.method == "MAX":
             return [gamma(self._overlap(bottoms[0])) * mag]
         return [gamma(self._overlap(bottoms[0]) + 1) * mag + ETA]
+
+    def work(self) -> int:
+        return pool_work(self.bottom_shapes[0], self.kernel, self.stride, self.pooled)
 
     def describe(self) -> str:
         def fmt(pair):
