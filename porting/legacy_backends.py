@@ -91,7 +91,7 @@ class RootBackend(Backend):
         self.root = self.where = resolve_root(root)
 
     def unavailable(self) -> str | None:
-        missing = missing_tools(("unshare", "chroot"), "util-linux coreutils")
+        missing = missing_tools(("unshare", "chroot"))
         if missing:
             return missing
         if not self.userns:
@@ -153,9 +153,9 @@ class DockerBackend(Backend):
                               stdin=subprocess.DEVNULL)
 
     def unavailable(self) -> str | None:
-        if shutil.which(self.engine) is None:
-            return f"`{self.engine}` not found on PATH (install: apt-get install -y {self.engine}" + (
-                ".io)" if self.engine == "docker" else ")")
+        missing = missing_tools((self.engine,))
+        if missing:
+            return missing
         try:
             probe = self._run(["info", "--format", "{{json .}}"], timeout=20)
         except subprocess.TimeoutExpired:
@@ -235,7 +235,7 @@ class DockerBackend(Backend):
             finally:
                 remove_tree(tree)
             return
-        missing = missing_tools(("mmdebstrap",), "mmdebstrap uidmap")
+        missing = missing_tools(("mmdebstrap", "newuidmap", "newgidmap"))
         if missing:
             raise PortingError(f"no base image {base}: making it needs debootstrap as root, or {missing}; "
                                "or pass --base-image with a local Debian bullseye image")

@@ -150,12 +150,19 @@ def chroot_argv(root: Path, command: list[str], binds: list[tuple[Path, str, str
     return argv + ["--"] + list(command)
 
 
-def missing_tools(names: tuple[str, ...], packages: str) -> str | None:
+# The Debian package of each host tool a backend uses.
+TOOL_PACKAGES = {"debootstrap": "debootstrap", "mmdebstrap": "mmdebstrap", "newuidmap": "uidmap",
+                 "newgidmap": "uidmap", "unshare": "util-linux", "chroot": "coreutils", "tar": "tar",
+                 "docker": "docker.io", "podman": "podman"}
+
+
+def missing_tools(names: tuple[str, ...]) -> str | None:
     """One line naming the tools of ``names`` not on PATH and the apt-get line that installs them."""
     missing = [name for name in names if shutil.which(name) is None]
     if not missing:
         return None
-    return f"{', '.join(f'`{m}`' for m in missing)} not found on PATH (install: apt-get install -y {packages})"
+    packages = " ".join(dict.fromkeys(TOOL_PACKAGES[name] for name in missing))
+    return f"{', '.join(f'`{m}`' for m in missing)} not found on PATH (as root: apt-get install -y {packages})"
 
 
 def subid_problem() -> str | None:
@@ -265,13 +272,13 @@ def build(root: str | os.PathLike | None = None, rebuild: bool = False, progress
     if current:
         return root
     if rootless:
-        problem = (missing_tools(("mmdebstrap", "newuidmap", "newgidmap", "unshare", "tar"), "mmdebstrap uidmap")
+        problem = (missing_tools(("mmdebstrap", "newuidmap", "newgidmap", "unshare", "tar"))
                    or subid_problem())
         if problem:
             raise PortingError(f"the rootless legacy root cannot be built: {problem}")
     else:
         _require_privileges("building")
-        problem = missing_tools(("debootstrap", "unshare", "chroot"), "debootstrap")
+        problem = missing_tools(("debootstrap", "unshare", "chroot"))
         if problem:
             raise PortingError(problem)
     with build_lock(root):
@@ -340,13 +347,15 @@ def mmdebstrap_argv(snapshot: str | None, provision: bool) -> list[str]:
     argv = ["mmdebstrap", "--variant=minbase", "--mode=auto", "--format=tar"]
     if provision:
         files = " ".join(shlex.quote(str(RECIPE_DIR / name)) for name in RECIPE_FILES)
-        env = f"PORTING_DEBIAN_SNAPSHOT={shlex.quote(snapshot or '')}"
+        # the chroot build's clean environment: none of the caller's (proxy CA paths, PIP_*)
+        env = " ".join(shlex.quote(f"{k}={v}") for k, v in CHROOT_ENV.items())
+        env += f" PORTING_DEBIAN_SNAPSHOT={shlex.quote(snapshot or '')}"
         argv += ["--customize-hook=mkdir -p \"$1/opt/porting/recipe\"",
                  f"--customize-hook=copy-in {files} /opt/porting/recipe"]
         if HOST_CA_BUNDLE.is_file():
             argv += [f"--customize-hook=copy-in {shlex.quote(str(HOST_CA_BUNDLE))} /opt/porting"]
             env += " PORTING_CA_BUNDLE=/opt/porting/ca-certificates.crt"
-        argv += [f"--customize-hook=chroot \"$1\" env {env} sh /opt/porting/recipe/provision.sh",
+        argv += [f"--customize-hook=chroot \"$1\" env -i {env} sh /opt/porting/recipe/provision.sh",
                  "--customize-hook=rm -f \"$1/opt/porting/ca-certificates.crt\""]
     return argv + [SUITE, "-", mirror_url(snapshot)]
 
