@@ -28,7 +28,9 @@ class CaffeNet(nn.Module):
     Caffe accepts any layer name (empty, dotted, ``type``, ``forward``...), so the torch
     modules sit in a ``ModuleList`` by layer index (``named_parameters`` reads
     ``layers.<index>.<blob index>``) and never collide with ``nn.Module`` attributes;
-    ``params``, ``layer_outputs`` and ``state_dict`` keys use the Caffe layer name.
+    ``params``, ``layer_outputs`` and ``state_dict`` keys use the Caffe layer name. A name
+    several layers share (Caffe allows it; a later one may not have weights, see
+    porting.graph): ``end=`` stops at the first, as pycaffe's; ``layer_outputs`` keeps the last.
     """
 
     def __init__(self, graph: Graph):
