@@ -65,22 +65,40 @@ def jobs_parent() -> Path:
 
 
 class Backend:
+    """The interface; see the module's docstring."""
     name = ""
 
     def unavailable(self) -> str | None:
+        """What is missing for this backend to run here at all (one line), or None."""
         raise NotImplementedError
 
     def problem(self) -> str | None:
-        """Why real Caffe cannot run through this backend now (one line), or None."""
+        """Why real Caffe cannot run through this backend now (one line: unavailable, or not built), or None."""
         raise NotImplementedError
 
     def require_ready(self) -> None:
         reason = self.problem()
         if reason:
-            raise PortingError(reason, getattr(self, "where", None))
+            raise PortingError(reason)
+
+    def build(self, rebuild=False, progress=True, snapshot=None, base_image=None, dry_run=False) -> str:
+        """Build the stack when missing or its recipe changed; return where it is (root path or image tag)."""
+        raise NotImplementedError
+
+    def status(self) -> dict:
+        raise NotImplementedError
+
+    def launch(self, command: list[str], binds=(), env: dict | None = None, name: str = "") -> tuple[list, dict]:
+        """(argv, environment) of a process running ``command`` in the stack; ``binds``: (host path,
+        path inside, "ro" or "rw"); ``env``: variables inside; ``name``: for ``stop``."""
+        raise NotImplementedError
 
     def stop(self, name: str) -> None:
-        """Nothing to do for a process tree: killing its group ends it."""
+        """Make sure what ``launch(name=name)`` started is gone after its process group was
+        killed; nothing to do for a process tree."""
+
+    def shell(self) -> int:
+        raise NotImplementedError
 
 
 class RootBackend(Backend):
@@ -100,7 +118,7 @@ class RootBackend(Backend):
                                capture_output=True, text=True)
         if probe.returncode != 0:
             return ("the rootless backend needs unprivileged user namespaces, which this kernel refuses "
-                    f"({probe.stderr.strip().splitlines()[-1:] or 'unshare failed'}); as root: "
+                    f"({(probe.stderr.strip().splitlines() or ['unshare failed'])[-1]}); as root: "
                     "sysctl -w kernel.unprivileged_userns_clone=1 user.max_user_namespaces=15000")
         return None
 
@@ -108,7 +126,7 @@ class RootBackend(Backend):
         try:
             require_built(self.root)
         except PortingError as err:
-            return str(err)
+            return str(err)  # "ROOT: not built; how to build"
         return self.unavailable()
 
     def build(self, rebuild=False, progress=True, snapshot=None, base_image=None, dry_run=False) -> str:

@@ -170,12 +170,14 @@ def subid_problem() -> str | None:
     user = pwd.getpwuid(os.getuid()).pw_name
     for table in ("/etc/subuid", "/etc/subgid"):
         try:
-            lines = Path(table).read_text().splitlines()
+            rows = [line.split(":") for line in Path(table).read_text().splitlines() if line.count(":") == 2]
         except OSError:
-            lines = []
-        if not any(line.split(":")[0] in (user, str(os.getuid())) for line in lines):
-            return (f"no range for {user} in {table} (as root: usermod --add-subuids 100000-165535 "
-                    f"--add-subgids 100000-165535 {user})")
+            rows = []
+        if not any(row[0] in (user, str(os.getuid())) for row in rows):
+            free = max([int(start) + int(count) for _, start, count in rows
+                        if start.isdigit() and count.isdigit()] + [100000])  # after every range given out
+            return (f"no range for {user} in {table} (as root: usermod --add-subuids {free}-{free + 65535} "
+                    f"--add-subgids {free}-{free + 65535} {user})")
     return None
 
 
@@ -272,8 +274,9 @@ def build(root: str | os.PathLike | None = None, rebuild: bool = False, progress
     if current:
         return root
     if rootless:
-        problem = (missing_tools(("mmdebstrap", "newuidmap", "newgidmap", "unshare", "tar"))
-                   or subid_problem())
+        as_user = os.geteuid() != 0  # root's mmdebstrap needs no id mapping
+        problem = (missing_tools(("mmdebstrap", "unshare", "tar") + (("newuidmap", "newgidmap") if as_user else ()))
+                   or (subid_problem() if as_user else None))
         if problem:
             raise PortingError(f"the rootless legacy root cannot be built: {problem}")
     else:
