@@ -189,6 +189,9 @@ def _match_weights(spec: LayerSpec, blobs: list[WeightBlob] | None, have_file: b
             raise PortingError(f"blob {i} shape mismatch: caffemodel {_fmt_shapes([blob.declared()])} "
                                f"({blob.data.size} values), layer expects {_fmt_shapes([shape])}",
                                source, _place(spec))
+        if blob.diff_count not in (0, blob.data.size):  # Blob::FromProto checks the diff count too
+            raise PortingError(f"blob {i} has {blob.diff_count} diff values for {blob.data.size} data values",
+                               source, _place(spec))
     return blobs
 
 

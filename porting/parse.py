@@ -12,7 +12,11 @@ in memory and over a second. Here the file is memory-mapped (copy-on-write, so t
 are writable and the file never changes), the protobuf wire format is walked just deep
 enough to find each blob's ``data``, packed floats become ``np.frombuffer`` views of the
 map (no copy), and what is left of each layer (names, types, shapes: a few hundred bytes)
-is parsed by protobuf itself, so field semantics stay protobuf's.
+is parsed by protobuf itself, so field semantics stay protobuf's. The walker applies
+protobuf's wire rules (key, length and varint sizes, wire types, groups, nesting), so it
+accepts and refuses exactly the files protobuf does, and reads the same values
+(tests/test_walker_protobuf.py checks it against protobuf on mutated files). The arrays
+are views of the map until someone copies them (``load_caffe`` does, and keeps no view).
 """
 from __future__ import annotations
 
@@ -31,16 +35,15 @@ from porting.weights import WeightBlob
 # Protobuf wire types.
 VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
 
-# NetParameter fields that hold layers, and the expected wire type of every field Caffe
-# 1.0 defines there (a known field with another wire type means a foreign file).
+# Fields the walker looks into.
 NET_LAYERS_V1, NET_LAYER_V2 = 2, 100
-NET_FIELDS = {1: (LEN,), 2: (LEN,), 3: (LEN,), 4: (VARINT, LEN), 5: (VARINT,), 6: (LEN,),
-              7: (VARINT,), 8: (LEN,), 100: (LEN,)}
 LAYER_V2_BLOBS = 7          # LayerParameter.blobs
 LAYER_V1_BLOBS = 6          # V1LayerParameter.blobs
 LAYER_V1_V0 = 1             # V1LayerParameter.layer (a V0LayerParameter)
 LAYER_V0_BLOBS = 50         # V0LayerParameter.blobs
 BLOB_DATA, BLOB_DIFF, BLOB_DOUBLE_DATA, BLOB_DOUBLE_DIFF = 5, 6, 8, 9
+BLOB_VALUES = {BLOB_DATA: 4, BLOB_DIFF: 4, BLOB_DOUBLE_DATA: 8, BLOB_DOUBLE_DIFF: 8}  # field -> bytes per value
+MAX_FILE_BYTES = 2**31 - 1  # Caffe's ReadProtoFromBinaryFile: SetTotalBytesLimit(INT_MAX)
 # Protobuf's default recursion limit: a message or group nested deeper than this (the
 # NetParameter at depth 0, a layer at 1, a blob at 2, each group one more) is refused.
 MAX_DEPTH = 100
@@ -100,27 +103,33 @@ def _os_problem(err: OSError) -> str:
 def read_caffemodel(path: str | os.PathLike) -> dict[str, list[WeightBlob]]:
     """Layer name -> its parameter blobs (flat float32 data, declared shape), file order.
 
+    The file is read exactly as protobuf reads it (so as Caffe does); the only file
+    protobuf parses and this refuses is one without any layer entry (see ``_scan``).
     The layout (V2 / V1 / V0) is chosen as Caffe's ``UpgradeNetAsNeeded`` does: V1 ``layers``
     entries win over V2 ``layer`` entries when both exist (Caffe drops the latter); when
     any V1 entry holds a V0 ``layer``, names and blobs come from the V0 messages. A layer
     name that repeats keeps its last blobs (Caffe's ``CopyTrainedLayersFrom`` copies in
-    file order). Blob data: ``double_data`` when present (rounded to float32 like
-    ``Blob::FromProto``), else ``data``; packed float data are read-write views of a
-    private memory map of the file, never written back, and may sit at any byte offset
-    (NumPy and torch read unaligned float32 correctly; the map lives as long as a view).
+    file order). Blob data: ``double_data`` when it has values (rounded to float32 like
+    ``Blob::FromProto``), else ``data``; ``diff_count`` counts ``double_diff`` likewise.
+
+    Packed float data are read-write views of a private (copy-on-write) memory map of the
+    file, never written back, at any byte offset (NumPy and torch read unaligned float32
+    correctly); the map lives as long as a view. A view reads the file's pages when it is
+    read: if the file is truncated meanwhile, that read is a SIGBUS. So copy what you
+    keep before the file can change, as ``load_caffe`` does (it keeps no view).
     """
     scan = _scan(path, want_data=True)
     net = scan.net
     weights: dict[str, list[WeightBlob]] = {}
     if len(net.layers):
         v0 = any(entry.HasField("layer") for entry in net.layers)
-        for entry, arrays in zip(net.layers, scan.arrays_v1):
-            name, protos, data = ((entry.layer.name, entry.layer.blobs, arrays[1]) if v0
-                                  else (entry.name, entry.blobs, arrays[0]))
-            weights[name] = [_weight_blob(p, d) for p, d in zip(protos, data)]
+        for entry, blobs in zip(net.layers, scan.blobs_v1):
+            name, protos, data = ((entry.layer.name, entry.layer.blobs, blobs[1]) if v0
+                                  else (entry.name, entry.blobs, blobs[0]))
+            weights[name] = [_weight_blob(p, d, n) for p, (d, n) in zip(protos, data)]
     else:
-        for layer, arrays in zip(net.layer, scan.arrays_v2):
-            weights[layer.name] = [_weight_blob(p, d) for p, d in zip(layer.blobs, arrays)]
+        for layer, blobs in zip(net.layer, scan.blobs_v2):
+            weights[layer.name] = [_weight_blob(p, d, n) for p, (d, n) in zip(layer.blobs, blobs)]
     return weights
 
 
@@ -130,19 +139,20 @@ def read_caffemodel_net(path: str | os.PathLike) -> caffe_pb2.NetParameter:
     return _scan(path, want_data=False).net
 
 
-def _weight_blob(proto: caffe_pb2.BlobProto, data: np.ndarray) -> WeightBlob:
+def _weight_blob(proto: caffe_pb2.BlobProto, data: np.ndarray, diff_count: int) -> WeightBlob:
     # Blob::ShapeEquals: any of the deprecated 4-D fields present means legacy dims.
     if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
-        return WeightBlob(data, None, (proto.num, proto.channels, proto.height, proto.width))
-    return WeightBlob(data, tuple(int(d) for d in proto.shape.dim))
+        return WeightBlob(data, None, (proto.num, proto.channels, proto.height, proto.width), diff_count)
+    return WeightBlob(data, tuple(int(d) for d in proto.shape.dim), None, diff_count)
 
 
 @dataclass
 class _Scan:
     net: caffe_pb2.NetParameter
-    arrays_v2: list[list[np.ndarray]] = field(default_factory=list)  # per `layer` entry
+    # per blob: (data as float32, or None when not wanted; number of diff values)
+    blobs_v2: list[list[tuple]] = field(default_factory=list)  # per `layer` entry
     # per `layers` entry: (its own V1 blobs, the blobs of its V0 `layer`)
-    arrays_v1: list[tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=list)
+    blobs_v1: list[tuple[list, list]] = field(default_factory=list)
 
 
 class _Malformed(Exception):
@@ -150,14 +160,46 @@ class _Malformed(Exception):
 
 
 def _scan(path, want_data: bool) -> _Scan:
+    """Walk the file's top-level fields: layer entries by the walker, the rest verbatim.
+
+    Refused beyond protobuf's own rules: a file without any layer entry (protobuf reads
+    any such bytes, a text file or a short foreign file, as an empty net, which Caffe
+    would load without a word and leave every layer at its fillers) and a file over
+    2 GB (Caffe's ``ReadProtoFromBinaryFile`` limits a message to ``INT_MAX`` bytes).
+    """
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+            before = os.fstat(f.fileno())
+            if before.st_size == 0:
                 raise PortingError("not a Caffe caffemodel (empty file)", path)
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if before.st_size > MAX_FILE_BYTES:
+                raise PortingError(f"not a Caffe caffemodel ({before.st_size} bytes; Caffe reads at most "
+                                   f"{MAX_FILE_BYTES}, 2 GB)", path)
+            try:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except ValueError:  # emptied since fstat
+                raise PortingError("the file changed while being read", path) from None
+            # The map has the size the file had when it was mapped; a file that shrinks
+            # under a map makes reading the lost pages a SIGBUS, so check before walking
+            # and again after (the walk reads the keys, a consumer later the data).
+            size = len(buf)
+            _check_unchanged(f, before, size, path)
+            scan = _walk(buf, size, want_data, path)
+            _check_unchanged(f, before, size, path)
     except OSError as err:
         raise PortingError(_os_problem(err), path) from None
+    if not want_data:
+        buf.close()  # nothing refers to it: the net holds copies
+    return scan
+
+
+def _check_unchanged(f, before: os.stat_result, size: int, path) -> None:
+    now = os.fstat(f.fileno())
+    if (now.st_size, now.st_mtime_ns) != (size, before.st_mtime_ns):
+        raise PortingError("the file changed while being read", path)
+
+
+def _walk(buf, size: int, want_data: bool, path) -> _Scan:
     walker = _Walker(buf, want_data)
     try:
         stripped, where, pos, n_layers = bytearray(), 0, 0, 0
@@ -171,15 +213,13 @@ def _scan(path, want_data: bool) -> _Scan:
                 if n_layers or err.field_no in (NET_LAYER_V2, NET_LAYERS_V1):
                     raise
                 raise _Malformed(f"byte {where}: field {err.field_no} runs past the end of the file") from None
-            if field_no in NET_FIELDS and wire not in NET_FIELDS[field_no]:
-                raise _Malformed(f"byte {where}: field {field_no} has wire type {wire}")
-            if field_no == NET_LAYER_V2:
-                remnant, arrays = walker.layer_v2(start, end)
-                walker.arrays_v2.append(arrays)
-            elif field_no == NET_LAYERS_V1:
-                remnant, arrays = walker.layer_v1(start, end)
-                walker.arrays_v1.append(arrays)
-            else:
+            if wire == LEN and field_no == NET_LAYER_V2:
+                remnant, blobs = walker.layer_v2(start, end)
+                walker.blobs_v2.append(blobs)
+            elif wire == LEN and field_no == NET_LAYERS_V1:
+                remnant, blobs = walker.layer_v1(start, end)
+                walker.blobs_v1.append(blobs)
+            else:  # another field, or a layer field of another wire type (protobuf: unknown)
                 stripped += buf[where:pos]
                 continue
             n_layers += 1
@@ -194,7 +234,7 @@ def _scan(path, want_data: bool) -> _Scan:
         raise PortingError(f"not a Caffe caffemodel ({err}{_hint(buf)})", path) from None
     except pb_message.DecodeError as err:
         raise PortingError(f"not a Caffe caffemodel (protobuf: {err})", path) from None
-    return _Scan(net, walker.arrays_v2, walker.arrays_v1)
+    return _Scan(net, walker.blobs_v2, walker.blobs_v1)
 
 
 class _Truncated(Exception):
@@ -231,20 +271,31 @@ def _varint_bytes(value: int) -> bytes:
 
 
 class _Walker:
-    """Walks protobuf wire data in ``buf`` (an mmap); collects blob data as arrays.
+    """Walks protobuf wire data in ``buf`` (an mmap) by protobuf's rules (the upb decoder
+    of protobuf 7.x, which the tests check it against); collects blob data as arrays.
 
+    The rules: a varint has at most 10 bytes (value modulo 2**64); a field key at most 5
+    bytes and a value below 2**32, its field number not 0 (except inside an unknown group,
+    which protobuf skips without that check); a length at most 5 bytes;
+    wire types 6 and 7 do not exist, and an end-group key closes only the group it names.
+    A known field that comes with another wire type than its own is an unknown field
+    (kept, as protobuf keeps it): only ``layer``/``layers``/``blobs`` entries of wire
+    type 2 are walked into; blob values are ``data``/``diff`` of wire type 2 (packed: a
+    whole number of 4-byte values) or 5 (one value), ``double_data``/``double_diff`` of
+    wire type 2 (8-byte values) or 1.
     ``depth`` arguments are the nesting depth of the message being walked, counted as
     protobuf counts it against its recursion limit (``MAX_DEPTH``).
     """
 
     def __init__(self, buf, want_data: bool):
         self.buf, self.want_data = buf, want_data
-        self.arrays_v2: list = []
-        self.arrays_v1: list = []
+        self.blobs_v2: list = []
+        self.blobs_v1: list = []
 
     # -- wire primitives -------------------------------------------------------
-    def varint(self, pos: int, end: int, top: bool) -> tuple[int, int]:
-        buf, shift, value = self.buf, 0, 0
+    def varint(self, pos: int, end: int, top: bool, limit: int = 10) -> tuple[int, int]:
+        """The varint at ``pos`` (at most ``limit`` bytes) and the position after it."""
+        buf, shift, value, start = self.buf, 0, 0, pos
         while True:
             if pos >= end:
                 if top:
@@ -254,23 +305,32 @@ class _Walker:
             pos += 1
             value |= (b & 0x7F) << shift
             if b < 0x80:
-                return value, pos
+                return value & 0xFFFF_FFFF_FFFF_FFFF, pos
             shift += 7
-            if shift >= 70:
-                raise _Malformed(f"byte {pos}: varint longer than 10 bytes")
+            if pos - start >= limit:
+                what = "varint" if limit == 10 else "field key or length"
+                raise _Malformed(f"byte {start}: {what} longer than {limit} bytes")
 
-    def field(self, pos: int, end: int, top: bool = False, depth: int = 0) -> tuple[int, int, int, int, int]:
-        """One field at ``pos`` of a message at ``depth``: (number, wire type, value start,
-        value end, next pos)."""
-        key, pos = self.varint(pos, end, top)
-        field_no, wire = key >> 3, key & 7
-        if field_no == 0:
-            raise _Malformed(f"byte {pos - 1}: field number 0")
+    def tag(self, pos: int, end: int, top: bool) -> tuple[int, int, int]:
+        """The field key at ``pos``: (field number, wire type, position after it)."""
+        key, after = self.varint(pos, end, top, limit=5)
+        if key > 0xFFFF_FFFF:
+            raise _Malformed(f"byte {pos}: field key {key} is not below 2**32")
+        return key >> 3, key & 7, after
+
+    def field(self, pos: int, end: int, top: bool = False, depth: int = 0,
+              in_group: bool = False) -> tuple[int, int, int, int, int]:
+        """One field at ``pos`` of a message (or, ``in_group``, of an unknown group) at
+        ``depth``: (number, wire type, value start, value end, next pos)."""
+        key_at = pos
+        field_no, wire, pos = self.tag(pos, end, top)
+        if field_no == 0 and not in_group:  # protobuf skips unknown groups without this check
+            raise _Malformed(f"byte {key_at}: field number 0")
         if wire == VARINT:
             _, nxt = self.varint(pos, end, top)
             return field_no, wire, pos, nxt, nxt
         if wire == LEN:
-            length, start = self.varint(pos, end, top)
+            length, start = self.varint(pos, end, top, limit=5)
             stop = start + length
         elif wire == I32:
             start, stop = pos, pos + 4
@@ -280,8 +340,10 @@ class _Walker:
             start = pos
             stop = self.skip_group(field_no, pos, end, top, depth + 1)
             return field_no, wire, start, stop, stop
+        elif wire == EGROUP:
+            raise _Malformed(f"byte {key_at}: end of group {field_no} outside any group")
         else:
-            raise _Malformed(f"byte {pos - 1}: invalid wire type {wire}")
+            raise _Malformed(f"byte {key_at}: invalid wire type {wire}")
         if stop > end:
             if top:
                 raise _Truncated(stop, field_no)
@@ -293,17 +355,17 @@ class _Walker:
         if depth > MAX_DEPTH:
             raise _Malformed(f"byte {pos}: groups nested deeper than protobuf's limit of {MAX_DEPTH}")
         while True:
-            key, after = self.varint(pos, end, top)
-            if key & 7 == EGROUP:
-                if key >> 3 != group_no:
-                    raise _Malformed(f"byte {pos}: unmatched end of group")
+            field_no, wire, after = self.tag(pos, end, top)
+            if wire == EGROUP:
+                if field_no != group_no:
+                    raise _Malformed(f"byte {pos}: end of group {field_no} inside group {group_no}")
                 return after
-            _, _, _, _, pos = self.field(pos, end, top, depth)
+            _, _, _, _, pos = self.field(pos, end, top, depth, in_group=True)
 
     # -- messages --------------------------------------------------------------
-    def layer_v2(self, start: int, end: int) -> tuple[bytes, list[np.ndarray]]:
-        """LayerParameter bytes without blob data, and the data of each blob."""
-        return self._message_with_blobs(start, end, {LAYER_V2_BLOBS}, depth=1)
+    def layer_v2(self, start: int, end: int) -> tuple[bytes, list[tuple]]:
+        """LayerParameter bytes without blob data, and the (data, diff count) of each blob."""
+        return self._message_with_blobs(start, end, LAYER_V2_BLOBS, depth=1)
 
     def layer_v1(self, start: int, end: int) -> tuple[bytes, tuple[list, list]]:
         """V1LayerParameter bytes without blob data (its own and its V0 layer's)."""
@@ -312,97 +374,104 @@ class _Walker:
         while pos < end:
             at = pos
             field_no, wire, s, e, pos = self.field(pos, end, depth=1)
-            if field_no == LAYER_V1_BLOBS:
-                self._expect(wire, LEN, at, "V1 layer blobs")
-                blob, data = self.blob(s, e, depth=2)
-                own.append(data)
-                out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
-            elif field_no == LAYER_V1_V0:
-                self._expect(wire, LEN, at, "V0 layer")
-                v0_bytes, data = self._message_with_blobs(s, e, {LAYER_V0_BLOBS}, depth=2)
-                v0.extend(data)
-                out += _key(field_no, LEN) + _varint_bytes(len(v0_bytes)) + v0_bytes
+            if wire == LEN and field_no == LAYER_V1_BLOBS:
+                blob, blob_data = self.blob(s, e, depth=2)
+                own.append(blob_data)
+            elif wire == LEN and field_no == LAYER_V1_V0:
+                # A singular message given twice is merged: its blobs add up, in order.
+                blob, blobs = self._message_with_blobs(s, e, LAYER_V0_BLOBS, depth=2)
+                v0.extend(blobs)
             else:
                 out += self.buf[at:pos]
+                continue
+            out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
         return bytes(out), (own, v0)
 
-    def _message_with_blobs(self, start: int, end: int, blob_fields: set[int], depth: int):
-        out, arrays = bytearray(), []
+    def _message_with_blobs(self, start: int, end: int, blobs_field: int, depth: int):
+        out, blobs = bytearray(), []
         pos = start
         while pos < end:
             at = pos
             field_no, wire, s, e, pos = self.field(pos, end, depth=depth)
-            if field_no in blob_fields:
-                self._expect(wire, LEN, at, "blobs")
-                blob, data = self.blob(s, e, depth + 1)
-                arrays.append(data)
+            if wire == LEN and field_no == blobs_field:
+                blob, blob_data = self.blob(s, e, depth + 1)
+                blobs.append(blob_data)
                 out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
             else:
                 out += self.buf[at:pos]
-        return bytes(out), arrays
+        return bytes(out), blobs
 
-    def blob(self, start: int, end: int, depth: int) -> tuple[bytes, np.ndarray | None]:
-        """BlobProto bytes without data/diff, and its data as float32 (None if not wanted).
+    def blob(self, start: int, end: int, depth: int) -> tuple[bytes, tuple]:
+        """BlobProto bytes without data/diff, and (its data as float32 or None when not
+        wanted, its number of diff values).
 
-        ``double_data`` wins over ``data`` when it has any values (Blob::FromProto).
-        Repeated fields may come packed (any number of chunks) or unpacked.
+        ``double_data`` wins over ``data`` when it has any values (Blob::FromProto), and
+        ``double_diff`` over ``diff`` likewise. Each may come packed (any number of
+        chunks, empty ones too) or unpacked.
         """
-        out, floats, doubles = bytearray(), [], []
+        out = bytearray()
+        chunks: dict[int, list] = {BLOB_DATA: [], BLOB_DOUBLE_DATA: []}
+        counts = dict.fromkeys(BLOB_VALUES, 0)
         pos = start
         while pos < end:
             at = pos
             field_no, wire, s, e, pos = self.field(pos, end, depth=depth)
-            if field_no in (BLOB_DATA, BLOB_DOUBLE_DATA):
-                width, dtype, chunks = (4, "<f4", floats) if field_no == BLOB_DATA else (8, "<f8", doubles)
-                if wire == LEN:
-                    if (e - s) % width:
-                        raise _Malformed(f"byte {s}: packed data of {e - s} bytes is not a multiple of {width}")
-                    if self.want_data:
-                        chunks.append(np.frombuffer(self.buf, dtype, (e - s) // width, s))
-                elif wire == (I32 if width == 4 else I64):
-                    values, pos = self._unpacked_run(at, end, self.buf[at], width, dtype)
-                    if self.want_data:
-                        chunks.append(values)
-                else:
-                    raise _Malformed(f"byte {at}: blob data field {field_no} has wire type {wire}")
-            elif field_no in (BLOB_DIFF, BLOB_DOUBLE_DIFF):
-                continue  # gradients: Caffe ignores them when loading weights
-            else:
-                out += self.buf[at:pos]
+            width = BLOB_VALUES.get(field_no)
+            if width is None or wire not in (LEN, I32 if width == 4 else I64):
+                out += self.buf[at:pos]  # not a blob value (for protobuf an unknown field)
+                continue
+            keep = self.want_data and field_no in chunks
+            dtype = "<f4" if width == 4 else "<f8"
+            if wire == LEN:
+                if (e - s) % width:
+                    raise _Malformed(f"byte {s}: packed field {field_no} of {e - s} bytes is not a "
+                                     f"multiple of {width}")
+                n = (e - s) // width
+                if keep:
+                    chunks[field_no].append(np.frombuffer(self.buf, dtype, n, s))
+            else:  # a run of unpacked records [this same key][value]: read as one array
+                n, pos = self._unpacked_run(at, s, end, width)
+                if keep:
+                    step = s - at + width
+                    records = np.frombuffer(self.buf, np.uint8, n * step, at).reshape(n, step)
+                    chunks[field_no].append(records[:, s - at:].copy().view(dtype).reshape(-1))
+            counts[field_no] += n
+        diff_count = counts[BLOB_DOUBLE_DIFF] or counts[BLOB_DIFF]
         if not self.want_data:
-            return bytes(out), None
-        if doubles:
-            with np.errstate(over="ignore"):  # as cvtsd2ss (Caffe on x86): inf beyond float range
-                data = _concat(doubles).astype(np.float32)
-        elif len(floats) == 1:
-            data = floats[0]
+            return bytes(out), (None, diff_count)
+        if counts[BLOB_DOUBLE_DATA]:
+            # As cvtsd2ss (Caffe on x86): inf beyond float range, NaN stays NaN; no warning.
+            with np.errstate(over="ignore", invalid="ignore"):
+                data = _concat(chunks[BLOB_DOUBLE_DATA]).astype(np.float32)
         else:
-            data = _concat(floats)
-        return bytes(out), data
+            data = _concat([c for c in chunks[BLOB_DATA] if c.size])
+        return bytes(out), (data, diff_count)
 
-    def _unpacked_run(self, pos: int, end: int, key_byte: int, width: int, dtype: str):
-        """Values of consecutive unpacked fixed-width records ``[key][value]`` from ``pos``.
-
-        The key of BlobProto.data / double_data is one byte, so a run is a strided array:
-        read it with NumPy rather than one Python step per value.
-        """
-        step = width + 1
-        n = (end - pos) // step
-        records = np.frombuffer(self.buf, np.uint8, n * step, pos).reshape(n, step)
-        mismatch = np.flatnonzero(records[:, 0] != key_byte)
-        run = int(mismatch[0]) if mismatch.size else n
-        if run == 0:  # the one record left is cut short
-            raise _Malformed(f"byte {pos}: value runs past the end of its blob")
-        values = records[:run, 1:].copy().view(dtype).reshape(-1) if self.want_data else None
-        return values, pos + run * step
-
-    @staticmethod
-    def _expect(wire: int, expected: int, at: int, what: str) -> None:
-        if wire != expected:
-            raise _Malformed(f"byte {at}: {what} field has wire type {wire}")
+    def _unpacked_run(self, at: int, start: int, end: int, width: int) -> tuple[int, int]:
+        """How many consecutive records ``[key][value of width bytes]`` whose key spans
+        ``at``..``start`` start at ``at`` (at least 1: the caller checked the first),
+        and the position after them. A record whose first bytes are that same key (a
+        whole varint) is a value of the same field. Read with NumPy in windows that
+        double, rather than one Python step per value (and not quadratic in short runs)."""
+        step = start - at + width
+        total, n, window = (end - at) // step, 0, 64
+        if total < 2 or self.buf[at + step:start + step] != self.buf[at:start]:
+            return 1, at + step  # a single value (no NumPy for it: interleaved fields stay linear)
+        key = np.frombuffer(self.buf, np.uint8, start - at, at)
+        while n < total:
+            m = min(window, total - n)
+            keys = np.frombuffer(self.buf, np.uint8, m * step, at + n * step).reshape(m, step)[:, :len(key)]
+            other = np.flatnonzero((keys != key).any(axis=1))
+            if other.size:
+                n += int(other[0])
+                break
+            n, window = n + m, window * 2
+        return n, at + n * step
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
     if not chunks:
         return np.zeros(0, np.float32)
+    if len(chunks) == 1:
+        return chunks[0]
     return np.concatenate(chunks)

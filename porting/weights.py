@@ -11,12 +11,15 @@ class WeightBlob:
     """One parameter blob as stored: flat float32 data plus its declared shape.
 
     ``shape`` is the BlobShape dims when present; otherwise ``legacy_dims`` holds the
-    deprecated (num, channels, height, width).
+    deprecated (num, channels, height, width). ``diff_count``: how many gradient values
+    the blob stores (``double_diff`` when it has any, else ``diff``; 0 for none), which
+    Caffe's ``Blob::FromProto`` requires to be 0 or the blob's count.
     """
 
     data: np.ndarray
     shape: tuple[int, ...] | None = None
     legacy_dims: tuple[int, int, int, int] | None = None
+    diff_count: int = 0
 
     def declared(self) -> tuple[int, ...]:
         return self.shape if self.shape is not None else tuple(self.legacy_dims or ())

@@ -220,3 +220,72 @@ def test_double_data_beyond_float32_is_inf_without_warning(tmp_path):
         warnings.simplefilter("error")
         data = read_caffemodel(path)["s"][0].data
     assert data.tolist() == [np.inf, -np.inf]
+
+
+# --------------------------------------------------------------------------- a caffemodel that changes
+# Each case runs in a child process: a SIGBUS (reading a mapped page the file no longer
+# has) would kill the child, and so fail the test, instead of killing pytest.
+_CHANGING = r'''
+import gc, os, sys
+import numpy as np, torch
+from porting import PortingError, load_caffe
+from porting.saved import load_converted, save_converted
+from porting.write import write_caffemodel
+
+folder, case = sys.argv[1], sys.argv[2]
+proto, model = os.path.join(folder, "net.prototxt"), os.path.join(folder, "net.caffemodel")
+open(proto, "w").write(sys.argv[3])
+rng = np.random.default_rng(0)
+w = [rng.standard_normal((3, 2, 3, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)]
+f = [rng.standard_normal((4, 27)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
+write_caffemodel(model, [("conv", "Convolution", w), ("fc", "InnerProduct", f)])
+
+def mapped():
+    gc.collect()
+    return [line for line in open("/proc/self/maps") if line.rstrip().endswith(os.path.realpath(model))]
+
+if case == "after-load":
+    net = load_caffe(proto, model)
+    assert not mapped(), mapped()  # nothing refers to the file's map once loaded
+    x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    before = net(x)["fc"]
+    with open(model, "r+b") as out:  # rewritten in place, shorter: Caffe's own snapshots truncate
+        out.truncate(0)
+        out.write(b"\x0a\x01x")
+    assert torch.equal(net(x)["fc"], before)
+    assert np.array_equal(net.params["conv"][0].detach().numpy(), w[0])
+    save_converted(net, os.path.join(folder, "o.safetensors"))
+    assert torch.equal(load_converted(os.path.join(folder, "o.safetensors"))(x)["fc"], before)
+else:
+    # the file shrinks while being read: after it was mapped, or after the walk (the data
+    # pages are read later, by whoever holds the arrays)
+    import mmap as mmap_module
+    import porting.parse as parse
+    real = parse.mmap.mmap if case == "after-map" else parse._walk
+
+    def shrinking(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.truncate(model, 100)
+        return result
+
+    if case == "after-map":
+        parse.mmap = type("M", (), {"mmap": staticmethod(shrinking), "ACCESS_COPY": mmap_module.ACCESS_COPY})
+    else:
+        parse._walk = shrinking
+    try:
+        load_caffe(proto, model)
+        raise SystemExit("loaded a file that changed while being read")
+    except PortingError as err:
+        assert str(err) == f"{model}: the file changed while being read", err
+print("ok")
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("case", ["after-load", "after-map", "after-walk"])
+def test_caffemodel_changed_during_or_after_load(case, tmp_path):
+    """Truncating or rewriting the caffemodel after load_caffe returns changes nothing (the
+    net holds copies, the map is gone); while it is being read, it is a one-line error."""
+    out = subprocess.run([sys.executable, "-c", _CHANGING, str(tmp_path), case, _net_named("conv", "fc")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stdout, out.stderr)
