@@ -290,7 +290,7 @@ class DockerBackend(Backend):
             info["hint"] = reason or BUILD_HINT.replace("build`", f"build --backend {self.engine}`")
             return info
         labels = found.get("Config", {}).get("Labels") or {}
-        shown = self._run(["run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", _READ_STACK])
+        shown = self._run(["run", *self._run_options(), "--entrypoint", "python3", image, "-c", _READ_STACK])
         if shown.returncode != 0:
             raise PortingError(f"cannot read the stack in {image}: {shown.stderr.strip()[-300:]}")
         inside = json.loads(shown.stdout)
@@ -301,12 +301,14 @@ class DockerBackend(Backend):
         info.update(describe_stack(inside["stack"], inside["blas"], inside["lapack"]))
         return info
 
-    def _user(self) -> list[str]:
-        """Docker runs as the caller's uid so job files stay theirs; rootless podman's root already is."""
-        return [] if self.engine == "podman" else ["--user", f"{os.getuid()}:{os.getgid()}"]
+    def _run_options(self) -> list[str]:
+        """Options of every container: removed on exit, no network. Docker runs as the caller's
+        uid so job files stay theirs; rootless podman's root already is the caller."""
+        user = [] if self.engine == "podman" else ["--user", f"{os.getuid()}:{os.getgid()}"]
+        return ["--rm", "--network", "none", *user]
 
     def launch(self, command: list[str], binds=(), env: dict | None = None, name: str = "") -> tuple[list, dict]:
-        argv = [self.engine, "run", "-i", "--rm", "--network", "none", *self._user()]
+        argv = [self.engine, "run", "-i", *self._run_options()]
         if name:
             argv += ["--name", f"porting-{name}"]
         for host, inside, mode in binds:
@@ -324,7 +326,7 @@ class DockerBackend(Backend):
 
     def shell(self) -> int:
         self.require_ready()
-        return subprocess.call([self.engine, "run", "-it", "--rm", "--network", "none", *self._user(),
+        return subprocess.call([self.engine, "run", "-it", *self._run_options(),
                                 "-v", f"{REFERENCE_DIR}:{INSIDE_REFERENCE}:ro", "-e", "HOME=/tmp",
                                 self.where, "/bin/bash", "-l"])
 
