@@ -6,11 +6,12 @@ Exit status: 0 success, 1 internal error (or, for verify, a blob out of toleranc
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 
 from porting import budget
-from porting.errors import PortingError
+from porting.errors import PortingError, escaped
 
 
 def _convert(args) -> int:
@@ -30,12 +31,11 @@ def _inspect(args) -> int:
     from porting.budget import needs
     from porting.graph import build_graph
     from porting.parse import read_caffemodel, read_prototxt
-    from porting.upgrade import upgrade_needed, upgrade_net
+    from porting.upgrade import upgrade
 
-    raw = read_prototxt(args.prototxt)
-    upgrades = upgrade_needed(raw, source=args.prototxt)
+    net, upgrades = upgrade(read_prototxt(args.prototxt), source=args.prototxt)
     weights = read_caffemodel(args.caffemodel) if args.caffemodel else None
-    graph = build_graph(upgrade_net(raw, source=args.prototxt), args.phase, weights,
+    graph = build_graph(net, args.phase, weights,
                         source=args.prototxt, shape_only=True)
     print(f"net {graph.name or '(unnamed)'}: {len(graph.layers)} layers, phase {args.phase}"
           + (f"; upgraded from: {', '.join(upgrades)}" if upgrades else ""))
@@ -71,10 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
 _FEATURE_MODULES: list[str] = ["porting.legacy", "porting.cli_verify", "porting.export", "porting.report"]
 
 
+class _HeldNotes(logging.Handler):
+    """Keeps the notes the harness logs while a command runs (e.g. the legacy-format
+    upgrade's "V0 parameter ... dropped", Caffe's own LOG(ERROR) lines): printed once the
+    command has done its work, dropped when it refuses its input, whose one line says why."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(escaped(record.getMessage()))
+
+
 def run_command(prog: str, args: argparse.Namespace) -> int:
     """Run a parsed subcommand with the exit-status contract (0, 1 internal, 2 bad input)."""
+    held, logger = _HeldNotes(), logging.getLogger("porting")
+    logger.addHandler(held)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        for note in held.notes:
+            print(f"{prog}: {note}", file=sys.stderr)
+        return status
     except PortingError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
@@ -84,6 +102,8 @@ def run_command(prog: str, args: argparse.Namespace) -> int:
         traceback.print_exc()
         print(f"{prog}: internal error (the traceback above belongs in a bug report)", file=sys.stderr)
         return 1
+    finally:
+        logger.removeHandler(held)
 
 
 def main(argv: list[str] | None = None) -> int:

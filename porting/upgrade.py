@@ -129,16 +129,17 @@ def upgrade_net(net: caffe_pb2.NetParameter, source: object = None) -> caffe_pb2
 
     ``source`` (the file the net came from) is named in errors.
     """
-    return _upgrade(net, source)[0]
+    return upgrade(net, source)[0]
 
 
 def upgrade_needed(net: caffe_pb2.NetParameter, source: object = None) -> list[str]:
     """Names of the upgrade steps ``upgrade_net`` applies to ``net``, in order (empty if
     it is already current); ``source`` names the file in errors."""
-    return _upgrade(net, source)[1]
+    return upgrade(net, source)[1]
 
 
-def _upgrade(net: caffe_pb2.NetParameter, source) -> tuple[caffe_pb2.NetParameter, list[str]]:
+def upgrade(net: caffe_pb2.NetParameter, source: object = None) -> tuple[caffe_pb2.NetParameter, list[str]]:
+    """``upgrade_net`` and ``upgrade_needed`` in one pass (each upgrade note logged once)."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     applied = []

@@ -88,3 +88,28 @@ def test_shipped_caffenet_equals_mfv_deploy():
     ours, theirs = (upgrade_net(read_prototxt(p)) for p in (models.path("caffenet"), mfv))
     assert ours.layer == theirs.layer and ours.force_backward == theirs.force_backward
     assert load_caffe(models.path("caffenet")).graph.blob_shapes["fc8"] == (1, 1000)
+
+
+# A V0 net whose ReLU carries num_output (Caffe's upgrade logs it and drops it), then
+# either a valid layer or one of an unknown V0 type.
+_V0_NOTE = ("input: 'data' input_dim: 1 input_dim: 2 input_dim: 3 input_dim: 3 "
+            "layers { layer { name: 'r' type: 'relu' num_output: 3 } bottom: 'data' top: 'data' } ")
+
+
+def test_upgrade_note_printed_once_after_success(tmp_path):
+    proto = tmp_path / "old.prototxt"
+    proto.write_text(_V0_NOTE)
+    out = run("inspect", proto)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        f"porting: {proto}: layer r: V0 parameter num_output does not apply to layer type 'relu'; dropped"]
+
+
+def test_upgrade_note_not_printed_when_the_net_is_refused(tmp_path):
+    """The refusal is the one line on stderr; the notes of a net refused are left out."""
+    proto = tmp_path / "old.prototxt"
+    proto.write_text(_V0_NOTE + "layers { layer { name: 'x' type: 'warp' } bottom: 'data' top: 'y' }")
+    for command in (["inspect", proto], ["convert", proto, "-o", tmp_path / "o.safetensors"]):
+        out = run(*command)
+        assert out.returncode == 2 and out.stderr.splitlines() == [
+            f"porting: {proto}: layer x: unknown V0 layer type 'warp'"], out.stderr
