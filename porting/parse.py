@@ -30,6 +30,7 @@ from google.protobuf import text_format
 
 from porting import caffe_pb2
 from porting.errors import PortingError
+from porting.upgrade import upgrade_v0_net
 from porting.weights import WeightBlob
 
 # Protobuf wire types.
@@ -103,11 +104,15 @@ def _os_problem(err: OSError) -> str:
 def read_caffemodel(path: str | os.PathLike) -> dict[str, list[WeightBlob]]:
     """Layer name -> its parameter blobs (flat float32 data, declared shape), file order.
 
-    The file is read exactly as protobuf reads it (so as Caffe does); the only file
-    protobuf parses and this refuses is one without any layer entry (see ``_scan``).
+    The file is read exactly as protobuf reads it (so as Caffe does); files protobuf
+    parses and this refuses: one without any layer entry (see ``_scan``) and a V0 net
+    Caffe's upgrade aborts on (below).
     The layout (V2 / V1 / V0) is chosen as Caffe's ``UpgradeNetAsNeeded`` does: V1 ``layers``
     entries win over V2 ``layer`` entries when both exist (Caffe drops the latter); when
-    any V1 entry holds a V0 ``layer``, names and blobs come from the V0 messages. A layer
+    any V1 entry holds a V0 ``layer``, names and blobs come from the V0 messages, V0
+    ``padding`` layers are left out and what makes Caffe's ``UpgradeV0Net`` abort (an
+    unknown V0 type, a bottom no earlier layer produced, ...) is refused as
+    ``porting.upgrade`` refuses it. A layer
     name that repeats keeps its last blobs (Caffe's ``CopyTrainedLayersFrom`` copies in
     file order). Blob data: ``double_data`` when it has values (rounded to float32 like
     ``Blob::FromProto``), else ``data``; ``diff_count`` counts ``double_diff`` likewise.
@@ -123,7 +128,11 @@ def read_caffemodel(path: str | os.PathLike) -> dict[str, list[WeightBlob]]:
     weights: dict[str, list[WeightBlob]] = {}
     if len(net.layers):
         v0 = any(entry.HasField("layer") for entry in net.layers)
+        if v0:  # Caffe upgrades the caffemodel's net before copying: refuse what aborts it
+            _check_v0_upgrade(net, path)
         for entry, blobs in zip(net.layers, scan.blobs_v1):
+            if v0 and entry.layer.type == "padding":
+                continue  # UpgradeV0PaddingLayers drops the layer, blobs and all
             name, protos, data = ((entry.layer.name, entry.layer.blobs, blobs[1]) if v0
                                   else (entry.name, entry.blobs, blobs[0]))
             weights[name] = [_weight_blob(p, d, n) for p, (d, n) in zip(protos, data)]
@@ -131,6 +140,19 @@ def read_caffemodel(path: str | os.PathLike) -> dict[str, list[WeightBlob]]:
         for layer, blobs in zip(net.layer, scan.blobs_v2):
             weights[layer.name] = [_weight_blob(p, d, n) for p, (d, n) in zip(layer.blobs, blobs)]
     return weights
+
+
+def _check_v0_upgrade(net: caffe_pb2.NetParameter, path) -> None:
+    """Refuse (``porting.upgrade``'s PortingError) what makes Caffe's UpgradeV0Net abort.
+
+    Python protobuf cannot copy a string that is not UTF-8 (it hands it out as bytes;
+    Caffe's C++ takes any bytes), so a net holding one is not checked: its names could
+    not match a prototxt's layer names (str) anyway.
+    """
+    try:
+        upgrade_v0_net(net, source=path)
+    except (UnicodeDecodeError, TypeError, ValueError):
+        pass
 
 
 def read_caffemodel_net(path: str | os.PathLike) -> caffe_pb2.NetParameter:

@@ -176,7 +176,9 @@ def test_v0_layers_entries_take_name_and_blobs_from_the_v0_layer(tmp_path):
                                     blobs=[caffe_pb2.BlobProto(num=2, channels=1, height=1, width=1, data=[3, 4])])
     entries = [caffe_pb2.V1LayerParameter(layer=v0, bottom=["data"], top=["conv1"]),
                caffe_pb2.V1LayerParameter(layer=caffe_pb2.V0LayerParameter(name="relu1", type="relu"))]
-    path = write(tmp_path, "w.caffemodel", caffe_pb2.NetParameter(layers=entries).SerializeToString())
+    # "data" is a net input: Caffe's V0 upgrade of the caffemodel aborts on an unknown bottom
+    net = caffe_pb2.NetParameter(input=["data"], layers=entries)
+    path = write(tmp_path, "w.caffemodel", net.SerializeToString())
     got = read_caffemodel(path)
     assert list(got) == ["conv1", "relu1"] and got["relu1"] == []
     assert np.array_equal(got["conv1"][0].data, [3, 4]) and got["conv1"][0].legacy_dims == (2, 1, 1, 1)

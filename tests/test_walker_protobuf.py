@@ -20,6 +20,12 @@ Where ours may refuse what protobuf accepts (the exceptions, kept short):
   empty net (a text file, most short binary files); Caffe's ``CopyTrainedLayersFrom``
   would then copy nothing and leave every layer at its filler values without a word. The
   port refuses it as "not a Caffe caffemodel", its rule for foreign files.
+* ``V0_UPGRADE``: a V0 file (``layers { layer {..} }``) on which Caffe's ``UpgradeV0Net``
+  aborts: ``CopyTrainedLayersFromBinaryProto`` runs ``UpgradeNetAsNeeded`` on the
+  caffemodel's net before copying, and ``UpgradeV0PaddingLayers`` LOG(FATAL)s on a bottom
+  no earlier layer (or net input) produced and CHECKs a padding layer's consumer,
+  ``UpgradeV0LayerType`` LOG(FATAL)s on an unknown V0 type (src/caffe/util/upgrade_proto.cpp).
+  The port refuses with ``porting.upgrade``'s message for it.
 * Files over 2 GB (Caffe's ``ReadProtoFromBinaryFile`` sets the total-bytes limit to
   ``INT_MAX``, src/caffe/util/io.cpp): not reachable here, see ``test_file_over_2gb``.
 
@@ -43,6 +49,7 @@ from hypothesis import given, settings, strategies as st
 from porting import caffe_pb2, load_caffe
 from porting.errors import PortingError
 from porting.parse import read_caffemodel, read_caffemodel_net
+from porting.upgrade import upgrade_v0_net
 from porting.write import write_caffemodel
 
 VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
@@ -185,7 +192,8 @@ def protobuf_weights(net: caffe_pb2.NetParameter) -> dict:
     """{layer name: [(data, shape, legacy_dims, diff_count), ...]} as read_caffemodel documents it."""
     if len(net.layers):
         v0 = any(entry.HasField("layer") for entry in net.layers)
-        layers = [entry.layer if v0 else entry for entry in net.layers]
+        layers = [entry.layer if v0 else entry for entry in net.layers
+                  if not (v0 and entry.layer.type == "padding")]
     else:
         layers = list(net.layer)
     out = {}
@@ -207,6 +215,20 @@ def protobuf_weights(net: caffe_pb2.NetParameter) -> dict:
     return out
 
 
+def caffe_v0_upgrade_aborts(net: caffe_pb2.NetParameter, path) -> str | None:
+    """The error of porting.upgrade's V0 upgrade (Caffe's UpgradeV0Net, which
+    CopyTrainedLayersFromBinaryProto runs on the caffemodel), if it aborts on ``net``."""
+    if not any(entry.HasField("layer") for entry in net.layers):
+        return None
+    try:
+        upgrade_v0_net(net, source=path)
+    except PortingError as err:
+        return str(err)
+    except (UnicodeDecodeError, TypeError, ValueError):  # a name not UTF-8: not checked (see parse.py)
+        pass
+    return None
+
+
 def without_data(net: caffe_pb2.NetParameter) -> bytes:
     net = caffe_pb2.NetParameter.FromString(net.SerializeToString())
     blobs = [b for l in net.layer for b in l.blobs] + [b for l in net.layers for b in l.blobs]
@@ -226,6 +248,10 @@ def compare(data: bytes, path) -> str:
     except PortingError as err:
         message = str(err)
         assert message.startswith(f"{path}: ") and "\n" not in message, message
+        if net is not None and caffe_v0_upgrade_aborts(net, path):
+            assert message == caffe_v0_upgrade_aborts(net, path), message  # V0_UPGRADE
+            assert without_data(read_caffemodel_net(path)) == without_data(net)  # not upgraded
+            return "v0-upgrade"
         with pytest.raises(PortingError):
             read_caffemodel_net(path)
         if net is not None and not len(net.layer) and not len(net.layers):
@@ -282,9 +308,13 @@ def seeds(tmp_path) -> dict[str, bytes]:
     net.layer.add(name="ignored").blobs.add(data=[1.0])
     out["protobuf-v1"] = net.SerializeToString()
 
-    # protobuf, V0 entries, one of them without a V0 layer
-    net = caffe_pb2.NetParameter(name="pb0")
-    entry = net.layers.add(bottom=["data"], top=["conv1"])
+    # protobuf, V0 entries: a padding layer (with a blob, which Caffe drops with the
+    # layer), one entry without a V0 layer
+    net = caffe_pb2.NetParameter(name="pb0", input=["data"])
+    entry = net.layers.add(bottom=["data"], top=["pad1"])
+    entry.layer.name, entry.layer.type, entry.layer.pad = "pad1", "padding", 1
+    entry.layer.blobs.add(data=[7.0])
+    entry = net.layers.add(bottom=["pad1"], top=["conv1"])
     entry.layer.name, entry.layer.type = "conv1", "conv"
     entry.layer.blobs.add(num=2, channels=1, height=1, width=1, data=[3.0, 4.0], diff=[0.0, 1.0])
     net.layers.add(bottom=["conv1"], top=["conv1"])
@@ -677,6 +707,36 @@ def test_blobs_and_v0_layer_of_another_wire_type_are_unknown_fields(tmp_path):
     v0 = caffe_pb2.V0LayerParameter(name="fc", blobs=[caffe_pb2.BlobProto(data=[1, 2])]).SerializeToString()
     entry = key(1, VARINT) + b"\x01" + len_field(1, v0)  # V1LayerParameter.layer as a varint, then as a message
     check(tmp_path, len_field(2, entry), [1.0, 2.0])
+
+
+def _v0_net(*entries) -> bytes:
+    """A V0 caffemodel: entries (name, type, bottoms, tops, blob values or None)."""
+    net = caffe_pb2.NetParameter(input=["data"])
+    for name, kind, bottoms, tops, values in entries:
+        entry = net.layers.add(bottom=bottoms, top=tops)
+        entry.layer.name, entry.layer.type = name, kind
+        if values is not None:
+            entry.layer.blobs.add(num=1, channels=1, height=1, width=len(values), data=values)
+    return net.SerializeToString()
+
+
+def test_v0_caffemodel_is_upgraded_as_caffe_upgrades_it(tmp_path):
+    """CopyTrainedLayersFromBinaryProto upgrades the caffemodel's net first: a V0 padding
+    layer is dropped with its blobs; what aborts UpgradeV0Net aborts the read."""
+    path = tmp_path / "v0.caffemodel"
+    good = _v0_net(("pad", "padding", ["data"], ["p"], [9.0]), ("fc", "conv", ["p"], ["c"], [1.0, 2.0]))
+    assert compare(good, path) == "accepted"
+    weights = read_caffemodel(path)
+    assert list(weights) == ["fc"] and weights["fc"][0].data.tolist() == [1.0, 2.0]
+    for bad, problem in [
+        (_v0_net(("fc", "conv", ["nowhere"], ["c"], [1.0])), "layer fc: bottom blob 'nowhere' is not produced"),
+        (_v0_net(("fc", "nonesuch", ["data"], ["c"], [1.0])), "layer fc: unknown V0 layer type 'nonesuch'"),
+        (_v0_net(("pad", "padding", ["data"], ["p"], None), ("fc", "relu", ["p"], ["c"], [1.0])),
+         "layer fc: V0 padding layer 'pad' feeds a 'relu' layer"),
+    ]:
+        assert compare(bad, path) == "v0-upgrade"
+        with pytest.raises(PortingError, match=rf"^{path}: {problem}"):
+            read_caffemodel(path)
 
 
 def test_double_data_nan_and_overflow_without_warning(tmp_path):
