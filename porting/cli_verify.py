@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from porting import budget
 from porting.errors import PortingError
 from porting.files import file_digest
 
@@ -53,8 +54,12 @@ def load_input_files(files, shape: tuple[int, ...], mean_bgr=IMAGENET_MEAN_BGR) 
 
 
 def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
-               tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False) -> dict:
-    """Verify a port against real Caffe and write the report; returns the report dict."""
+               tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False,
+               budget=None) -> dict:
+    """Verify a port against real Caffe and write the report; returns the report dict.
+    ``budget``: the porting.budget.Budget the net must fit (default: the machine's, at
+    ``batch`` with a backward)."""
+    from porting.budget import Budget
     from porting.net import load_caffe
     from porting.export import onnx_opinion
     from porting.layers import LAYERS
@@ -63,7 +68,7 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
     from porting.tolerances import parse_tolerances
     from porting.verify import blob_key, parse_objective, random_inputs, verify_port
 
-    net = load_caffe(prototxt, caffemodel)
+    net = load_caffe(prototxt, caffemodel, budget=budget or Budget.default(batch=batch, backward=True))
     tolerances = parse_tolerances(tolerance, known_types=LAYERS)
     obj = parse_objective(objective, net.graph)
     names = list(net.graph.inputs)
@@ -116,9 +121,11 @@ def _summary(report: dict, report_dir) -> str:
 
 
 def _verify_command(args) -> int:
+    from porting.budget import from_args
+
     report = run_verify(args.prototxt, args.caffemodel, args.report, args.input or (), args.batch,
                         args.objective, args.tolerance, not args.no_onnx, args.synsets, args.seed,
-                        strict=args.strict)
+                        strict=args.strict, budget=from_args(args, batch=args.batch, backward=True))
     print(_summary(report, args.report))
     return int(report["exit_status"])
 
@@ -163,6 +170,7 @@ def add_parser(subparsers) -> None:
                    "(depends on the CPU, the inputs and the weights: rounding amplified by the net)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
     p.add_argument("--report", required=True, metavar="DIR")
+    budget.add_options(p)
     p.set_defaults(func=_verify_command)
 
     p = subparsers.add_parser("demo", help="convert CaffeNet with generated weights and verify it")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from porting import budget
 from porting.errors import PortingError
 from porting.files import write_atomic
 
@@ -192,10 +193,11 @@ def onnx_opinion(net, inputs: Mapping[str, np.ndarray], folder: str | os.PathLik
 # --------------------------------------------------------------------------------------
 
 def _export_command(args) -> int:
+    from porting.budget import from_args
     from porting.net import load_caffe
     from porting.verify import blob_metrics, port_arrays
 
-    net = load_caffe(args.prototxt, args.caffemodel)
+    net = load_caffe(args.prototxt, args.caffemodel, budget=from_args(args, batch=args.batch))
     inputs = example_inputs(net, args.batch, args.seed)
     path = export_onnx(net, args.onnx, inputs, opset=args.opset)
     summary = check_onnx(path)
@@ -225,4 +227,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     p.add_argument("--compare", action="store_true",
                    help="also run ONNX's reference evaluator and report its largest difference to the port")
+    budget.add_options(p)
     p.set_defaults(func=_export_command)

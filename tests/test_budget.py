@@ -431,3 +431,23 @@ def test_duplicate_names_second_weighted_keeps_caffes_filler(tmp_path, caffe_wor
     caffe = caffe_worker.run_net(proto, model, inputs={"data": np.ones((1, 2, 3, 3), np.float32)}, blobs=["a", "b"])
     assert (caffe["blob/a/data"] == 2 * 2 + 20).all()  # the last "c" entry, in the first layer
     assert (caffe["blob/b/data"] == 7 * 24 * 2).all()  # the filler, in the second
+
+
+def test_verify_and_export_check_the_budget_at_their_batch(tmp_path):
+    """verify (with a backward) and export take the same options; the batch they run at is
+    the one budgeted, and they refuse before starting the legacy stack or tracing."""
+    proto, model = tmp_path / "fc.prototxt", tmp_path / "fc.caffemodel"
+    proto.write_text(_input(1, 3, 8, 8) + _layer("fc", "InnerProduct", "inner_product_param { num_output: 10 }"))
+    rng = np.random.default_rng(0)
+    write_caffemodel(model, [("fc", "InnerProduct", [rng.standard_normal((10, 192)).astype(np.float32),
+                                                     rng.standard_normal(10).astype(np.float32)])])
+    # Parameters 7,720 bytes; activations (192 + 10) x 4 bytes a sample: 815,720 bytes at
+    # batch 1000 for export's forward, twice that (1.6 MiB) with verify's gradients.
+    out = _run_limited(["-m", "porting", "verify", proto, model, "--report", tmp_path / "r",
+                        "--batch", "1000", "--memory-limit", "1M"])
+    _assert_one_line_exit_2(out, f"{proto}: layer ", "needs 1.6 MiB", "at batch 1000", "above the limit of 1.0 MiB")
+    assert not (tmp_path / "r").exists()
+    out = _run_limited(["-m", "porting", "export", proto, model, "--onnx", tmp_path / "x.onnx",
+                        "--batch", "1000", "--memory-limit", "512K"])
+    _assert_one_line_exit_2(out, "needs 796.6 KiB", "at batch 1000", "above the limit of 512.0 KiB")
+    assert not (tmp_path / "x.onnx").exists()
