@@ -326,7 +326,8 @@ class DockerBackend(Backend):
 
     def shell(self) -> int:
         self.require_ready()
-        return subprocess.call([self.engine, "run", "-it", *self._run_options(),
+        tty = ["-it"] if sys.stdin.isatty() else ["-i"]  # a piped script runs too
+        return subprocess.call([self.engine, "run", *tty, *self._run_options(),
                                 "-v", f"{REFERENCE_DIR}:{INSIDE_REFERENCE}:ro", "-e", "HOME=/tmp",
                                 self.where, "/bin/bash", "-l"])
 
