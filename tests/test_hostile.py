@@ -256,6 +256,8 @@ if case == "after-load":
     assert np.array_equal(net.params["conv"][0].detach().numpy(), w[0])
     save_converted(net, os.path.join(folder, "o.safetensors"))
     assert torch.equal(load_converted(os.path.join(folder, "o.safetensors"))(x)["fc"], before)
+    from porting.cli import main  # the CLI on the rewritten file: one line, exit 2
+    assert main(["convert", proto, model, "-o", os.path.join(folder, "p.safetensors")]) == 2
 else:
     # the file shrinks while being read: after it was mapped, or after the walk (the data
     # pages are read later, by whoever holds the arrays)

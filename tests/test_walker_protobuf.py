@@ -489,7 +489,7 @@ def byte_mutate(data: bytes, rng) -> bytes:
 
 
 # --------------------------------------------------------------------------- the differential test
-N_INPUTS = 4000
+N_INPUTS = 6000
 
 
 def test_walker_reads_every_mutated_caffemodel_as_protobuf_does(tmp_path):
