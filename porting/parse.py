@@ -107,15 +107,16 @@ def read_caffemodel(path: str | os.PathLike) -> dict[str, list[WeightBlob]]:
     The file is read exactly as protobuf reads it (so as Caffe does); files protobuf
     parses and this refuses: one without any layer entry (see ``_scan``) and a V0 net
     Caffe's upgrade aborts on (below).
+
     The layout (V2 / V1 / V0) is chosen as Caffe's ``UpgradeNetAsNeeded`` does: V1 ``layers``
     entries win over V2 ``layer`` entries when both exist (Caffe drops the latter); when
     any V1 entry holds a V0 ``layer``, names and blobs come from the V0 messages, V0
-    ``padding`` layers are left out and what makes Caffe's ``UpgradeV0Net`` abort (an
+    ``padding`` layers are left out, and what makes Caffe's ``UpgradeV0Net`` abort (an
     unknown V0 type, a bottom no earlier layer produced, ...) is refused as
-    ``porting.upgrade`` refuses it. A layer
-    name that repeats keeps its last blobs (Caffe's ``CopyTrainedLayersFrom`` copies in
-    file order). Blob data: ``double_data`` when it has values (rounded to float32 like
-    ``Blob::FromProto``), else ``data``; ``diff_count`` counts ``double_diff`` likewise.
+    ``porting.upgrade`` refuses it. A layer name that repeats keeps its last blobs
+    (Caffe's ``CopyTrainedLayersFrom`` copies in file order). Blob data: ``double_data``
+    when it has values (rounded to float32 like ``Blob::FromProto``), else ``data``;
+    ``diff_count`` counts ``double_diff`` likewise.
 
     Packed float data are read-write views of a private (copy-on-write) memory map of the
     file, never written back, at any byte offset (NumPy and torch read unaligned float32
@@ -151,7 +152,7 @@ def _check_v0_upgrade(net: caffe_pb2.NetParameter, path) -> None:
     """
     try:
         upgrade_v0_net(net, source=path)
-    except (UnicodeDecodeError, TypeError, ValueError):
+    except ValueError:  # UnicodeDecodeError: a string protobuf hands out as bytes
         pass
 
 
