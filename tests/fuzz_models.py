@@ -39,7 +39,8 @@ timeouts). A worker silent for 60 s on one input (stuck in C code, or the machin
 is killed and replaced and the input runs once more; silent twice is a timeout. Outcomes:
 
 - OK: ``load_caffe`` returned and a forward on random inputs of the declared shapes ran
-  (then ``save_converted``/``load_converted`` must give a net computing the same blobs);
+  (then a backward from the sum of every blob must run, and ``save_converted`` /
+  ``load_converted`` must give a net computing the same blobs);
 - REFUSED: ``load_caffe`` raised ``PortingError`` with one printable line naming a file;
 - FAILURE (one or more of): *exception* (any other exception type, in load, forward or
   the CLI), *memory* (MemoryError or a torch allocation failure), *timeout*, *crash* (a
@@ -1310,15 +1311,23 @@ def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
             except BaseException as err:
                 failures.append(_exception_failure(err, "load"))
             else:
-                stage("forward")
+                step = "forward"
+                stage(step)
                 try:
                     g = torch.Generator().manual_seed(case.index)
-                    inputs = {k: torch.randn(v, generator=g) for k, v in net.inputs.items()}
-                    with torch.no_grad():
-                        blobs = net(**inputs)
+                    inputs = {k: torch.randn(v, generator=g).requires_grad_() for k, v in net.inputs.items()}
+                    blobs = net(**inputs)
                     outcome = "ok"
                     failures += _shape_failures(net)
-                    stage("roundtrip")
+                    step = "backward"
+                    stage(step)
+                    grads = [t.sum() for t in blobs.values() if t.requires_grad]
+                    if grads:
+                        torch.stack(grads).sum().backward()
+                    blobs = {k: t.detach() for k, t in blobs.items()}
+                    inputs = {k: t.detach() for k, t in inputs.items()}
+                    step = "roundtrip"
+                    stage(step)
                     failures += _roundtrip_failures(net, inputs, blobs, folder / "net.safetensors", case.phase)
                     del net, blobs, inputs
                 except FuzzTimeout:
@@ -1326,9 +1335,9 @@ def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
                 except PortingError as err:  # a net that loads but refuses to run (Dropout at TRAIN)
                     if "\n" in str(err) or not _printable_line(str(err)):
                         failures.append(_failure("message", "PortingError not one printable line",
-                                                 _where(err.__traceback__), repr(str(err)), "forward"))
+                                                 _where(err.__traceback__), repr(str(err)), step))
                 except BaseException as err:
-                    failures.append(_exception_failure(err, "forward"))
+                    failures.append(_exception_failure(err, step))
             stage("cli")
             failures += _cli_failures([str(f) for f in files], case.phase)
         except FuzzTimeout as err:
