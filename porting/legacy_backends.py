@@ -231,7 +231,6 @@ class DockerBackend(Backend):
                             "--build-arg", f"PORTING_DEBIAN_SNAPSHOT={snapshot or ''}",
                             "--label", f"{LABEL}.recipe-sha256={recipe_hash(snapshot)}",
                             "--label", f"{LABEL}.base-image={base}",
-                            "--label", f"{LABEL}.built-at={time.strftime('%Y-%m-%dT%H:%M:%S%z')}",
                             "-t", image, context], log, progress, f"{self.engine} build")
         if progress:
             print(f"legacy Caffe image {image} built in {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -297,7 +296,7 @@ class DockerBackend(Backend):
         built_hash = labels.get(f"{LABEL}.recipe-sha256")
         info.update({"built": True, "current": built_hash == info["recipe_sha256"], "image_id": found["Id"],
                      "base_image": labels.get(f"{LABEL}.base-image"), "built_recipe_sha256": built_hash,
-                     "built_at": labels.get(f"{LABEL}.built-at") or found.get("Created"), "snapshot": snapshot})
+                     "built_at": found.get("Created", "")[:19], "snapshot": snapshot})
         info.update(describe_stack(inside["stack"], inside["blas"], inside["lapack"]))
         return info
 

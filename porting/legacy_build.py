@@ -214,6 +214,7 @@ def run_logged(argv: list[str], log: Path, progress: bool, step: str, env: dict 
         proc = subprocess.Popen(argv, stdout=stdout if stdout is not None else subprocess.PIPE,
                                 stderr=subprocess.PIPE if stdout is not None else subprocess.STDOUT,
                                 env=env, stdin=stdin if stdin is not None else subprocess.DEVNULL)
+        started = time.monotonic()
         tail: list[bytes] = []
         for line in proc.stderr if stdout is not None else proc.stdout:
             sink.write(line)
@@ -222,6 +223,7 @@ def run_logged(argv: list[str], log: Path, progress: bool, step: str, env: dict 
                 sys.stderr.buffer.write(line)
                 sys.stderr.flush()
         code = proc.wait()
+        sink.write(f"=== {step}: exit {code} after {time.monotonic() - started:.0f} s\n".encode())
     if code != 0:
         last = b"".join(tail).decode(errors="replace").strip().splitlines()
         raise PortingError(f"build step '{step}' failed (exit {code}): {last[-1] if last else ''} "
