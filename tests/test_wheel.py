@@ -1,10 +1,11 @@
 """The wheel carries the legacy recipe and the reference code: `porting env` works from an
 installed package, outside the source tree.
 
-The wheel is built from a copy of the sources and installed (without dependencies) into a
-fresh virtual environment in a temp folder; the dependencies come from this test's
-environment through a path file, which adds their folder to sys.path without running
-that folder's own path files (so the editable install of the checkout stays out).
+The wheel is built from a copy of the sources (setuptools from the test extras, no build
+isolation) and installed without dependencies into a fresh virtual environment in a
+temp folder; the dependencies come from this test's environment through a path file,
+which adds their folder to sys.path without running that folder's own path files (so
+the editable install of the checkout stays out).
 """
 from __future__ import annotations
 
