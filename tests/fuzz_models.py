@@ -50,9 +50,9 @@ is killed and replaced and the input runs once more; silent twice is a timeout. 
   exactly one printable stderr line), *warning* (a Python warning that would reach
   stderr), *shape* (a top's computed shape differs from the inferred one), *differential*
   (for every caffemodel, ``porting.parse.read_caffemodel`` against protobuf's
-  ``NetParameter.FromString``: the same layers, arrays bit for bit, declared shapes and
-  diff counts, or both refusing; a protobuf parse with no layer entry counts as a
-  refusal, as the walker refuses such a file: the rule of tests/test_walker_protobuf.py).
+  ``NetParameter.FromString`` by ``compare`` of tests/test_walker_protobuf.py: the same
+  layers, arrays bit for bit, declared shapes and diff counts, or both refusing, with the
+  exceptions documented there).
 
 Distinct failures are keyed by (kind, exception type, innermost ``porting/`` frame
 file:line) and for each the smallest reproducer is saved under ``--out``.
@@ -1139,99 +1139,27 @@ def _template(message: str) -> str:
     return re.sub(r"\b\d+\b", "N", text)[:90]
 
 
-def protobuf_weights(net) -> dict | None:
-    """Layer name -> [(declared shape, float32 data, diff count)] from protobuf's parse of
-    the whole message, chosen as ``read_caffemodel`` documents (V1 entries over V2; V0
-    names and blobs when any V1 entry holds a V0 layer; a repeated name keeps its last
-    blobs); None: no layer entry. The rule of tests/test_walker_protobuf.py, kept minimal."""
-    if len(net.layers):
-        v0 = any(e.HasField("layer") for e in net.layers)
-        entries = [(e.layer.name, e.layer.blobs) if v0 else (e.name, e.blobs) for e in net.layers]
-    elif len(net.layer):
-        entries = [(l.name, l.blobs) for l in net.layer]
-    else:
-        return None
-    out = {}
-    for name, blobs in entries:
-        rows = []
-        for b in blobs:
-            doubles = _raw_values(b, "double_data", "<f8")
-            if len(doubles):
-                with np.errstate(over="ignore", invalid="ignore"):
-                    data = doubles.astype(np.float32)
-            else:
-                data = _raw_values(b, "data", "<f4")
-            rows.append((_declared(b), data, len(b.double_diff) or len(b.diff)))
-        out[name] = rows
-    return out
-
-
-def _raw_values(blob, name: str, dtype: str) -> np.ndarray:
-    """A repeated float field's values with their exact bits (protobuf's own packed
-    serialization of that one field; reading them as Python floats would quiet sNaNs)."""
-    only = caffe_pb2.BlobProto()
-    getattr(only, name).MergeFrom(getattr(blob, name))
-    wire = only.SerializeToString()
-    if not wire:
-        return np.zeros(0, dtype)
-    _, start = _read_varint(wire, 1)
-    return np.frombuffer(wire[start:], dtype)
-
-
-def _declared(blob) -> tuple:
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
-        return ("legacy", blob.num, blob.channels, blob.height, blob.width)
-    return tuple(int(d) for d in blob.shape.dim)
-
-
-def differential(path: Path) -> list[dict]:
-    """``read_caffemodel`` against protobuf's parse of the same bytes (see the module doc)."""
-    from porting.parse import read_caffemodel
+def differential(path: Path, mutations: list[str]) -> list[dict]:
+    """``read_caffemodel`` against protobuf's parse of the same bytes, by the rule of
+    tests/test_walker_protobuf.py (its ``compare``: the same layers, arrays bit for bit,
+    shapes and diff counts, or both refusing, with its documented exceptions)."""
+    from test_walker_protobuf import compare
 
     stage = "differential"
     try:
-        walker = read_caffemodel(path)
-        walker_err = None
-    except PortingError as err:
-        walker, walker_err = None, str(err)
+        compare(path.read_bytes(), path)
     except FuzzTimeout:
         raise
+    except AssertionError as err:
+        first = (str(err).splitlines() or [""])[0]
+        if first.startswith("ours refused what protobuf accepts"):  # keyed by the walker's message
+            where = _template(first.split(": ", 1)[-1])
+        else:
+            where = "after " + " + ".join(re.sub(r"\d+", "N", m) for m in mutations)
+        return [_failure("differential", "walker and protobuf differ", where[:120],
+                         first or repr(err), stage, traceback.format_exc())]
     except BaseException as err:  # reported once more by the load stage, under the same key
         return [_exception_failure(err, stage)]
-    try:
-        reference = protobuf_weights(caffe_pb2.NetParameter.FromString(path.read_bytes()))
-        proto_err = None if reference is not None else "no layer entries"
-    except FuzzTimeout:
-        raise
-    except Exception as err:  # DecodeError, and whatever else protobuf raises on bad wire data
-        reference, proto_err = None, f"{type(err).__name__}: {err}"
-    if walker is None and reference is None:
-        return []
-    if walker is None:
-        return [_failure("differential", "walker refuses, protobuf reads", _template(walker_err),
-                         walker_err, stage)]
-    if reference is None:
-        return [_failure("differential", "walker reads, protobuf refuses", proto_err[:90], proto_err, stage)]
-    if list(walker) != list(reference):
-        return [_failure("differential", "layer names differ", "porting/parse.py",
-                         f"walker {list(walker)[:5]} protobuf {list(reference)[:5]}", stage)]
-    for name, blobs in walker.items():
-        ref = reference[name]
-        if len(blobs) != len(ref):
-            return [_failure("differential", "blob counts differ", "porting/parse.py",
-                             f"layer {name!r}: walker {len(blobs)} protobuf {len(ref)}", stage)]
-        for i, (blob, (shape, array, diff_count)) in enumerate(zip(blobs, ref)):
-            declared = (("legacy",) + tuple(blob.legacy_dims)) if blob.shape is None else tuple(blob.shape)
-            if declared != shape:
-                return [_failure("differential", "declared shapes differ", "porting/parse.py",
-                                 f"layer {name!r} blob {i}: walker {declared} protobuf {shape}", stage)]
-            if getattr(blob, "diff_count", diff_count) != diff_count:
-                return [_failure("differential", "diff counts differ", "porting/parse.py",
-                                 f"layer {name!r} blob {i}: walker {blob.diff_count} protobuf {diff_count}", stage)]
-            if blob.data.astype("<f4").tobytes() != array.astype("<f4").tobytes():
-                return [_failure("differential", "blob values differ", "porting/parse.py",
-                                 f"layer {name!r} blob {i}: walker {blob.data.size} values "
-                                 f"{blob.data[:4].tolist()}, protobuf {array.size} {array[:4].tolist()}", stage)]
     return []
 
 
@@ -1300,7 +1228,7 @@ def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
         try:
             if case.caffemodel is not None:
                 stage("differential")
-                failures += differential(model)
+                failures += differential(model, case.mutations)
             stage("load")
             try:
                 net = load_caffe(proto, model if case.caffemodel is not None else None, phase=case.phase)
@@ -1347,12 +1275,10 @@ def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
             continue
         failures.append(_failure("warning", w.category.__name__, f"{_rel(w.filename)}:{w.lineno}",
                                  str(w.message)[:300], "any"))
-    after = "after " + " + ".join(re.sub(r"\d+", "N", m) for m in case.mutations)
-    for f in failures:  # no worker folder in messages; differential keys name the mutations
+    for f in failures:  # no worker folder in messages
         f["message"] = f["message"].replace(str(folder), "DIR")
         f["detail"] = f["detail"].replace(str(folder), "DIR")
-        if f["kind"] == "differential" and not f["what"].startswith("walker refuses"):
-            f["where"] = after[:120]
+        f["where"] = f["where"].replace(str(folder), "DIR")
     seen, unique = set(), []
     for f in failures:
         if key_of(f) not in seen:
@@ -1549,6 +1475,8 @@ def run_campaign(seed: int, count: int, jobs: int | None = None, seeds: list[See
     """Run inputs ``start .. start+count-1`` of campaign ``seed`` in ``jobs`` forked workers."""
     import multiprocessing
     from multiprocessing.connection import wait
+
+    import test_walker_protobuf  # noqa: F401  (imported once here, not in every forked worker)
 
     seeds = build_seeds() if seeds is None else seeds
     jobs = max(1, jobs or os.cpu_count() or 1)
