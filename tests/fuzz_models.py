@@ -1208,7 +1208,8 @@ def _cli_failures(argv: list[str], phase: str) -> list[dict]:
 
 
 def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
-    """Run one input (files written into ``folder``); returns outcome, failures, timings."""
+    """Run one input (its files written into ``folder``): {"index", "outcome": "ok" | "refused"
+    | "failure", "failures": [one dict per distinct key]}; ``stage(name)`` is told each stage."""
     import torch
 
     from porting.net import load_caffe
