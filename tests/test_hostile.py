@@ -291,3 +291,38 @@ def test_caffemodel_changed_during_or_after_load(case, tmp_path):
     out = subprocess.run([sys.executable, "-c", _CHANGING, str(tmp_path), case, _net_named("conv", "fc")],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stdout, out.stderr)
+
+
+# --------------------------------------------------------------------------- Exp and Log constants
+_EXP_SHIFTS = """layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }
+layer { name: "pow" type: "Exp" bottom: "data" top: "pow" exp_param { base: 2 shift: 2147483648 } }
+layer { name: "exp" type: "Exp" bottom: "data" top: "exp" exp_param { shift: 2147483648 } }
+layer { name: "tiny" type: "Exp" bottom: "data" top: "tiny" exp_param { base: 3 shift: -2147483648 } }
+"""
+
+
+def test_exp_shift_beyond_float_range_is_inf_or_zero_as_in_caffe(tmp_path, caffe_worker):
+    """ExpLayer's outer scale pow(base, shift) (exp(shift) for base e) overflows to inf or
+    underflows to 0 in Caffe's float; the port computes the same tops (no OverflowError)."""
+    proto = tmp_path / "exp.prototxt"
+    proto.write_text(_EXP_SHIFTS)
+    x = np.array([[-1.0, 0.5, 2.0]], np.float32)
+    ours = {k: v.numpy() for k, v in load_caffe(proto)(torch.from_numpy(x)).items()}
+    theirs = caffe_worker.run_net(proto, inputs={"data": x})
+    for blob, expected in (("pow", np.inf), ("exp", np.inf), ("tiny", 0.0)):
+        np.testing.assert_array_equal(theirs[f"blob/{blob}/data"], np.full((1, 3), expected, np.float32))
+        np.testing.assert_array_equal(ours[blob], theirs[f"blob/{blob}/data"])
+
+
+@pytest.mark.parametrize("kind,base,problem", [
+    ("Log", "1", "log_param.base 1 has no logarithm (1 / log(base) is inf)"),
+    ("Log", "inf", "log_param.base inf has an infinite logarithm"),
+    ("Exp", "inf", "exp_param.base inf has an infinite logarithm"),
+    ("Exp", "nan", "exp_param.base must be strictly positive (or -1 for e), got nan"),
+])
+def test_log_and_exp_bases_caffe_checks_refuse(kind, base, problem, tmp_path):
+    """LogLayer and ExpLayer CHECK that log(base) (and for Log 1 / log(base)) is finite."""
+    proto = tmp_path / "b.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+                     f'layer {{ name: "l" type: "{kind}" bottom: "data" top: "l" {kind.lower()}_param {{ base: {base} }} }}\n')
+    assert_one_line_exit_2(run("inspect", proto), f"{proto}: layer l ({kind}): {problem}")

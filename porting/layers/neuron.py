@@ -333,6 +333,18 @@ class Power(_Elementwise):
         return f"power {self.power:g} scale {self.scale:g} shift {self.shift:g}"
 
 
+def _log_base(base: float, field: str) -> float:
+    """log(base) as ExpLayer and LogLayer's LayerSetUp take it (1 for base -1, meaning e),
+    with their CHECKs: base strictly positive, log(base) neither NaN nor inf."""
+    if base == -1:
+        return 1.0
+    if not base > 0:
+        raise ValueError(f"{field}.base must be strictly positive (or -1 for e), got {base:g}")
+    if math.isinf(base):
+        raise ValueError(f"{field}.base inf has an infinite logarithm")
+    return math.log(base)
+
+
 @register("Exp", v1="EXP")
 class Exp(_Elementwise):
     """y = base ** (shift + scale * x), base e when base = -1 (the default).
@@ -345,11 +357,13 @@ class Exp(_Elementwise):
         super().__init__(spec, bottom_shapes)
         ep = spec.param.exp_param
         self.base, scale, shift = float(ep.base), float(ep.scale), float(ep.shift)
-        if self.base != -1 and self.base <= 0:
-            raise ValueError(f"exp_param.base must be strictly positive (or -1 for e), got {self.base:g}")
-        log_base = 1.0 if self.base == -1 else math.log(self.base)
+        log_base = _log_base(self.base, "exp_param")
         self.inner_scale = log_base * scale
-        self.outer_scale = 1.0 if shift == 0 else (math.exp(shift) if self.base == -1 else self.base ** shift)
+        # Caffe's pow/exp in float: a shift beyond float range gives inf (or 0), as here.
+        try:
+            self.outer_scale = 1.0 if shift == 0 else (math.exp(shift) if self.base == -1 else self.base ** shift)
+        except OverflowError:
+            self.outer_scale = math.inf
 
     def apply_to(self, x):
         y = torch.exp(x * self.inner_scale if self.inner_scale != 1 else x)
@@ -387,9 +401,10 @@ class Log(_Elementwise):
         super().__init__(spec, bottom_shapes)
         lp = spec.param.log_param
         self.base, self.scale, self.shift = float(lp.base), float(lp.scale), float(lp.shift)
-        if self.base != -1 and self.base <= 0:
-            raise ValueError(f"log_param.base must be strictly positive (or -1 for e), got {self.base:g}")
-        self.base_scale = 1.0 if self.base == -1 else 1.0 / math.log(self.base)
+        log_base = _log_base(self.base, "log_param")
+        if log_base == 0:  # Caffe: CHECK(!isinf(base_scale_)), base_scale_ = 1 / log(base)
+            raise ValueError("log_param.base 1 has no logarithm (1 / log(base) is inf)")
+        self.base_scale = 1.0 / log_base
 
     def apply_to(self, x):
         inner = x * self.scale if self.scale != 1 else x
