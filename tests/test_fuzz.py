@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 
-
 from fuzz_models import build_seeds, run_campaign
 
 SEED, COUNT = 2016, 2500
