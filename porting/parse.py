@@ -32,9 +32,9 @@ from porting import caffe_pb2
 from porting.errors import PortingError
 from porting.upgrade import upgrade_v0_net
 from porting.weights import WeightBlob
+from porting.wire import EGROUP, I32, I64, LEN, SGROUP, VARINT, key, varint
 
 # Protobuf wire types.
-VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
 
 # Fields the walker looks into.
 NET_LAYERS_V1, NET_LAYER_V2 = 2, 100
@@ -246,7 +246,7 @@ def _walk(buf, size: int, want_data: bool, path) -> _Scan:
                 stripped += buf[where:pos]
                 continue
             n_layers += 1
-            stripped += _key(field_no, LEN) + _varint_bytes(len(remnant)) + remnant
+            stripped += key(field_no, LEN) + varint(len(remnant)) + remnant
         if n_layers == 0:
             raise _Malformed("no layer entries")
         net = caffe_pb2.NetParameter.FromString(bytes(stripped))
@@ -276,21 +276,6 @@ def _hint(buf) -> str:
     if all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         return "; the file looks like text (a prototxt?)"
     return ""
-
-
-def _key(field_no: int, wire: int) -> bytes:
-    return _varint_bytes(field_no << 3 | wire)
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
 
 
 class _Walker:
@@ -407,7 +392,7 @@ class _Walker:
             else:
                 out += self.buf[at:pos]
                 continue
-            out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
+            out += key(field_no, LEN) + varint(len(blob)) + blob
         return bytes(out), (own, v0)
 
     def _message_with_blobs(self, start: int, end: int, blobs_field: int, depth: int):
@@ -419,7 +404,7 @@ class _Walker:
             if wire == LEN and field_no == blobs_field:
                 blob, blob_data = self.blob(s, e, depth + 1)
                 blobs.append(blob_data)
-                out += _key(field_no, LEN) + _varint_bytes(len(blob)) + blob
+                out += key(field_no, LEN) + varint(len(blob)) + blob
             else:
                 out += self.buf[at:pos]
         return bytes(out), blobs

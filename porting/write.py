@@ -18,9 +18,9 @@ from porting import caffe_pb2
 from porting.errors import PortingError
 from porting.files import atomic_open
 from porting.upgrade import V0_LAYER_TYPES, V2_TO_V1_TYPE
+from porting.wire import LEN, key, varint
 
 FORMATS = ("v2", "v1", "v0")
-_LEN = 2
 _NET_LAYER_V2, _NET_LAYERS_V1 = 100, 2
 _LAYER_V2_BLOBS, _LAYER_V1_BLOBS, _LAYER_V1_V0, _LAYER_V0_BLOBS = 7, 6, 1, 50
 _BLOB_DATA = 5
@@ -53,12 +53,12 @@ def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerWeights], fo
             if wrap_v0:  # the blobs live inside the V0 layer message, field 1 of the V1 entry
                 inner_len = len(head) + blobs_len
                 entry_len = _field_len(_LAYER_V1_V0, inner_len)
-                f.write(_key(net_field) + _varint(entry_len) + _key(_LAYER_V1_V0) + _varint(inner_len) + head)
+                f.write(key(net_field, LEN) + varint(entry_len) + key(_LAYER_V1_V0, LEN) + varint(inner_len) + head)
             else:
-                f.write(_key(net_field) + _varint(len(head) + blobs_len) + head)
+                f.write(key(net_field, LEN) + varint(len(head) + blobs_len) + head)
             for h, a in zip(blob_heads, arrays):
-                f.write(_key(blob_field) + _varint(_blob_len(h, a)) + h)
-                f.write(_key(_BLOB_DATA) + _varint(a.nbytes))
+                f.write(key(blob_field, LEN) + varint(_blob_len(h, a)) + h)
+                f.write(key(_BLOB_DATA, LEN) + varint(a.nbytes))
                 f.write(memoryview(a.reshape(-1)).cast("B"))
 
 
@@ -106,19 +106,6 @@ def _blob_len(head: bytes, a: np.ndarray) -> int:
 
 
 def _field_len(field_no: int, payload: int) -> int:
-    return len(_key(field_no)) + len(_varint(payload)) + payload
-
-
-def _key(field_no: int) -> bytes:
-    return _varint(field_no << 3 | _LEN)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return len(key(field_no, LEN)) + len(varint(payload)) + payload
 
 

@@ -91,6 +91,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from porting import caffe_pb2  # noqa: E402
 from porting.errors import PortingError  # noqa: E402
+from porting.wire import EGROUP, I32, I64, LEN, SGROUP, VARINT, varint  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
 SHARED = REPO.parent / "shared" / "reference-data"
@@ -639,7 +640,6 @@ def _prototxt_structure(rng, case, seeds):
 
 
 # -- caffemodel wire ------------------------------------------------------------------
-VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
 # LEN fields parsed as sub-messages: message kind -> field number -> kind.
 WIRE_SCHEMA = {"net": {100: "layer", 2: "v1layer", 8: "shape"}, "layer": {7: "blob"},
                "v1layer": {6: "blob", 1: "v0layer"}, "v0layer": {50: "blob"}, "blob": {7: "shape"},
@@ -658,22 +658,9 @@ class Node:
     len_raw: bytes | None = None  # overrides the length prefix's encoding
 
 
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int32/int64: ten bytes, as protobuf writes them
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def overlong(value: int, extra: int) -> bytes:
     """``value`` as a varint padded with ``extra`` redundant continuation bytes."""
-    raw = bytearray(varint(value))
-    raw[-1] |= 0x80
-    raw += b"\x80" * (extra - 1) + b"\x00"
-    return bytes(raw)
+    return varint(value, len(varint(value)) + extra)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import torch
 
 from porting import PortingError, load_caffe
 from porting.saved import load_converted, save_converted
+from porting.wire import varint
 from porting.write import write_caffemodel
 
 
@@ -66,17 +67,8 @@ def test_any_layer_name_works(name, tmp_path):
 
 
 # --------------------------------------------------------------------------- nesting
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | 0x80 if n else low)
-        if not n:
-            return bytes(out)
-
-
 def _groups(field_no: int, n: int) -> bytes:
-    return _varint(field_no << 3 | 3) * n + _varint(field_no << 3 | 4) * n
+    return varint(field_no << 3 | 3) * n + varint(field_no << 3 | 4) * n
 
 
 def _nested_model(where: str, n: int) -> bytes:
@@ -87,10 +79,10 @@ def _nested_model(where: str, n: int) -> bytes:
     if where == "blob":
         blob += _groups(900, n)
     layer = caffe_pb2.LayerParameter(name="s", type="Scale").SerializeToString()
-    layer += _varint(7 << 3 | 2) + _varint(len(blob)) + blob
+    layer += varint(7 << 3 | 2) + varint(len(blob)) + blob
     if where == "layer":
         layer += _groups(900, n)
-    data = _varint(100 << 3 | 2) + _varint(len(layer)) + layer
+    data = varint(100 << 3 | 2) + varint(len(layer)) + layer
     return data + _groups(50, n) if where == "top" else data
 
 

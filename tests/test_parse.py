@@ -15,6 +15,8 @@ import pytest
 from porting import caffe_pb2
 from porting.errors import PortingError
 from porting.parse import read_caffemodel, read_caffemodel_net, read_prototxt
+from porting import wire
+from porting.wire import varint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "formats"
@@ -27,18 +29,9 @@ REFERENCE_PROTOTXTS = {  # file -> (net name, number of layer entries, first lay
 
 
 # --------------------------------------------------------------------------- helpers
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def field(number: int, payload: bytes) -> bytes:
     """A length-delimited field."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+    return wire.key(number, wire.LEN) + varint(len(payload)) + payload
 
 
 def unpacked_floats(values) -> bytes:

@@ -50,28 +50,13 @@ from porting import caffe_pb2, load_caffe
 from porting.errors import PortingError
 from porting.parse import read_caffemodel, read_caffemodel_net
 from porting.upgrade import upgrade_v0_net
+from porting.wire import EGROUP, I32, I64, LEN, SGROUP, VARINT, key, varint
 from porting.write import write_caffemodel
 
-VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
 BLOB_FIELDS = {"data": 5, "diff": 6, "double_data": 8, "double_diff": 9}
 
 
 # --------------------------------------------------------------------------- wire encoding
-def varint(value: int, width: int | None = None) -> bytes:
-    """``value`` as a varint; ``width`` pads it to that many bytes (0x80 continuation bytes)."""
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low)
-        if not value and (width is None or len(out) >= width):
-            break
-    for i in range(len(out) - 1):
-        out[i] |= 0x80
-    return bytes(out)
-
-
-def key(number: int, wire: int, width: int | None = None) -> bytes:
-    return varint(number << 3 | wire, width)
 
 
 def len_field(number: int, payload: bytes) -> bytes:
