@@ -4,7 +4,8 @@ exact at any size) before anything is allocated, and the limits it must stay wit
 Memory: float32 bytes of every parameter blob and of every layer's tops (the net keeps
 each layer's outputs, see ``CaffeNet.layer_outputs``; the inputs count as the Input
 layer's tops), and as much again for their gradients when a backward is planned.
-Temporaries inside a layer (torch's workspaces, a padded copy) are not counted.
+A layer's own workspace (``workspace()``: Caffe's column buffer of a convolution, one
+image's worth) counts too; other temporaries (a padded copy) do not.
 Work: multiply-adds (or comparisons) of one forward as the port computes it, the sum of
 the layers' ``work()``; three times that with a backward.
 Both scale with the batch: the declared shapes hold the prototxt's batch (the first
@@ -165,7 +166,7 @@ def needs(graph, batch: int | None = None, backward: bool = False) -> Needs:
             continue
         params = sum(_count(s) for s in module.param_shapes)
         tops = sum(_count(s) for s in module.top_shapes)
-        memory = copies * BYTES_PER_VALUE * (params + _ceil(tops * scale))
+        memory = copies * BYTES_PER_VALUE * (params + _ceil(tops * scale) + module.workspace())
         rows.append((spec.name, memory, (3 if backward else 1) * _ceil(module.work() * scale)))
     return Needs(run, backward, rows)
 

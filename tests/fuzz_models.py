@@ -97,6 +97,11 @@ FIXTURES = REPO / "tests" / "fixtures"
 SHARED = REPO.parent / "shared" / "reference-data"
 MEMORY_LIMIT = 3 << 30      # bytes of address space per worker
 TIME_LIMIT = 10.0           # CPU seconds per input (ITIMER_PROF in the worker)
+# The budget each input is loaded with, as a user would set it: the memory default (what
+# the address-space limit leaves) for a forward *and* backward, since both run, and a work
+# limit that fits the time limit, so the alarm catches what the budget misjudges rather
+# than nets honestly too big for 10 s.
+WORK_LIMIT = 10**10         # multiply-adds of a forward and backward
 WALL_LIMIT = 60.0           # a worker silent this long on one input is killed (its input retried once)
 MAX_FILE = 1 << 20          # generated files are cut to this many bytes
 RECYCLE = 300               # inputs per worker before it is replaced (memory hygiene)
@@ -1199,6 +1204,7 @@ def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
     | "failure", "failures": [one dict per distinct key]}; ``stage(name)`` is told each stage."""
     import torch
 
+    from porting.budget import Budget
     from porting.net import load_caffe
 
     proto = folder / "net.prototxt"
@@ -1219,7 +1225,8 @@ def check_case(case: Case, folder: Path, stage=lambda name: None) -> dict:
                 failures += differential(model, case.mutations)
             stage("load")
             try:
-                net = load_caffe(proto, model if case.caffemodel is not None else None, phase=case.phase)
+                net = load_caffe(proto, model if case.caffemodel is not None else None, phase=case.phase,
+                                 budget=Budget.default(work=WORK_LIMIT, backward=True))
             except PortingError as err:
                 failures += _message_failures(err, files, "load")
             except FuzzTimeout:

@@ -318,3 +318,47 @@ def test_log_and_exp_bases_caffe_checks_refuse(kind, base, problem, tmp_path):
     proto.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
                      f'layer {{ name: "l" type: "{kind}" bottom: "data" top: "l" {kind.lower()}_param {{ base: {base} }} }}\n')
     assert_one_line_exit_2(run("inspect", proto), f"{proto}: layer l ({kind}): {problem}")
+
+
+# --------------------------------------------------------------------------- strides beyond the input
+_HUGE_STRIDE = """layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 2 dim: 5 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 2 pad: 1 stride: 65536 stride: 2147483647 } }
+layer { name: "deconv" type: "Deconvolution" bottom: "conv" top: "deconv"
+        convolution_param { num_output: 2 kernel_size: 3 stride: 2147483647 stride: 65536 } }
+"""
+
+
+def test_stride_beyond_the_input_forward_and_backward_match_caffe(tmp_path, caffe_worker):
+    """One window per axis whatever the stride (a Deconvolution of one pixel: one placement):
+    Caffe computes it; torch traps (SIGFPE) on a stride near 2^31, so the port passes the
+    padded size (Deconvolution: 1). Small integers keep every sum exact, so the arrays
+    must be equal bit for bit; run in a child process, where a trap fails the test instead
+    of killing pytest."""
+    proto, model = tmp_path / "stride.prototxt", tmp_path / "stride.caffemodel"
+    proto.write_text(_HUGE_STRIDE)
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-3, 4, (3, 2, 2, 2)).astype(np.float32)
+    bias = rng.integers(-3, 4, 3).astype(np.float32)
+    deconv = [rng.integers(-3, 4, (3, 2, 3, 3)).astype(np.float32), rng.integers(-3, 4, 2).astype(np.float32)]
+    write_caffemodel(model, [("conv", "Convolution", [weight, bias]), ("deconv", "Deconvolution", deconv)])
+    x = rng.integers(-5, 6, (2, 2, 5, 6)).astype(np.float32)
+    g = rng.integers(-2, 3, (2, 2, 3, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x), np.save(tmp_path / "g.npy", g)
+    child = subprocess.run([sys.executable, "-c", f"""
+import numpy as np, torch
+from porting import load_caffe
+net = load_caffe({str(proto)!r}, {str(model)!r})
+x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})).requires_grad_()
+blobs = net(x)
+top = blobs["deconv"]
+top.backward(torch.from_numpy(np.load({str(tmp_path / 'g.npy')!r})))
+np.save({str(tmp_path / 'top.npy')!r}, blobs["conv"].detach().numpy())
+np.save({str(tmp_path / 'out.npy')!r}, top.detach().numpy()); np.save({str(tmp_path / 'dx.npy')!r}, x.grad.numpy())
+"""], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-2000:]
+    theirs = caffe_worker.run_net(proto, model, inputs={"data": x}, top_diffs={"deconv": g})
+    np.testing.assert_array_equal(np.load(tmp_path / "top.npy"), theirs["blob/conv/data"])
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), theirs["blob/deconv/data"])
+    np.testing.assert_array_equal(np.load(tmp_path / "dx.npy"), theirs["blob/data/diff"])
+    assert theirs["blob/conv/data"].shape == (2, 3, 1, 1) and theirs["blob/deconv/data"].shape == (2, 2, 3, 3)

@@ -180,6 +180,11 @@ class CaffeLayer(nn.Module):
         shapes, for ``porting.budget``; computed from shapes only. Default: one per top value."""
         return sum(count(s) for s in self.top_shapes)
 
+    def workspace(self) -> int:
+        """Values the layer holds while it runs besides its tops and parameters, for
+        ``porting.budget`` (one sample's worth, as Caffe keeps them). Default: none."""
+        return 0
+
     # -- float32 rounding and decisions (see porting.rounding) --------------------
     # Every tensor in and out is float64. ``bottoms`` are this layer's inputs as one
     # framework saw them (float32 values), ``exact_tops`` this layer in float64 applied to

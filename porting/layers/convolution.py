@@ -106,6 +106,17 @@ class _ConvBase(CaffeLayer):
         side = self.top_shapes[0] if not self.reverse else self.bottom_shapes[0]
         return len(self.bottom_shapes) * count(side) * self.terms()[0 if not self.reverse else 1]
 
+    def workspace(self) -> int:
+        """Caffe's column buffer (BaseConvolutionLayer::col_buffer_): kernel_dim * group rows
+        by the spatial size of the convolution's output (for Deconvolution, its bottom), one
+        image; torch's CPU convolution unfolds the same columns. None for a 1x1 kernel with
+        stride 1 and no padding, which both multiply the input as it is (Caffe's is_1x1_)."""
+        if all(k == 1 for k in self.kernel) and all(s == 1 for s in self.stride) and not any(self.pad):
+            return 0
+        side = self.top_shapes[0] if not self.reverse else self.bottom_shapes[0]
+        weight = self.param_shapes[0]
+        return weight[1] * self.group * math.prod(weight[2:]) * math.prod(side[self.axis + 1:])
+
     def _out_size(self, i: int, size: int) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -161,10 +172,13 @@ class Convolution(_ConvBase):
     def _convolve(self, x, weight, bias):
         # Caffe's im2col reads zeros outside the input, also past the padding: where one
         # window is wider than the padded input (see _out_size), zeros are appended for torch.
+        # A stride beyond the padded input leaves one window either way; torch gets the
+        # padded size instead (its backward traps on a stride near 2^31).
+        stride = [min(s, x.shape[2 + i] + 2 * self.pad[i]) for i, s in enumerate(self.stride)]
         short = [max(0, self._extent(i) - x.shape[2 + i] - 2 * self.pad[i]) for i in range(self.num_spatial)]
         if any(short):
             x = F.pad(x, [v for n in reversed(short) for v in (0, n)])
-        return _CONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
+        return _CONV[self.num_spatial](x, weight, bias, stride=stride, padding=self.pad,
                                        dilation=self.dilation, groups=self.group)
 
 
@@ -179,5 +193,8 @@ class Deconvolution(_ConvBase):
             - 2 * self.pad[i]
 
     def _convolve(self, x, weight, bias):
-        return _DECONV[self.num_spatial](x, weight, bias, stride=self.stride, padding=self.pad,
+        # Along an axis of one input pixel the stride places nothing; torch traps (SIGFPE)
+        # on a stride near 2^31, so it gets 1 there.
+        stride = [s if x.shape[2 + i] > 1 else 1 for i, s in enumerate(self.stride)]
+        return _DECONV[self.num_spatial](x, weight, bias, stride=stride, padding=self.pad,
                                          output_padding=0, groups=self.group, dilation=self.dilation)
