@@ -123,6 +123,8 @@ CASES = [
     ("bnll", 'type: "BNLL"', [wide(N4, 30, -6, 2.5)], None, None),
     ("threshold", 'type: "Threshold" threshold_param { threshold: 0.3 }', [near(N4, 31, at=0.3)], None, None),
     ("dropout", 'type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [wide(N4, 32)], None, None),
+    ("clip", 'type: "Clip" clip_param { min: -0.5 max: 2 }', [wide(N4, 63, -2, 2)], None,
+     'type: "Clip" clip_param { min: -0.5005 max: 2 }'),
     ("softmax", 'type: "Softmax"', [normal((2, 50, 2, 2), 33, 10)], None, None),
     ("concat", 'type: "Concat"', [normal((2, 3, 4), 34), normal((2, 1, 4), 35)], None, None),
     ("slice", 'type: "Slice" slice_param { axis: 1 slice_point: 1 }', [normal((2, 3, 4), 36)], None, None),
@@ -303,6 +305,20 @@ def test_kink_decisions_and_margins():
     ab = _one('type: "AbsVal"', [x.shape])
     assert ab.decisions([x])[0].tolist() == [[-1, 0, 1, 1]]
     assert _one('type: "Sigmoid"', [x.shape]).decisions([x]) is None
+
+
+def test_clip_decisions_include_both_bounds():
+    x = torch.tensor([[-1.0, -0.5, 0.0, 2.0, 3.0]], dtype=torch.float64)
+    layer = _one('type: "Clip" clip_param { min: -0.5 max: 2 }', [x.shape])
+    low, high = layer.decisions([x])
+    assert low.tolist() == [[False, True, True, True, True]]
+    assert high.tolist() == [[True, True, True, True, False]]
+    m_low, m_high = layer.decision_margins([x])
+    assert m_low.tolist() == [[0.5, 0.0, 0.5, 2.5, 3.5]]
+    assert m_high.tolist() == [[3.0, 2.5, 2.0, 0.0, 1.0]]
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(layer(xg)[0].sum(), xg)
+    assert g.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]  # Caffe: min <= x <= max passes the gradient
 
 
 def test_max_pool_winners_are_caffes_mask():

@@ -1,11 +1,12 @@
 """Element-wise ("neuron") layers of Caffe 1.0: ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal,
-Power, Exp, Log, BNLL, Threshold, Dropout.
+Power, Exp, Log, BNLL, Threshold, Dropout, Clip.
 
 Each forward is Caffe's Forward_cpu formula; where Caffe's Backward_cpu is the exact
 derivative autograd provides it, except Power (special cases that give Caffe's own
 numbers, e.g. ``power * y / x`` at shift 0) and BNLL (gradient 1/2 at 0, which autograd of
 a kinked expression would not give), which have their own autograd Functions.
-Threshold has no backward in Caffe; its top carries no gradient here.
+Threshold has no backward in Caffe; its top carries no gradient here. Clip has its own
+Function too (Caffe passes the gradient at both bounds, min <= x <= max).
 """
 from __future__ import annotations
 
@@ -519,3 +520,49 @@ class Dropout(_Exact):
 
     def describe(self):
         return f"ratio {self.ratio:g}"
+
+
+class ClipFunction(torch.autograd.Function):
+    """Caffe's ClipLayer: y = max(lo, min(x, hi)) with std::min/std::max (a NaN input gives
+    lo); dx = dy where lo <= x <= hi (both bounds included), 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, lo: float, hi: float):
+        ctx.save_for_backward(x)
+        ctx.bounds = (lo, hi)
+        t = torch.where(x > hi, torch.full_like(x, hi), x)  # std::min(x, hi): (hi < x) ? hi : x
+        return torch.where(t > lo, t, torch.full_like(x, lo))  # std::max(lo, t): (lo < t) ? t : lo
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        return dy * ((x >= lo) & (x <= hi)).to(dy.dtype), None, None
+
+
+@register("Clip")
+class Clip(_Exact):
+    """y = max(min, min(x, max)) (clip_param, both required); dy/dx = 1 where
+    min <= x <= max, 0 elsewhere. Caffe checks nothing more (min > max gives min everywhere)."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        cp = spec.param.clip_param
+        if not (cp.HasField("min") and cp.HasField("max")):
+            raise ValueError("clip_param.min and clip_param.max are required")
+        self.lo, self.hi = float(cp.min), float(cp.max)
+
+    def apply_to(self, x):
+        return ClipFunction.apply(x, self.lo, self.hi)
+
+    def decisions(self, bottoms):
+        x = bottoms[0]
+        return [x >= self.lo, x <= self.hi]
+
+    def decision_margins(self, bottoms):
+        x = bottoms[0]
+        return [(x - self.lo).abs(), (x - self.hi).abs()]
+
+    def describe(self):
+        return f"[{self.lo:g}, {self.hi:g}]"
