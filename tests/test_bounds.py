@@ -123,6 +123,9 @@ CASES = [
     ("bnll", 'type: "BNLL"', [wide(N4, 30, -6, 2.5)], None, None),
     ("threshold", 'type: "Threshold" threshold_param { threshold: 0.3 }', [near(N4, 31, at=0.3)], None, None),
     ("dropout", 'type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [wide(N4, 32)], None, None),
+    ("swish", 'type: "Swish"', [normal(N4, 64, 8)], None, 'type: "Swish" swish_param { beta: 1.001 }'),
+    ("swish-beta", 'type: "Swish" swish_param { beta: 2.5 }', [wide(N4, 65, -3, 2)], None,
+     'type: "Swish" swish_param { beta: 2.5025 }'),
     ("clip", 'type: "Clip" clip_param { min: -0.5 max: 2 }', [wide(N4, 63, -2, 2)], None,
      'type: "Clip" clip_param { min: -0.5005 max: 2 }'),
     ("softmax", 'type: "Softmax"', [normal((2, 50, 2, 2), 33, 10)], None, None),
@@ -366,7 +369,8 @@ def test_eltwise_max_and_argmax_decisions():
 CAFFE_CASES = ["lrn-across", "lrn-within", "relu-leaky", "prelu", "elu", "elu-wide", "sigmoid", "tanh",
                "power-sq-shift", "power-frac", "power-neg", "power-cube", "power-linear", "power-const", "exp",
                "exp-e", "log", "log-e-near-1", "bnll", "threshold", "softmax", "batchnorm-global", "scale",
-               "scale-two-bottoms", "bias-two-bottoms", "eltwise-prod", "pool-ave", "exp-e-shift"]
+               "scale-two-bottoms", "bias-two-bottoms", "eltwise-prod", "pool-ave", "exp-e-shift", "swish",
+               "swish-beta"]
 
 
 @pytest.mark.caffe

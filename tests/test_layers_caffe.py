@@ -25,7 +25,7 @@ pytestmark = pytest.mark.caffe
 TOL = {
     "exact": 0.0,  # data movement, ReLU/AbsVal/Threshold/Clip, MAX pooling and Eltwise MAX, ArgMax, Dropout: measured 0
     "sum": 1e-6,  # conv/deconv/InnerProduct/AVE pooling/Scale/Bias/Eltwise: measured max 2.6e-7 (ip top)
-    "transcendental": 1e-6,  # LRN, Power, Exp, Log, BNLL, ELU, Sigmoid, TanH, Softmax, BatchNorm: measured max 1.9e-7
+    "transcendental": 1e-6,  # LRN, Power, Exp, Log, BNLL, ELU, Sigmoid, TanH, Swish, Softmax, BatchNorm: measured max 2.1e-7 (swish diff)
 }
 
 
@@ -124,6 +124,8 @@ def _cases():
     add("softmax-axis", 'type: "Softmax" softmax_param { axis: -1 }', [_normal(n4, 65, scale=3)], "transcendental")
     add("dropout", 'type: "Dropout" dropout_param { dropout_ratio: 0.5 }', [_normal(n4, 66)], "exact")
     # values on both bounds (Caffe passes the gradient there), and min > max (min everywhere)
+    add("swish", 'type: "Swish"', [_normal(n4, 69, scale=4)], "transcendental")
+    add("swish-beta", 'type: "Swish" swish_param { beta: 0.5 }', [_normal(n4, 70, scale=4)], "transcendental")
     add("clip", 'type: "Clip" clip_param { min: -0.5 max: 0.75 }', [_ties(n4, 67, -4, 4) * 0.25], "exact")
     add("clip-inverted", 'type: "Clip" clip_param { min: 1 max: -1 }', [_ties(n4, 68, -2, 2)], "exact")
     add("concat", 'type: "Concat" concat_param { axis: 1 }', [_normal((2, 3, 4), 70), _normal((2, 1, 4), 71)],

@@ -1,5 +1,5 @@
 """Element-wise ("neuron") layers of Caffe 1.0: ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal,
-Power, Exp, Log, BNLL, Threshold, Dropout, Clip.
+Power, Exp, Log, BNLL, Threshold, Dropout, Clip, Swish.
 
 Each forward is Caffe's Forward_cpu formula; where Caffe's Backward_cpu is the exact
 derivative autograd provides it, except Power (special cases that give Caffe's own
@@ -566,3 +566,47 @@ class Clip(_Exact):
 
     def describe(self):
         return f"[{self.lo:g}, {self.hi:g}]"
+
+
+@register("Swish")
+class Swish(_Elementwise):
+    """y = x * sigmoid(beta * x) (swish_param.beta, default 1), as Caffe computes it:
+    s = sigmoid(fl(beta * x)) by its Sigmoid layer (tanh form), then y = x * s. Caffe's
+    backward g * (beta y + s (1 - beta y)) is the derivative s + beta x s (1 - s); autograd."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.beta = float(spec.param.swish_param.beta)
+
+    def apply_to(self, x):
+        return x * SigmoidFunction.apply(x * self.beta if self.beta != 1 else x)
+
+    def _sigmoid_error(self, x):
+        """The exact s = sigmoid(beta x) and a bound on the error of the float32 s: the
+        product fl(beta x) (u |beta x|, moved by s' = s (1 - s)), then Sigmoid's own rule."""
+        bx = self.beta * x
+        s = torch.sigmoid(bx)
+        return s, s * (1 - s) * U * bx.abs() + 0.5 * LIBM * (2 * s - 1).abs() + U * s + ETA
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # fl(x * s_f): |x| times s's error, one product.
+        x = bottoms[0]
+        _, ds = self._sigmoid_error(x)
+        return [x.abs() * ds + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe: g * (beta y_f + s_f * (1. - beta y_f)), the 1. in double: the stored top's
+        # error moves it by |beta (1 - s)| dy <= |beta| dy, s's error by |1 - beta y|; two
+        # float products beta y_f, the double steps, the stored result. Autograd:
+        # g s + (g x) s (1 - s) beta: s's error by 1 + |beta x| |1 - 2s|, about six roundings.
+        x, g = bottoms[0], top_diffs[0]
+        s, ds = self._sigmoid_error(x)
+        by, bx = (self.beta * exact_tops[0]).abs(), (self.beta * x).abs()
+        G = (g * (s + bx * s * (1 - s))).abs()
+        dy = stored_error(tops[0], exact_tops[0])
+        per_g = (abs(self.beta) * dy + ds * (1 + by + bx) + (2 * U + 4 * U64) * by
+                 + 6 * U * (s + bx * s * (1 - s)))
+        return [g.abs() * per_g + U * G + 2 * ETA]
+
+    def describe(self):
+        return f"beta {self.beta:g}" if self.beta != 1 else ""
