@@ -136,6 +136,8 @@ CASES = [
     ("reshape", 'type: "Reshape" reshape_param { shape { dim: 0 dim: -1 } }', [normal(N4, 39)], None, None),
     ("crop", 'type: "Crop" crop_param { axis: 2 offset: 1 }', [normal(N4, 40), normal((1, 1, 4, 4), 41)], None,
      None),
+    ("tile", 'type: "Tile" tile_param { axis: 2 tiles: 5 }', [wide(N4, 66)], None, None),
+    ("tile-first-axis", 'type: "Tile" tile_param { axis: -4 tiles: 3 }', [wide(N4, 67)], None, None),
     ("silence", 'type: "Silence"', [normal(N4, 42)], None, None),
     ("eltwise-sum", 'type: "Eltwise" eltwise_param { operation: SUM coeff: 0.5 coeff: -2 }',
      [wide(N4, 43), wide(N4, 44)], None, 'type: "Eltwise" eltwise_param { operation: SUM coeff: 0.5005 coeff: -2 }'),
@@ -370,7 +372,7 @@ CAFFE_CASES = ["lrn-across", "lrn-within", "relu-leaky", "prelu", "elu", "elu-wi
                "power-sq-shift", "power-frac", "power-neg", "power-cube", "power-linear", "power-const", "exp",
                "exp-e", "log", "log-e-near-1", "bnll", "threshold", "softmax", "batchnorm-global", "scale",
                "scale-two-bottoms", "bias-two-bottoms", "eltwise-prod", "pool-ave", "exp-e-shift", "swish",
-               "swish-beta"]
+               "swish-beta", "tile"]
 
 
 @pytest.mark.caffe

@@ -135,6 +135,8 @@ def _cases():
     add("slice", 'type: "Slice" slice_param { axis: 1 slice_point: 1 slice_point: 4 }', [_normal((2, 6, 3), 75)],
         "exact", n_tops=3)
     add("slice-equal", 'type: "Slice" slice_param { slice_dim: 2 }', [_normal((2, 3, 4), 76)], "exact", n_tops=2)
+    add("tile", 'type: "Tile" tile_param { tiles: 3 }', [_normal(n4, 78)], "sum")
+    add("tile-axis", 'type: "Tile" tile_param { axis: -1 tiles: 7 }', [_normal((2, 3, 4), 79)], "sum")
     add("split", 'type: "Split"', [_normal(n4, 77)], "exact", n_tops=3)
     add("eltwise-sum-coeff", 'type: "Eltwise" eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 }',
         [_normal(n4, 80), _normal(n4, 81), _normal(n4, 82)], "sum")

@@ -1,4 +1,4 @@
-"""Concat, Slice, Split, Flatten, Reshape, Crop, ArgMax, Input, Silence and the registry.
+"""Concat, Slice, Split, Flatten, Reshape, Crop, Tile, ArgMax, Input, Silence and the registry.
 
 These layers move values without arithmetic, so tops and gradients must be exactly equal
 to the NumPy references in float64 and float32 (inputs are float32 values); ArgMax follows
@@ -187,6 +187,30 @@ def test_crop_defaults_and_refusals():
         build_layer('type: "Crop" crop_param { offset: 4 }', [(1, 3, 8, 8), (1, 1, 5, 6)])
     with pytest.raises(ValueError, match="one per cropped axis"):
         build_layer('type: "Crop" crop_param { offset: 1 offset: 1 offset: 1 }', [(1, 3, 8, 8), (1, 1, 5, 6)])
+
+
+def test_tile_values_gradients_and_refusals():
+    import torch
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    for axis, tiles in [(1, 3), (-1, 2), (0, 1)]:
+        layer = build_layer(f'type: "Tile" tile_param {{ axis: {axis} tiles: {tiles} }}', [x.shape])
+        reps = [1, 1, 1]
+        reps[axis] = tiles
+        want = np.tile(x, reps)  # Caffe repeats the whole block count(axis) once per tile
+        assert layer.top_shapes == [want.shape]
+        xt = torch.tensor(x, requires_grad=True)
+        (y,) = layer(xt)
+        assert np.array_equal(y.detach().numpy(), want)
+        y.backward(torch.ones_like(y))
+        assert np.array_equal(xt.grad.numpy(), np.full(x.shape, tiles, np.float32))
+    assert build_layer('type: "Tile" tile_param { tiles: 2 }', [(2, 3)]).top_shapes == [(2, 6)]  # axis 1
+    for text, match in [('type: "Tile"', "must be specified"),
+                        ('type: "Tile" tile_param { tiles: 0 }', "positive"),
+                        ('type: "Tile" tile_param { axis: 3 tiles: 2 }', "out of range"),
+                        ('type: "Tile" tile_param { tiles: 1073741824 }', "overflows")]:
+        with pytest.raises(ValueError, match=match):
+            build_layer(text, [(2, 3, 4)])
 
 
 @settings(max_examples=ref.EXAMPLES, deadline=None)

@@ -1,5 +1,5 @@
 """Layers that move data without arithmetic (Caffe 1.0): Concat, Slice, Split, Flatten,
-Reshape, Crop, Silence.
+Reshape, Crop, Silence, Tile.
 
 Shapes follow each layer's Reshape() in Caffe, including the legacy ``concat_dim`` and
 ``slice_dim`` fields, and are recomputed from the actual bottoms at run time (as Caffe
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from porting.layers import CaffeLayer, canonical_axis, count, register
+from porting.layers import CaffeLayer, canonical_axis, count, int_arithmetic, register
 from porting.rounding import gamma
 
 
@@ -292,3 +292,40 @@ class Crop(_Moving):
 
     def describe(self) -> str:
         return f"axis {self.axis} offset {','.join(map(str, self.offsets)) or 0}"
+
+
+@register("Tile")
+class Tile(_Moving):
+    """The bottom repeated ``tiles`` times along ``axis`` (default 1): top[..., t * d + i, ...]
+    = bottom[..., i, ...] for each tile t, d the bottom's dim there (Caffe copies the whole
+    block count(axis) once per tile). The backward adds each bottom value's ``tiles``
+    gradients (Caffe in tile order; here torch's sum of the repeat, within the same bound)."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(1)
+        tp = spec.param.tile_param
+        shape = self.bottom_shapes[0]
+        self.axis = canonical_axis(int(tp.axis), len(shape))
+        if not tp.HasField("tiles"):
+            raise ValueError("tile_param.tiles must be specified")
+        self.tiles = int(tp.tiles)
+        if self.tiles <= 0:
+            raise ValueError(f"tile_param.tiles must be positive, got {self.tiles}")
+        top = list(shape)
+        top[self.axis] = int_arithmetic(shape[self.axis] * self.tiles, "tiled dim")
+        self.top_shapes = [tuple(top)]
+
+    def forward(self, x):
+        reps = [self.tiles if i == self.axis else 1 for i in range(x.dim())]
+        return (x.repeat(*reps),)
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Each bottom diff is the sum of its ``tiles`` top diffs: tiles - 1 additions.
+        g = top_diffs[0].abs()
+        shape = g.shape
+        block = g.reshape(count(shape, 0, self.axis), self.tiles, -1).sum(1).reshape(bottoms[0].shape)
+        return [gamma(self.tiles - 1) * block]
+
+    def describe(self) -> str:
+        return f"axis {self.axis} tiles {self.tiles}"
