@@ -145,6 +145,14 @@ CASES = [
      None, None),
     ("eltwise-max", 'type: "Eltwise" eltwise_param { operation: MAX }', [ties(N4, 48), ties(N4, 49), wide(N4, 50)],
      None, None),
+    ("reduction-sum", 'type: "Reduction" reduction_param { axis: 1 }', [wide(N4, 68)], None,
+     'type: "Reduction" reduction_param { axis: 1 coeff: 1.001 }'),
+    ("reduction-asum", 'type: "Reduction" reduction_param { operation: ASUM axis: 2 coeff: -0.5 }', [near(N4, 69)],
+     None, 'type: "Reduction" reduction_param { operation: ASUM axis: 2 coeff: -0.5005 }'),
+    ("reduction-sumsq", 'type: "Reduction" reduction_param { operation: SUMSQ axis: -1 coeff: 3 }',
+     [wide(N4, 70, -3, 3)], None, 'type: "Reduction" reduction_param { operation: SUMSQ axis: -1 coeff: 3.003 }'),
+    ("reduction-mean", 'type: "Reduction" reduction_param { operation: MEAN }', [positive(N4, 71)], None,
+     'type: "Reduction" reduction_param { operation: MEAN coeff: 1.001 }'),
     ("batchnorm-global", 'type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.001 }',
      [wide(N4, 51, -2, 2)], [normal((3,), 52), positive((3,), 53, 0.1, 10), np.array([7.5], np.float32)], "blobs"),
     ("scale", 'type: "Scale" scale_param { bias_term: true }', [wide(N4, 54)], [_w(3), _w(3)], "blobs"),
@@ -326,6 +334,14 @@ def test_clip_decisions_include_both_bounds():
     assert g.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]  # Caffe: min <= x <= max passes the gradient
 
 
+def test_reduction_asum_decides_the_sign():
+    x = torch.tensor([[-1.5, 0.0, 2.0]], dtype=torch.float64)
+    layer = _one('type: "Reduction" reduction_param { operation: ASUM axis: 1 }', [x.shape])
+    assert layer.decisions([x])[0].tolist() == [[-1, 0, 1]]
+    assert layer.decision_margins([x])[0].tolist() == [[1.5, 0.0, 2.0]]
+    assert _one('type: "Reduction" reduction_param { axis: 1 }', [x.shape]).decisions([x]) is None
+
+
 def test_max_pool_winners_are_caffes_mask():
     x = torch.tensor([[[[1.0, 3.0, 3.0, 0.0],
                         [2.0, 0.0, 1.0, 5.0],
@@ -372,7 +388,7 @@ CAFFE_CASES = ["lrn-across", "lrn-within", "relu-leaky", "prelu", "elu", "elu-wi
                "power-sq-shift", "power-frac", "power-neg", "power-cube", "power-linear", "power-const", "exp",
                "exp-e", "log", "log-e-near-1", "bnll", "threshold", "softmax", "batchnorm-global", "scale",
                "scale-two-bottoms", "bias-two-bottoms", "eltwise-prod", "pool-ave", "exp-e-shift", "swish",
-               "swish-beta", "tile"]
+               "swish-beta", "tile", "reduction-sum", "reduction-asum", "reduction-sumsq", "reduction-mean"]
 
 
 @pytest.mark.caffe

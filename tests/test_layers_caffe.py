@@ -146,6 +146,14 @@ def _cases():
         [_positive(n4, 85), _positive(n4, 86), _normal(n4, 87)], "transcendental")
     add("eltwise-max-ties", 'type: "Eltwise" eltwise_param { operation: MAX }',
         [_ties(n4, 88), _ties(n4, 89), _ties(n4, 90)], "exact")
+    add("reduction-sum", 'type: "Reduction" reduction_param { axis: 1 }', [_normal(n4, 130)], "sum")
+    add("reduction-asum", 'type: "Reduction" reduction_param { operation: ASUM axis: 2 coeff: -0.5 }',
+        [_normal(n4, 131, zeros=0.2)], "sum")
+    add("reduction-sumsq", 'type: "Reduction" reduction_param { operation: SUMSQ axis: -1 coeff: 3 }',
+        [_normal(n4, 132)], "sum")
+    add("reduction-mean-scalar", 'type: "Reduction" reduction_param { operation: MEAN }', [_positive(n4, 133)], "sum")
+    add("reduction-mean-coeff", 'type: "Reduction" reduction_param { operation: MEAN axis: 1 coeff: -3 }',
+        [_normal(n4, 134)], "sum")
     add("batchnorm-global", 'type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.001 }',
         [_normal(n4, 91)], "transcendental", [_normal((3,), 92), _positive((3,), 93), np.array([7.5], np.float32)])
     add("batchnorm-factor-zero", 'type: "BatchNorm"', [_normal(n4, 94)], "transcendental",

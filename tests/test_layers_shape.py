@@ -1,4 +1,5 @@
-"""Concat, Slice, Split, Flatten, Reshape, Crop, Tile, ArgMax, Input, Silence and the registry.
+"""Concat, Slice, Split, Flatten, Reshape, Crop, Tile, ArgMax, Input, Silence, the registry, and
+Reduction's shapes (on integer values, where its sums are exact).
 
 These layers move values without arithmetic, so tops and gradients must be exactly equal
 to the NumPy references in float64 and float32 (inputs are float32 values); ArgMax follows
@@ -211,6 +212,20 @@ def test_tile_values_gradients_and_refusals():
                         ('type: "Tile" tile_param { tiles: 1073741824 }', "overflows")]:
         with pytest.raises(ValueError, match=match):
             build_layer(text, [(2, 3, 4)])
+
+
+def test_reduction_shapes_and_refusals():
+    import torch
+
+    x = torch.arange(-12.0, 12.0, dtype=torch.float64).reshape(2, 3, 4)
+    for op, axis, want in [("SUM", 1, x.sum((1, 2))), ("ASUM", -1, x.abs().sum(2)), ("SUMSQ", 0, (x * x).sum()),
+                           ("MEAN", 2, x.mean(2))]:
+        layer = build_layer(f'type: "Reduction" reduction_param {{ operation: {op} axis: {axis} }}', [x.shape])
+        assert layer.top_shapes == [tuple(want.shape)]  # the axes before axis are kept
+        assert torch.equal(layer.double()(x)[0], want)
+    assert build_layer('type: "Reduction"', [(2, 3)]).top_shapes == [()]  # axis 0: a zero-axis scalar
+    with pytest.raises(ValueError, match="out of range"):
+        build_layer('type: "Reduction" reduction_param { axis: 3 }', [(2, 3, 4)])
 
 
 @settings(max_examples=ref.EXAMPLES, deadline=None)

@@ -240,5 +240,5 @@ def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None
 # Registration happens on import of the modules below (kept last: they import the names above).
 from porting.layers import (  # noqa: E402,F401
     argmax, batch_norm, convolution, data_movement, eltwise, inner_product, input_layer, lrn, neuron,
-    pooling, scale_bias, softmax,
+    pooling, reduction, scale_bias, softmax,
 )
