@@ -226,3 +226,27 @@ def test_layer_matches_caffe(caffe_worker, tmp_path, text, bottoms, n_tops, blob
             err = ref.rel_err(got, want)
             ref.log_error(family, f"diff {name}", err)
             assert err <= tol, f"diff {name}: rel err {err:.3g} > {tol:g}"
+
+
+SILENCED = """name: "silenced"
+layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+layer { name: "quiet" type: "Silence" bottom: "data" }
+layer { name: "clip" type: "Clip" bottom: "data" top: "out" clip_param { min: -0.5 max: 0.5 } }
+"""
+
+
+def test_silence_adds_nothing_to_its_bottoms_diff(caffe_worker, tmp_path):
+    """Silence has no tops and its Caffe backward zeroes its bottom's diff: with a second
+    consumer of that bottom (Caffe splits it and adds the two diffs), the bottom's diff is
+    that consumer's alone, bit for bit (the clipped values give it exact zeros as well)."""
+    prototxt = tmp_path / "silenced.prototxt"
+    prototxt.write_text(SILENCED)
+    x, diff = _normal((2, 3, 4, 5), 140), _normal((2, 3, 4, 5), 141)
+    caffe = caffe_worker.run_net(prototxt, None, inputs={"data": x}, top_diffs={"out": diff})
+    xt = torch.tensor(x, requires_grad=True)
+    out = load_caffe(prototxt)(data=xt)["out"]
+    out.backward(torch.tensor(diff))
+    np.testing.assert_array_equal(out.detach().numpy(), caffe["blob/out/data"])
+    want = caffe["blob/data/diff"]
+    np.testing.assert_array_equal(want, diff * ((x >= -0.5) & (x <= 0.5)))
+    np.testing.assert_array_equal(xt.grad.numpy(), want)
