@@ -133,6 +133,10 @@ layer { name: "ip" type: "InnerProduct" bottom: "flat" top: "ip" inner_product_p
 layer { name: "scale" type: "Scale" bottom: "ip" top: "ip" scale_param { axis: 1 bias_term: true } }
 layer { name: "soft" type: "Softmax" bottom: "ip" top: "prob" softmax_param { axis: 1 } }
 layer { name: "arg" type: "ArgMax" bottom: "prob" top: "arg" argmax_param { top_k: 2 out_max_val: true } }
+layer { name: "clip" type: "Clip" bottom: "ip" top: "clip" clip_param { min: -0.5 max: 0.5 } }
+layer { name: "swish" type: "Swish" bottom: "clip" top: "swish" swish_param { beta: 1.5 } }
+layer { name: "tile" type: "Tile" bottom: "swish" top: "tile" tile_param { axis: 1 tiles: 2 } }
+layer { name: "red" type: "Reduction" bottom: "tile" top: "red" reduction_param { operation: SUMSQ axis: 1 coeff: 0.5 } }
 layer { name: "sil" type: "Silence" bottom: "arg" }
 """
 
@@ -255,7 +259,7 @@ NAMES = ["", " ", "type", "forward", "train", "training", "_modules", "__class__
 TYPES = ["Input", "Convolution", "Deconvolution", "Pooling", "InnerProduct", "ReLU", "Softmax",
          "Concat", "Slice", "Split", "Eltwise", "BatchNorm", "Scale", "Bias", "Flatten", "Reshape",
          "Crop", "ArgMax", "LRN", "PReLU", "ELU", "Dropout", "Power", "Exp", "Log", "Threshold",
-         "Silence", "Python", "Data", "SoftmaxWithLoss", "MVN", "Embed", "", "convolution",
+         "Silence", "Clip", "Swish", "Tile", "Reduction", "Python", "Data", "SoftmaxWithLoss", "MVN", "Embed", "", "convolution",
          "Convolution ", "CONVOLUTION", "\x00"]
 NUMBER_TOKENS = ["0", "-0", "1", "-1", "2", "3", "07", "0x10", "2147483647", "2147483648", "-2147483648",
                  "-2147483649", "4294967295", "4294967296", "9223372036854775807", "9223372036854775808",
