@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 
+from google.protobuf.descriptor import FieldDescriptor
+
 from porting import caffe_pb2
 from porting.errors import PortingError, shown
 
@@ -258,12 +260,27 @@ def _upgrade_v0_layer(entry: caffe_pb2.V1LayerParameter, out: caffe_pb2.V1LayerP
         elif isinstance(value, caffe_pb2.FillerParameter):
             getattr(sub, target_field).CopyFrom(value)
         elif sub.DESCRIPTOR.fields_by_name[target_field].is_repeated:
-            getattr(sub, target_field).append(value)  # conv pad / kernel_size / stride
+            getattr(sub, target_field).append(_converted(sub, target_field, value))  # conv pad / kernel_size / stride
         else:
-            setattr(sub, target_field, value)
+            setattr(sub, target_field, _converted(sub, target_field, value))
     for v0_field, target_field in _V0_TRANSFORM.items():
         if v0.HasField(v0_field):
             setattr(out.transform_param, target_field, getattr(v0, v0_field))
+
+
+_INT_BITS = {FieldDescriptor.CPPTYPE_INT32: (32, True), FieldDescriptor.CPPTYPE_UINT32: (32, False),
+             FieldDescriptor.CPPTYPE_INT64: (64, True), FieldDescriptor.CPPTYPE_UINT64: (64, False)}
+
+
+def _converted(message, field_name: str, value):
+    """``value`` as C++ converts it into the field's integer type (UpgradeV0LayerParameter
+    copies e.g. V0's int32 new_width into a uint32: -1 becomes 4294967295); others unchanged."""
+    bits = _INT_BITS.get(message.DESCRIPTOR.fields_by_name[field_name].cpp_type)
+    if bits is None or isinstance(value, (bool, float)):
+        return value
+    width, signed = bits
+    value &= (1 << width) - 1
+    return value - (1 << width) if signed and value >> (width - 1) else value
 
 
 # --------------------------------------------------------------------------- data fields

@@ -203,3 +203,12 @@ def test_upgrade_matches_the_net_real_caffe_builds(caffe_weights, name):
     ours = upgrade_net(read_prototxt(path), source=path)
     assert saved.name == ours.name
     assert [comparable(l) for l in saved.layer] == [comparable(l) for l in ours.layer if in_test_phase(l)]
+
+
+def test_v0_int_copied_into_an_unsigned_field_wraps_as_in_cpp():
+    """UpgradeV0LayerParameter copies V0's int32 new_width/new_height into ImageDataParameter's
+    uint32 fields: C++ converts -2147483648 to 2147483648 and -1 to 4294967295."""
+    net = text_net("layers { layer { name: 'd' type: 'images' source: 'list.txt' "
+                   "new_width: -2147483648 new_height: -1 batchsize: 2 } top: 'data' top: 'label' }")
+    image = upgrade_net(net).layer[0].image_data_param
+    assert (image.new_width, image.new_height, image.batch_size) == (2147483648, 4294967295, 2)
