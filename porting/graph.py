@@ -35,6 +35,11 @@ class LayerSpec:
     module: CaffeLayer | None = None
 
     @property
+    def is_input(self) -> bool:
+        """The caller feeds this layer's tops (an Input or data layer): they are net inputs."""
+        return getattr(LAYERS.get(self.type), "is_input", False)
+
+    @property
     def in_place(self) -> bool:
         return bool(self.tops) and self.tops == self.bottoms[: len(self.tops)]
 
@@ -137,7 +142,7 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
         except (ValueError, IndexError) as err:
             raise PortingError(str(err), source, f"{_place(spec)} ({shown(spec.type)})") from None
         _check_blobs(spec, source)
-        if spec.type == "Input":
+        if spec.is_input:
             graph.inputs.update(zip(spec.tops, spec.module.top_shapes))
         for top, shape in zip(spec.tops, spec.module.top_shapes):
             graph.blob_shapes[top] = tuple(shape)

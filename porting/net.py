@@ -99,7 +99,7 @@ class CaffeNet(nn.Module):
         blobs: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.layer_outputs = OrderedDict()
         for spec in self.graph.layers:
-            if spec.type == "Input":
+            if spec.is_input:
                 tops = tuple(inputs[t] for t in spec.tops)
             else:
                 tops = spec.module(*(blobs[b] for b in spec.bottoms))

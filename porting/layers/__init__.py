@@ -117,6 +117,8 @@ class CaffeLayer(nn.Module):
     type_name = ""
     # Blobs that are statistics, not trainable weights (BatchNorm's): no gradient.
     frozen_blobs = False
+    # A layer whose tops the caller feeds (Input; data layers): the net takes them as inputs.
+    is_input = False
 
     def __init__(self, spec, bottom_shapes: list[tuple[int, ...]]):
         super().__init__()
@@ -237,8 +239,14 @@ def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None
     return layer
 
 
-# Registration happens on import of the modules below (kept last: they import the names above).
-from porting.layers import (  # noqa: E402,F401
-    argmax, batch_norm, convolution, data_movement, eltwise, inner_product, input_layer, lrn, neuron,
-    pooling, reduction, scale_bias, softmax,
-)
+def _import_builtin_layers() -> None:
+    """Registration happens on import: every module of this package is imported once (kept
+    last: they import the names above), so adding a layer is adding a module."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_builtin_layers()

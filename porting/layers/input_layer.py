@@ -13,6 +13,8 @@ class Input(CaffeLayer):
     The net feeds the tops itself; ``forward(*tops)`` returns what it is given.
     """
 
+    is_input = True
+
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.expect_bottoms(0)

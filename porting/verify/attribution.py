@@ -108,7 +108,7 @@ def local_checks(net64, arrays: Mapping[str, Mapping], objective: Objective | No
     forward: dict[str, list[LocalCheck]] = {name: [] for name in arrays}
     contrib: dict[str, dict[Value, list]] = {name: {} for name in arrays}
     for spec in values.specs:
-        if spec.type == "Input":
+        if spec.is_input:
             for name, arr in arrays.items():
                 forward[name].extend(_input_checks(spec, values, name, arr, inputs))
             continue
@@ -319,7 +319,7 @@ def decision_flips(net64, a_name: str, a: Mapping, b_name: str, b: Mapping,
                and c.framework in (a_name, b_name)}
     out = []
     for spec in values.specs:
-        if spec.type == "Input" or spec.module is None:
+        if spec.is_input or spec.module is None:
             continue
         bottom_vals = values.bottoms[spec.name]
         if not bottom_vals or any(v is None for v in bottom_vals):

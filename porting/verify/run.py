@@ -59,7 +59,7 @@ def default_objective(graph) -> Objective:
         for top in spec.tops:
             writer[top] = spec
     for spec in reversed(graph.layers):
-        if spec.tops and spec.type != "Input":
+        if spec.tops and not spec.is_input:
             return Objective(spec.name, 0, spec.tops[0])
     raise PortingError("the net has no layer to take an objective from")
 
@@ -177,7 +177,7 @@ def _pins(graph, arrays: Mapping) -> dict[str, list[np.ndarray]]:
     values = NetValues(graph)
     out = {}
     for spec in graph.layers:
-        if spec.type == "Input":
+        if spec.is_input:
             continue
         tops = [values.read(arrays, v, "data") for v in values.by_layer[spec.name]]
         if tops and all(t is not None for t in tops):
