@@ -119,6 +119,9 @@ class CaffeLayer(nn.Module):
     frozen_blobs = False
     # A layer whose tops the caller feeds (Input; data layers): the net takes them as inputs.
     is_input = False
+    # The test files that check this type against real Caffe or a reference (repository
+    # paths, e.g. "tests/test_layers_caffe.py"); ``porting layers`` lists them.
+    verified_by: tuple[str, ...] = ()
 
     def __init__(self, spec, bottom_shapes: list[tuple[int, ...]]):
         super().__init__()
