@@ -322,7 +322,9 @@ class Worker:
         Keys: ``blob/<name>/data`` and, after a backward, ``blob/<name>/diff`` (Caffe's
         view: in-place layers overwrite); ``top/<layer>/<i>/data|diff`` (each layer's own
         outputs, taken before any in-place layer overwrote them; ``capture_tops`` may
-        also be a list of layer names); ``param/<layer>/<i>`` when ``params``.
+        also be a list of layer names); ``param/<layer>/<i>`` when ``params``, and
+        ``param/<layer>/<i>/diff`` (this backward's parameter gradient) when ``params`` and
+        ``top_diffs``.
         ``blobs``: "all" or a list of blob names.
         """
         call_host, call_inside = self._call_dir()

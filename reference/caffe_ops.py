@@ -303,7 +303,8 @@ class CaffeOps(object):
         Keys: blob/<name>/data (and /diff after a backward): Caffe's own view of every
         declared blob; top/<layer>/<i>/data|diff: each layer's own outputs, taken from a
         copy of the net whose in-place tops are renamed (see rename_inplace_tops);
-        param/<layer>/<i> when ``params``.
+        param/<layer>/<i> when ``params`` (and param/<layer>/<i>/diff after a backward:
+        the gradient of this one backward, the param diffs being zeroed before it).
         """
         inputs = dict((k, load_npy(v)) for k, v in (inputs or {}).items())
         diffs = dict((k, load_npy(v)) for k, v in (top_diffs or {}).items())
@@ -337,6 +338,8 @@ class CaffeOps(object):
             for layer, blobs_ in net.params.items():
                 for i, blob in enumerate(blobs_):
                     result["param/%s/%d" % (layer, i)] = blob.data.copy()
+                    if diffs:
+                        result["param/%s/%d/diff" % (layer, i)] = blob.diff.copy()
         if capture_tops:
             renamed = self.nets.get(key + ("renamed",), lambda: build("renamed"))
             _, current = rename_inplace_tops(self.net_parameter(prototxt))
@@ -368,6 +371,9 @@ class CaffeOps(object):
         forward(net)
         if diffs:
             zero_blob_diffs(net)
+            for blobs_ in net.params.values():  # Caffe accumulates param diffs across backwards
+                for blob in blobs_:
+                    blob.diff[...] = 0
             start = 0
             for name, value in diffs.items():
                 net.blobs[name].diff[...] = value
