@@ -22,6 +22,7 @@ from porting import caffe_pb2
 from porting.budget import Budget, check
 from porting.errors import PortingError, UnsupportedLayers, shown
 from porting.layers import LAYERS, REFUSED, CaffeLayer, blob_problem
+from porting.layers.data_layers import apply_input_shapes, unknown_shape_problem
 from porting.weights import WeightBlob
 
 
@@ -110,13 +111,17 @@ def _with_phase(layer: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerP
 
 def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
                 weights: dict[str, list[WeightBlob]] | None = None, source: object = None,
-                shape_only: bool = False, budget: Budget | None = None) -> Graph:
+                shape_only: bool = False, budget: Budget | None = None,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
     """Build the graph of an upgraded NetParameter; ``source`` names the file in errors.
 
     ``budget`` (default ``Budget.default()``: the environment's or the machine's limits) is
     checked before any parameter is created. With ``shape_only`` (for ``inspect``) nothing
     is allocated and no budget applies; unsupported layers are kept instead of refused,
-    and shape inference stops at the first of them.
+    and shape inference stops at the first of them, or at an input whose shape is unknown.
+    ``input_shapes`` (top name -> shape, ``--input-shape``) gives the shapes of input tops
+    the prototxt cannot give (a data layer's, see porting.layers.data_layers) or overrides
+    them; an unknown one not given is a PortingError naming the top.
     """
     phase_id = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}[phase.lower()]
     specs = [LayerSpec(l.name, l.type, list(l.bottom), list(l.top), _with_phase(l, phase_id))
@@ -141,6 +146,14 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
             raise
         except (ValueError, IndexError) as err:
             raise PortingError(str(err), source, f"{_place(spec)} ({shown(spec.type)})") from None
+        if spec.is_input:
+            unknown = apply_input_shapes(spec.module, spec.tops, input_shapes or {})
+            if unknown and shape_only:
+                spec.module = None
+                break
+            if unknown:
+                raise PortingError(unknown_shape_problem(spec.module, unknown[0]), source,
+                                   f"{_place(spec)} ({shown(spec.type)})")
         _check_blobs(spec, source)
         if spec.is_input:
             graph.inputs.update(zip(spec.tops, spec.module.top_shapes))
@@ -156,6 +169,11 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
                                source, f"{_place(spec)} (layer {index + 1})")
         else:
             matched.append(None)
+    else:
+        stray = sorted(set(input_shapes or {}) - set(graph.inputs))
+        if stray:
+            raise PortingError(f"{_names(stray, ', ')}: not an input of the net in phase {phase.lower()} "
+                               f"(its inputs: {_names(graph.inputs, ', ') or 'none'})", source, "--input-shape")
     if shape_only:
         return graph
     check(graph, budget if budget is not None else Budget.default(), source)

@@ -113,7 +113,8 @@ class CaffeNet(nn.Module):
 
 
 def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
-               phase: str = "test", budget: Budget | None = None) -> CaffeNet:
+               phase: str = "test", budget: Budget | None = None,
+               input_shapes: dict[str, Sequence[int]] | None = None) -> CaffeNet:
     """Parse a prototxt (any Caffe 1.0 format) and optional caffemodel into a CaffeNet.
 
     ``budget`` (default ``Budget.default()``: PORTING_MEMORY_LIMIT / PORTING_WORK_LIMIT or
@@ -121,7 +122,14 @@ def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None
     checked from the shapes before any parameter is created; a net beyond it is a
     PortingError naming the layer that needs the most. E.g.
     ``load_caffe(p, m, budget=Budget.default(batch=64, backward=True))``.
+
+    ``input_shapes`` (top name -> shape) gives the shape of an input blob the prototxt
+    cannot give, e.g. a Data layer's top (C, H, W are its LMDB's, which is never opened:
+    ``{"data": (64, 3, 227, 227)}``), or overrides one; see porting.layers.data_layers.
+    A data layer's tops are inputs, fed as ``net(data=x, label=y)`` with the blob Caffe's
+    layer would output (transformed: cropped, mean-subtracted, scaled).
     """
     net = upgrade_net(read_prototxt(prototxt), source=prototxt)
     weights = read_caffemodel(caffemodel) if caffemodel is not None else None
-    return CaffeNet(build_graph(net, phase, weights, source=prototxt, budget=budget))
+    shapes = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    return CaffeNet(build_graph(net, phase, weights, source=prototxt, budget=budget, input_shapes=shapes))
