@@ -69,7 +69,9 @@ def read_prototxt(path: str | os.PathLike) -> caffe_pb2.NetParameter:
     except UnicodeDecodeError:
         # Caffe's C++ parser reads bytes; non-UTF-8 text (Latin-1 comments) is accepted there.
         text = raw.decode("latin-1")
-    net = caffe_pb2.NetParameter()
+    from porting.layers import schema, to_caffe  # caffe.proto plus the fields of fork layers (plugins)
+
+    net = schema().NetParameter()
     try:
         text_format.Parse(text, net)
     except text_format.ParseError as err:
@@ -79,7 +81,7 @@ def read_prototxt(path: str | os.PathLike) -> caffe_pb2.NetParameter:
             problem = rest
         place = None if err.GetLine() is None else f"line {err.GetLine()}, column {err.GetColumn()}"
         raise PortingError(problem.rstrip("."), path, place) from None
-    return net
+    return to_caffe(net)
 
 
 def _read_bytes(path) -> bytes:

@@ -14,9 +14,9 @@ from google.protobuf import text_format
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from porting import caffe_pb2
 from porting.errors import PortingError
 from porting.files import atomic_path
+from porting.layers import from_caffe, schema, to_caffe
 
 FORMAT = "caffe-port-harness/1"
 
@@ -25,7 +25,7 @@ def save_converted(net, path: str | os.PathLike, phase: str = "test") -> None:
     """Write ``net`` (a CaffeNet) to ``path`` atomically."""
     path = Path(path)
     meta = {"format": FORMAT, "phase": phase,
-            "prototxt": text_format.MessageToString(net.graph.to_netparameter())}
+            "prototxt": text_format.MessageToString(from_caffe(net.graph.to_netparameter()))}
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
@@ -48,8 +48,9 @@ def load_converted(path: str | os.PathLike):
         raise PortingError(f"not a converted model ({err})", path) from None
     if meta.get("format") != FORMAT:
         raise PortingError(f"not a converted model (format {meta.get('format')!r}, expected {FORMAT!r})", path)
-    net = caffe_pb2.NetParameter()
+    net = schema().NetParameter()  # with the fields of fork layers (plugins)
     text_format.Parse(meta["prototxt"], net)
+    net = to_caffe(net)
     names = {layer.name for layer in net.layer}
     weights: dict[str, list[WeightBlob]] = {}
     for key, tensor in tensors.items():

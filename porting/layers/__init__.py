@@ -13,10 +13,23 @@ bottoms (the net keeps pre-in-place values) and computes in the dtype of its inp
 net converted with ``.double()`` runs in float64. Layers whose backward in Caffe is not the
 exact derivative of the forward (LRN, Power, Eltwise MAX, pooling ties) reproduce Caffe's
 backward formula; the others rely on autograd.
+
+Layers from Caffe forks come from plugins: an installed distribution declares entry points
+in the group ``porting.layers``, each naming a module (importing it runs its ``@register``)
+or a registered class; a plugin layer is written exactly like a built-in one. Plugins are
+loaded once, after the built-in layers, when this package is first imported. A plugin that
+fails (an import error, a type already registered, a refused type, something that is not a
+registered ``CaffeLayer`` subclass) is left out whole, with one warning line naming its
+distribution and entry point (logger ``porting.layers``; also kept in ``PLUGIN_PROBLEMS``).
+A fork layer whose parameter message is not in Caffe 1.0's caffe.proto declares it
+(``fork_param``, a ``ForkParam``); prototxt parsing then accepts that field.
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,18 +44,144 @@ V1_TYPES: dict[str, str] = {}  # V1LayerParameter.LayerType name -> V2 type stri
 # Types that are refused by name, whatever the registry holds (never executed).
 REFUSED = {"Python": "Python layers run arbitrary code and are never executed"}
 
+PLUGIN_GROUP = "porting.layers"  # the entry-point group of layer plugins
+PLUGIN_PROBLEMS: list[str] = []  # one line per plugin left out (also logged as a warning)
+BUILT_IN = "built-in"            # ``CaffeLayer.origin`` of the layers of this package
+_loading: str | None = None      # origin of the plugin being loaded ("dist version")
+
 
 def register(type_name: str, v1: str | None = None):
-    """Class decorator: register a layer under its V2 type name (and its V1 enum name)."""
+    """Class decorator: register a layer under its V2 type name (and its V1 enum name).
+
+    Sets ``cls.type_name`` and ``cls.origin`` ("built-in", or the plugin's "distribution
+    version"). Raises ValueError for a refused type or a type, V1 name or fork field
+    already registered (nothing is ever overridden), TypeError for a non-``CaffeLayer``.
+    """
 
     def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, CaffeLayer)):
+            raise TypeError(f"register({type_name!r}): {getattr(cls, '__qualname__', cls)!r} "
+                            "is not a subclass of porting.layers.CaffeLayer")
+        if type_name in REFUSED:
+            raise ValueError(f"layer type {type_name!r} is refused ({REFUSED[type_name]}) and cannot be registered")
+        taken = LAYERS.get(type_name)
+        if taken is not None and taken is not cls:
+            raise ValueError(f"layer type {type_name!r} is already registered ({taken.origin}: "
+                             f"{taken.__module__}.{taken.__qualname__})")
+        if v1 and V1_TYPES.get(v1, type_name) != type_name:
+            raise ValueError(f"V1 type {v1} already stands for {V1_TYPES[v1]!r}")
+        if cls.__dict__.get("fork_param") is not None:
+            _check_fork_param(cls.fork_param, type_name)
         cls.type_name = type_name
+        cls.origin = _loading or (BUILT_IN if cls.__module__.startswith(__name__ + ".") else f"module {cls.__module__}")
         LAYERS[type_name] = cls
         if v1:
             V1_TYPES[v1] = type_name
         return cls
 
     return wrap
+
+
+# -- parameter messages -----------------------------------------------------------
+_SCALAR_TYPES = {"double": 1, "float": 2, "int64": 3, "uint64": 4, "int32": 5, "bool": 8, "string": 9,
+                 "uint32": 13}  # FieldDescriptorProto.Type numbers
+
+
+@dataclass(frozen=True)
+class ForkParam:
+    """A LayerParameter field a Caffe fork adds, as the fork's caffe.proto declares it, e.g.
+    ``optional ShuffleChannelParameter shuffle_channel_param = 164;`` with ``message
+    ShuffleChannelParameter { optional uint32 group = 1 [default = 1]; }`` is
+    ``ForkParam("shuffle_channel_param", 164, "ShuffleChannelParameter", {"group": (1, "uint32", 1)})``.
+    ``fields``: name -> (number, scalar type: one of double float int64 uint64 int32 bool
+    string uint32, default or None); all optional."""
+
+    field: str
+    number: int
+    message: str
+    fields: dict
+
+
+def _check_fork_param(fork: ForkParam, type_name: str) -> None:
+    known = caffe_pb2.LayerParameter.DESCRIPTOR
+    for cls in LAYERS.values():
+        other = cls.__dict__.get("fork_param")
+        if other is not None and other != fork and (other.field == fork.field or other.number == fork.number
+                                                    or other.message == fork.message):
+            raise ValueError(f"{type_name}'s fork field {fork.field} = {fork.number} clashes with "
+                             f"{cls.type_name}'s {other.field} = {other.number}")
+    if fork.field in known.fields_by_name or fork.number in known.fields_by_number:
+        raise ValueError(f"{type_name}'s fork field {fork.field} = {fork.number} clashes with a field of "
+                         "Caffe's LayerParameter")
+    if fork.message in known.file.message_types_by_name:
+        raise ValueError(f"{type_name}'s fork message {fork.message} clashes with a message of caffe.proto")
+    bad = [name for name, (_, kind, _) in fork.fields.items() if kind not in _SCALAR_TYPES]
+    if bad:
+        raise ValueError(f"{type_name}'s fork message {fork.message}: field(s) {', '.join(bad)} not of a "
+                         f"scalar type ({', '.join(_SCALAR_TYPES)})")
+
+
+def param_fields(cls: type["CaffeLayer"]) -> tuple[str, ...]:
+    """The ``*_param`` fields of LayerParameter that a layer type reads: its ``param_fields``
+    if it sets them, else its fork field, else the field named after the type if caffe.proto
+    has one (InnerProduct: inner_product_param, PReLU: prelu_param), else none."""
+    if cls.param_fields is not None:
+        return tuple(cls.param_fields)
+    if cls.fork_param is not None:
+        return (cls.fork_param.field,)
+    key = cls.type_name.lower()
+    return tuple(f for f in caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
+                 if f.endswith("_param") and f[: -len("_param")].replace("_", "") == key)
+
+
+def param_message_fields(field: str) -> list[str]:
+    """The field names of the message held in LayerParameter field ``field``."""
+    fields = schema().LayerParameter.DESCRIPTOR.fields_by_name
+    return [f.name for f in fields[field].message_type.fields] if field in fields else []
+
+
+def schema() -> SimpleNamespace:
+    """The message classes prototxt text is read with: caffe.proto's ``NetParameter`` and
+    ``LayerParameter``, plus the fields of the registered fork layers (``fork_param``).
+    Parse with these, then hand on ``caffe_pb2`` messages (``to_caffe``): protobuf keeps a
+    fork field there as an unknown field, which ``CaffeLayer.fork_params`` reads back."""
+    return _schema(tuple(sorted({c.fork_param for c in LAYERS.values() if c.fork_param is not None},
+                                key=lambda f: f.number)))
+
+
+@lru_cache(maxsize=8)
+def _schema(forks: tuple[ForkParam, ...]) -> SimpleNamespace:
+    if not forks:
+        return SimpleNamespace(NetParameter=caffe_pb2.NetParameter, LayerParameter=caffe_pb2.LayerParameter)
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    proto = descriptor_pb2.FileDescriptorProto()
+    caffe_pb2.DESCRIPTOR.CopyToProto(proto)
+    layer = next(m for m in proto.message_type if m.name == "LayerParameter")
+    for fork in forks:
+        message = proto.message_type.add(name=fork.message)
+        for name, (number, kind, default) in fork.fields.items():
+            f = message.field.add(name=name, number=number, label=1, type=_SCALAR_TYPES[kind])
+            if default is not None:
+                f.default_value = str(default).lower() if kind == "bool" else str(default)
+        layer.field.add(name=fork.field, number=fork.number, label=1, type=11,
+                        type_name=f".{proto.package}.{fork.message}")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    cls = lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{proto.package}.{name}"))
+    return SimpleNamespace(NetParameter=cls("NetParameter"), LayerParameter=cls("LayerParameter"))
+
+
+def to_caffe(message, cls=caffe_pb2.NetParameter):
+    """A message of ``schema()`` as the ``caffe_pb2`` class ``cls`` (fork fields unknown)."""
+    return message if type(message) is cls else cls.FromString(message.SerializeToString())
+
+
+def from_caffe(message, name: str = "NetParameter"):
+    """A ``caffe_pb2`` message as ``schema()``'s class ``name``, fork fields readable (e.g. to
+    write it as text with them)."""
+    cls = getattr(schema(), name)
+    return message if type(message) is cls else cls.FromString(message.SerializeToString())
 
 
 def canonical_axis(axis: int, num_axes: int) -> int:
@@ -122,6 +261,12 @@ class CaffeLayer(nn.Module):
     # The test files that check this type against real Caffe or a reference (repository
     # paths, e.g. "tests/test_layers_caffe.py"); ``porting layers`` lists them.
     verified_by: tuple[str, ...] = ()
+    # Where the type comes from: "built-in", or the plugin's "distribution version" (set by register).
+    origin = BUILT_IN
+    # The LayerParameter ``*_param`` fields the type reads; None: by convention (``param_fields``).
+    param_fields: tuple[str, ...] | None = None
+    # A fork layer's own parameter field, missing from Caffe 1.0's caffe.proto (a ForkParam).
+    fork_param: ForkParam | None = None
 
     def __init__(self, spec, bottom_shapes: list[tuple[int, ...]]):
         super().__init__()
@@ -131,6 +276,10 @@ class CaffeLayer(nn.Module):
         self.top_shapes: list[tuple[int, ...]] = []
 
     # -- helpers for subclasses -------------------------------------------------
+    def fork_params(self):
+        """This layer's ``fork_param`` message (its defaults when the prototxt has none)."""
+        return getattr(from_caffe(self.spec.param, "LayerParameter"), self.fork_param.field)
+
     @property
     def name(self) -> str:
         return getattr(self.spec, "name", "") or self.type_name
@@ -231,7 +380,7 @@ def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None
     if isinstance(param, str):
         from google.protobuf import text_format
 
-        param = text_format.Parse(param, caffe_pb2.LayerParameter())
+        param = to_caffe(text_format.Parse(param, schema().LayerParameter()), caffe_pb2.LayerParameter)
     type_name = V1_TYPES.get(param.type, param.type)
     if type_name in REFUSED:
         raise KeyError(f"{type_name}: {REFUSED[type_name]}")
@@ -252,4 +401,45 @@ def _import_builtin_layers() -> None:
         importlib.import_module(f"{__name__}.{info.name}")
 
 
+def load_plugins(entry_points=None) -> None:
+    """Load the layer plugins (``entry_points``: default, those installed in the group
+    ``porting.layers``), each whole or not at all; a plugin that fails is logged as one
+    warning line naming its distribution and entry point and kept in ``PLUGIN_PROBLEMS``."""
+    global _loading
+    if entry_points is None:
+        from importlib.metadata import entry_points as installed
+
+        entry_points = installed(group=PLUGIN_GROUP)
+    import types
+
+    for ep in sorted(entry_points, key=lambda e: (getattr(e.dist, "name", "") or "", e.name)):
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}" if dist is not None else "(unknown distribution)"
+        before = dict(LAYERS), dict(V1_TYPES)
+        _loading = origin
+        try:
+            loaded = ep.load()
+            if isinstance(loaded, type):
+                if not issubclass(loaded, CaffeLayer) or LAYERS.get(loaded.type_name) is not loaded:
+                    raise TypeError(f"{ep.value} is not a CaffeLayer subclass registered with "
+                                    "porting.layers.register")
+            elif not isinstance(loaded, types.ModuleType):
+                raise TypeError(f"{ep.value} is a {type(loaded).__name__}, not a module or a CaffeLayer subclass")
+            elif set(LAYERS) == set(before[0]):
+                raise TypeError(f"module {ep.value} registered no layer type")
+            schema()  # a fork field that protobuf refuses fails here, with its plugin
+        except Exception as err:  # a plugin must not break the package: left out, said once
+            LAYERS.clear(), LAYERS.update(before[0]), V1_TYPES.clear(), V1_TYPES.update(before[1])
+            reason = " ".join(str(err).split()) or type(err).__name__
+            if isinstance(err, ImportError):
+                reason = f"{type(err).__name__}: {reason}"
+            problem = (f"layer plugin {origin} (entry point {ep.name} = {ep.value} in group {PLUGIN_GROUP}) "
+                       f"not loaded: {reason}")
+            PLUGIN_PROBLEMS.append(problem)
+            logging.getLogger(__name__).warning(problem)
+        finally:
+            _loading = None
+
+
 _import_builtin_layers()
+load_plugins()
