@@ -1,0 +1,270 @@
+"""Recurrent layers (Caffe 1.0 recurrent_layer.cpp, lstm_layer.cpp, rnn_layer.cpp,
+lstm_unit_layer.cpp): LSTMUnit, and LSTM and RNN unrolled over T time steps.
+
+Caffe's LSTM and RNN build an internal net unrolled over the T steps of their input and run
+it; the port computes the same arithmetic step by step. Bottoms, in Caffe's order:
+
+- ``x``: (T, N, ...): T time steps of N independent streams; flattened from axis 2 to
+  (T, N, D) (an InnerProduct at axis 2);
+- ``cont``: (T, N): sequence continuation indicators; 0 at t starts a new sequence (the
+  state of t - 1 is multiplied by it). It gets no gradient (Caffe refuses to give one);
+- ``x_static`` (optional): (N, ...), flattened from axis 1 to (N, S), added to every step;
+- with ``recurrent_param.expose_hidden``: ``h_0`` (and ``c_0`` for LSTM), each (1, N, H),
+  the state before step 1; without it the state starts at 0 (see below).
+
+Tops: the outputs of all steps, (T, N, H) with H = ``num_output`` (LSTM: h_t; RNN: o_t);
+with ``expose_hidden`` also ``h_T`` (and ``c_T`` for LSTM), each (1, N, H).
+
+Parameter blobs, in Caffe's order (the unrolled net's parameters in layer order, each
+shared one once), so a caffemodel written by Caffe loads as it is:
+
+- LSTM: W_xc (4H, D), b_c (4H), [W_xc_static (4H, S)], W_hc (4H, H); the 4H gate rows are
+  the blocks i, f, o, g in that order;
+- RNN: W_xh (H, D), b_h (H), [W_xh_static (H, S)], W_hh (H, H), W_ho (H, H), b_o (H).
+
+Per step t = 1..T (cont_t broadcast over H):
+
+- LSTM: gates_t = W_hc (cont_t h_{t-1}) + W_xc x_t + b_c [+ W_xc_static x_static], then
+  ``lstm_unit``: i, f, o = sigmoid of the i, f, o blocks (f taken as 0 where cont_t is 0,
+  else cont_t sigmoid(.)), g = tanh of the g block; c_t = f c_{t-1} + i g; h_t = o tanh(c_t);
+- RNN: h_t = tanh(W_hh (cont_t h_{t-1}) + W_xh x_t + b_h [+ W_xh_static x_static]);
+  o_t = tanh(W_ho h_t + b_o).
+
+Backward is Caffe's: autograd for the linear parts and the TanH layers (whose Caffe
+backward is the derivative), and LSTMUnit's own formula (``_LSTMUnitFn``), which differs
+from the derivative for a cont other than 0 or 1: Caffe takes f's derivative as f (1 - f)
+with f = cont sigmoid(.), not cont sigmoid(.) (1 - sigmoid(.)).
+
+Where the port differs from Caffe by design (both measured against Caffe 1.0 in
+tests/test_layers_recurrent.py):
+
+- with ``expose_hidden``, Caffe shares only the data of h_0/c_0 with the unrolled net and
+  only the data of h_T/c_T with the tops: h_0 and c_0 get no gradient and diffs given to
+  h_T and c_T reach nothing. The port does the same (those tops are detached).
+- without ``expose_hidden``, Caffe starts each forward from the h_T/c_T its previous
+  forward left (zeros for a fresh net); the port is stateless and starts from zeros: the
+  same as Caffe's first forward, and as any forward whose cont is 0 at t = 1 for every
+  stream (which makes the starting state irrelevant).
+"""
+from __future__ import annotations
+
+import torch
+
+from porting.layers import CaffeLayer, caffe_int, count, register
+
+
+# ---------------------------------------------------------------- the LSTM unit arithmetic
+
+def _gates(X, cont, hidden):
+    """i, f, o, g of Caffe's LSTMUnit from the gate inputs X (..., 4H) and cont (...)."""
+    i = torch.sigmoid(X[..., :hidden])
+    s = torch.sigmoid(X[..., hidden:2 * hidden])
+    k = cont.unsqueeze(-1)
+    f = torch.where(k == 0, torch.zeros_like(s), k * s)  # Caffe: (cont == 0) ? 0 : cont * sigmoid
+    o = torch.sigmoid(X[..., 2 * hidden:3 * hidden])
+    g = torch.tanh(X[..., 3 * hidden:])
+    return i, f, o, g
+
+
+def _unit_forward(c_prev, X, cont):
+    i, f, o, g = _gates(X, cont, c_prev.shape[-1])
+    c = f * c_prev + i * g
+    return c, o * torch.tanh(c)
+
+
+class _LSTMUnitFn(torch.autograd.Function):
+    """Caffe's LSTMUnitLayer::Backward_cpu: with t = tanh(c) and dc_ = dc + dh o (1 - t^2),
+    dc_prev = dc_ f, di = dc_ g i (1 - i), df = dc_ c_prev f (1 - f), do = dh t o (1 - o),
+    dg = dc_ i (1 - g^2); cont gets none."""
+
+    @staticmethod
+    def forward(ctx, c_prev, X, cont):
+        c, h = _unit_forward(c_prev, X, cont)
+        ctx.save_for_backward(c_prev, X, cont, c)
+        return c, h
+
+    @staticmethod
+    def backward(ctx, dc, dh):
+        c_prev, X, cont, c = ctx.saved_tensors
+        dc = torch.zeros_like(c) if dc is None else dc
+        dh = torch.zeros_like(c) if dh is None else dh
+        i, f, o, g = _gates(X, cont, c.shape[-1])
+        t = torch.tanh(c)
+        dc_ = dc + dh * o * (1 - t * t)
+        dX = torch.cat([dc_ * g * i * (1 - i), dc_ * c_prev * f * (1 - f),
+                        dh * t * o * (1 - o), dc_ * i * (1 - g * g)], dim=-1)
+        return dc_ * f, dX, None
+
+
+def lstm_unit(c_prev, X, cont):
+    """(c_t, h_t) of Caffe's LSTMUnit: c_prev (..., H), X (..., 4H) the gate inputs in the
+    order i, f, o, g, cont (...); backward by Caffe's formula (plain ops, differentiated by
+    autograd, when no gradient is wanted or during ONNX export)."""
+    cont = cont.detach()  # Caffe: "Cannot backpropagate to sequence indicators"
+    wants_grad = torch.is_grad_enabled() and (c_prev.requires_grad or X.requires_grad)
+    if not wants_grad or torch.onnx.is_in_onnx_export():
+        return _unit_forward(c_prev, X, cont)
+    return _LSTMUnitFn.apply(c_prev, X, cont)
+
+
+def _unit_work(values: int) -> int:
+    """Operations of one LSTM unit per cell value: four gate functions, tanh(c), 5 products/sums."""
+    return 10 * values
+
+
+@register("LSTMUnit")
+class LSTMUnit(CaffeLayer):
+    """Bottoms c_{t-1} (1, N, H), gate inputs X (1, N, 4H), cont (1, N); tops c_t, h_t (1, N, H)."""
+
+    verified_by = ("tests/test_layers_recurrent.py",)
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(3)
+        _expect_tops(spec, 2, self.type_name)
+        c_prev, X, cont = self.bottom_shapes
+        for k, shape in enumerate(self.bottom_shapes):
+            axes = 2 if k == 2 else 3
+            if len(shape) != axes or shape[0] != 1 or shape[1] != c_prev[1]:
+                raise ValueError(f"LSTMUnit bottom {k} must be 1 x N{' x ...' if axes == 3 else ''} "
+                                 f"({axes} axes, N = {c_prev[1] if len(c_prev) > 1 else '?'}), got "
+                                 f"{'x'.join(map(str, shape)) or '()'}")
+        if X[2] != 4 * c_prev[2]:
+            raise ValueError(f"LSTMUnit gate inputs must have 4 x {c_prev[2]} = {4 * c_prev[2]} channels "
+                             f"(i, f, o, g), got {X[2]}")
+        self.top_shapes = [c_prev, c_prev]
+
+    def forward(self, c_prev, X, cont):
+        return lstm_unit(c_prev, X, cont)
+
+    def work(self) -> int:
+        return _unit_work(count(self.bottom_shapes[0]))
+
+
+# ---------------------------------------------------------------- LSTM and RNN
+
+def _expect_tops(spec, n: int, type_name: str) -> None:
+    tops = getattr(spec, "tops", None)
+    if tops is not None and len(tops) != n:
+        raise ValueError(f"{type_name} takes {n} top blob(s), got {len(tops)}")
+
+
+class _Recurrent(CaffeLayer):
+    """What LSTM and RNN share: Caffe's RecurrentLayer bottoms, tops and shape checks."""
+
+    verified_by = ("tests/test_layers_recurrent.py",)
+    n_states = 1   # recurrent state blobs: h (RNN), h and c (LSTM)
+    gate_factor = 1  # rows of the input transforms per hidden value (LSTM: 4 gates)
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        rp = spec.param.recurrent_param
+        self.hidden = caffe_int(rp.num_output, "num_output")
+        if self.hidden <= 0:
+            raise ValueError("recurrent_param.num_output must be positive")
+        self.expose = bool(rp.expose_hidden)
+        exposed = self.n_states if self.expose else 0
+        self.expect_bottoms(2 + exposed, 3 + exposed)
+        _expect_tops(spec, 1 + exposed, self.type_name)
+        self.static = len(self.bottom_shapes) == 3 + exposed
+        x, cont = self.bottom_shapes[:2]
+        if len(x) < 2:
+            raise ValueError(f"{self.type_name} bottom 0 (x) must have at least 2 axes (T x N x ...), "
+                             f"got {len(x)}")
+        self.T, self.N = x[0], x[1]
+        if cont != (self.T, self.N):
+            raise ValueError(f"{self.type_name} bottom 1 (cont) must be T x N = {self.T}x{self.N}, got "
+                             f"{'x'.join(map(str, cont)) or '()'}")
+        self.D = count(x, 2)
+        if self.static:
+            xs = self.bottom_shapes[2]
+            if len(xs) < 1 or xs[0] != self.N:
+                raise ValueError(f"{self.type_name} bottom 2 (x_static) must be N x ... with N = {self.N}, got "
+                                 f"{'x'.join(map(str, xs)) or '()'}")
+            self.S = count(xs, 1)
+        state = (1, self.N, self.hidden)
+        for k in range(2 + self.static, len(self.bottom_shapes)):
+            if self.bottom_shapes[k] != state:
+                raise ValueError(f"{self.type_name} bottom {k} (hidden state) must be 1x{self.N}x{self.hidden}, "
+                                 f"got {'x'.join(map(str, self.bottom_shapes[k])) or '()'}")
+        rows = self.gate_factor * self.hidden
+        self.param_shapes = [(rows, self.D), (rows,)] + ([(rows, self.S)] if self.static else [])
+        self.top_shapes = [(self.T, self.N, self.hidden)] + [state] * exposed
+
+    def _inputs(self, bottoms):
+        """(x W^T + b) for all steps (T, N, rows) plus the static term, cont, the initial states
+        (detached: Caffe gives h_0 and c_0 no gradient), and the index of the next blob."""
+        x, cont = bottoms[0], bottoms[1].detach()  # cont gets no gradient in Caffe
+        W, b = self.blobs[0], self.blobs[1]
+        xw = torch.nn.functional.linear(x.reshape(self.T, self.N, self.D), W, b)
+        if self.static:
+            xs = bottoms[2].reshape(self.N, self.S)
+            xw = xw + torch.nn.functional.linear(xs, self.blobs[2]).unsqueeze(0)
+        if self.expose:
+            states = [s.detach() for s in bottoms[2 + self.static:]]
+        else:
+            states = [x.new_zeros((1, self.N, self.hidden)) for _ in range(self.n_states)]
+        return xw, cont, states, 2 + self.static
+
+    def _work_inputs(self) -> int:
+        rows = self.gate_factor * self.hidden
+        return self.T * self.N * rows * (self.D + 1) + (self.N * rows * self.S if self.static else 0)
+
+    def describe(self) -> str:
+        return f"{self.hidden}" + (" static" if self.static else "") + (" expose_hidden" if self.expose else "")
+
+
+@register("LSTM")
+class LSTM(_Recurrent):
+    n_states = 2
+    gate_factor = 4
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.param_shapes.append((4 * self.hidden, self.hidden))  # W_hc
+
+    def forward(self, *bottoms):
+        xw, cont, (h, c), k = self._inputs(bottoms)
+        W_hc = self.blobs[k]
+        hs = []
+        for t in range(self.T):
+            cont_t = cont[t:t + 1]  # (1, N)
+            gates = torch.nn.functional.linear(h * cont_t.unsqueeze(-1), W_hc) + xw[t:t + 1]
+            c, h = lstm_unit(c, gates, cont_t)
+            hs.append(h)
+        out = torch.cat(hs, dim=0)
+        return (out, h.detach(), c.detach()) if self.expose else (out,)
+
+    def work(self) -> int:
+        H = self.hidden
+        return self._work_inputs() + self.T * self.N * 4 * H * (H + 1) + _unit_work(self.T * self.N * H)
+
+    def workspace(self) -> int:
+        """Gate inputs of every step (kept for the backward) and the states of every step."""
+        return self.T * self.N * self.hidden * (4 + 4 + 2)
+
+
+@register("RNN")
+class RNN(_Recurrent):
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        H = self.hidden
+        self.param_shapes += [(H, H), (H, H), (H,)]  # W_hh, W_ho, b_o
+
+    def forward(self, *bottoms):
+        xw, cont, (h,), k = self._inputs(bottoms)
+        W_hh, W_ho, b_o = self.blobs[k:k + 3]
+        outs = []
+        for t in range(self.T):
+            h = torch.tanh(torch.nn.functional.linear(h * cont[t:t + 1].unsqueeze(-1), W_hh) + xw[t:t + 1])
+            outs.append(torch.tanh(torch.nn.functional.linear(h, W_ho, b_o)))
+        out = torch.cat(outs, dim=0)
+        return (out, h.detach()) if self.expose else (out,)
+
+    def work(self) -> int:
+        H = self.hidden
+        return self._work_inputs() + self.T * self.N * H * (2 * H + 4)
+
+    def workspace(self) -> int:
+        """The input transform and the hidden states, pre-activations and outputs of every step."""
+        return self.T * self.N * self.hidden * 5
