@@ -19,7 +19,10 @@ def _convert(args) -> int:
     from porting.net import load_caffe
     from porting.saved import save_converted
 
-    net = load_caffe(args.prototxt, args.caffemodel, phase=args.phase, budget=from_args(args))
+    from porting.layers.data_layers import input_shapes_from_args
+
+    net = load_caffe(args.prototxt, args.caffemodel, phase=args.phase, budget=from_args(args),
+                     input_shapes=input_shapes_from_args(args))
     save_converted(net, args.output, phase=args.phase)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.output}: {len(net.graph.layers)} layers, {n_params:,} parameters")
@@ -30,21 +33,27 @@ def _inspect(args) -> int:
     """The layer table from the graph's shapes alone: no parameter or activation is allocated."""
     from porting.budget import needs
     from porting.graph import build_graph
+    from porting.layers.data_layers import input_shape_lines, input_shapes_from_args
     from porting.parse import read_caffemodel, read_prototxt
     from porting.upgrade import upgrade
 
+    shapes = input_shapes_from_args(args)
     net, upgrades = upgrade(read_prototxt(args.prototxt), source=args.prototxt)
     weights = read_caffemodel(args.caffemodel) if args.caffemodel else None
     graph = build_graph(net, args.phase, weights,
-                        source=args.prototxt, shape_only=True)
+                        source=args.prototxt, shape_only=True, input_shapes=shapes)
     print(f"net {graph.name or '(unnamed)'}: {len(graph.layers)} layers, phase {args.phase}"
           + (f"; upgraded from: {', '.join(upgrades)}" if upgrades else ""))
     print(graph.table())
+    for line in input_shape_lines(graph):
+        print(line)
     print(needs(graph).summary())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from porting.layers.data_layers import add_input_shape_option
+
     parser = argparse.ArgumentParser(prog="porting", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -53,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("caffemodel", nargs="?")
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
     p.add_argument("--phase", default="test", choices=["test", "train"])
+    add_input_shape_option(p)
     budget.add_options(p)
     p.set_defaults(func=_convert)
 
@@ -60,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prototxt")
     p.add_argument("caffemodel", nargs="?")
     p.add_argument("--phase", default="test", choices=["test", "train"])
+    add_input_shape_option(p)
     p.set_defaults(func=_inspect)
 
     for module in _FEATURE_MODULES:

@@ -197,7 +197,10 @@ def _export_command(args) -> int:
     from porting.net import load_caffe
     from porting.verify import blob_metrics, port_arrays
 
-    net = load_caffe(args.prototxt, args.caffemodel, budget=from_args(args, batch=args.batch))
+    from porting.layers.data_layers import input_shapes_from_args
+
+    net = load_caffe(args.prototxt, args.caffemodel, budget=from_args(args, batch=args.batch),
+                     input_shapes=input_shapes_from_args(args))
     inputs = example_inputs(net, args.batch, args.seed)
     path = export_onnx(net, args.onnx, inputs, opset=args.opset)
     summary = check_onnx(path)
@@ -215,6 +218,8 @@ def _export_command(args) -> int:
 
 def add_parser(subparsers) -> None:
     """``porting export PROTOTXT [CAFFEMODEL] --onnx OUT.onnx [--batch N] [--compare]``."""
+    from porting.layers.data_layers import add_input_shape_option
+
     p = subparsers.add_parser("export", help="export the port to ONNX and check it",
                               description="Trace the port to ONNX (TorchScript exporter), check it with "
                                           "onnx.checker, optionally compare ONNX's reference evaluator "
@@ -227,5 +232,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     p.add_argument("--compare", action="store_true",
                    help="also run ONNX's reference evaluator and report its largest difference to the port")
+    add_input_shape_option(p)
     budget.add_options(p)
     p.set_defaults(func=_export_command)

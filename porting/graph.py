@@ -68,13 +68,18 @@ class Graph:
         return net
 
     def table(self) -> str:
-        """A fixed-width table: layer, type, bottoms -> tops, output shape, params, support."""
+        """A fixed-width table: layer, type, bottoms -> tops, output shape, params, support
+        ("yes", "yes (plugin <distribution> <version>)" for a type a plugin supplied, "NO")."""
+        from porting.layers import BUILT_IN
+
         rows = [("layer", "type", "bottoms -> tops", "output shape", "params", "supported")]
         for spec in self.layers:
             shape = "" if spec.module is None else " ".join("x".join(map(str, s)) for s in spec.module.top_shapes)
             count = 0 if spec.module is None else sum(math.prod(s) for s in spec.module.param_shapes)
+            cls = None if spec.type in REFUSED else LAYERS.get(spec.type)
+            support = "NO" if cls is None else "yes" if cls.origin == BUILT_IN else f"yes ({shown(cls.origin)})"
             rows.append((shown(spec.name), shown(spec.type), f"{_names(spec.bottoms)} -> {_names(spec.tops)}",
-                         shape, f"{count:,}", "yes" if spec.type in LAYERS else "NO"))
+                         shape, f"{count:,}", support))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -130,6 +135,11 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
            for s in specs if s.type not in LAYERS or s.type in REFUSED]
     if bad and not shape_only:
         raise UnsupportedLayers("unsupported layer types: " + "; ".join(bad), source)
+    inputs = [t for s in specs if s.is_input for t in s.tops]
+    stray = sorted(set(input_shapes or {}) - set(inputs))
+    if stray:
+        raise PortingError(f"{_names(stray, ', ')}: not an input of the net in phase {phase.lower()} "
+                           f"(its inputs: {_names(inputs, ', ') or 'none'})", source, "--input-shape")
     graph = Graph(net.name, {}, specs)
     first_of_name: dict[str, int] = {}
     matched: list[list[WeightBlob] | None] = []
@@ -169,11 +179,6 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
                                source, f"{_place(spec)} (layer {index + 1})")
         else:
             matched.append(None)
-    else:
-        stray = sorted(set(input_shapes or {}) - set(graph.inputs))
-        if stray:
-            raise PortingError(f"{_names(stray, ', ')}: not an input of the net in phase {phase.lower()} "
-                               f"(its inputs: {_names(graph.inputs, ', ') or 'none'})", source, "--input-shape")
     if shape_only:
         return graph
     check(graph, budget if budget is not None else Budget.default(), source)

@@ -114,7 +114,8 @@ class CaffeNet(nn.Module):
 
 def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
                phase: str = "test", budget: Budget | None = None,
-               input_shapes: dict[str, Sequence[int]] | None = None) -> CaffeNet:
+               input_shapes: dict[str, Sequence[int]] | None = None,
+               dropout_seed: int | None = None) -> CaffeNet:
     """Parse a prototxt (any Caffe 1.0 format) and optional caffemodel into a CaffeNet.
 
     ``budget`` (default ``Budget.default()``: PORTING_MEMORY_LIMIT / PORTING_WORK_LIMIT or
@@ -128,8 +129,17 @@ def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None
     ``{"data": (64, 3, 227, 227)}``), or overrides one; see porting.layers.data_layers.
     A data layer's tops are inputs, fed as ``net(data=x, label=y)`` with the blob Caffe's
     layer would output (transformed: cropped, mean-subtracted, scaled).
+
+    ``dropout_seed``: TRAIN-phase Dropout layers draw Caffe's own masks, every forward
+    starting Caffe's generator at this seed as ``caffe.set_random_seed(seed)`` before
+    Caffe's forward does (porting.layers.neuron.seed_dropout); without it they are refused.
     """
     net = upgrade_net(read_prototxt(prototxt), source=prototxt)
     weights = read_caffemodel(caffemodel) if caffemodel is not None else None
     shapes = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    return CaffeNet(build_graph(net, phase, weights, source=prototxt, budget=budget, input_shapes=shapes))
+    model = CaffeNet(build_graph(net, phase, weights, source=prototxt, budget=budget, input_shapes=shapes))
+    if dropout_seed is not None:
+        from porting.layers.neuron import seed_dropout
+
+        seed_dropout(model, dropout_seed)
+    return model

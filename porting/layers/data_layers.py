@@ -307,7 +307,8 @@ def input_shape_lines(graph) -> list[str]:
         sources = getattr(module, "shape_sources", None) or ["input_param"] * len(spec.tops)
         for top, shape, source in zip(spec.tops, module.top_shapes, sources):
             dims = "x".join("?" if d is None else str(d) for d in shape)
-            lines.append(f"input {shown(top)} ({shown(spec.type)} {shown(spec.name)}): {dims or '()'} from {source}")
+            said = source if source.startswith("unknown") else f"from {source}"
+            lines.append(f"input {shown(top)} ({shown(spec.type)} {shown(spec.name)}): {dims or '()'}, shape {said}")
     return lines
 
 

@@ -501,22 +501,116 @@ class Threshold(_Kinked):
         return f"> {self.threshold:g}"
 
 
+class CaffeRandom:
+    """Caffe's CPU random generator as Dropout draws from it, restarted at ``seed``.
+
+    ``caffe.set_random_seed(seed)`` makes a boost::mt19937 seeded by init_genrand(seed),
+    which is NumPy's legacy ``RandomState(seed)`` (the same MT19937, the same seeding):
+    both give the same 32-bit words (checked against real Caffe in
+    tests/test_data_layers.py). ``bernoulli(n, p)`` is Caffe's caffe_rng_bernoulli over
+    boost's bernoulli_distribution<double>: one word per value, 1 where
+    double(word) <= p * (2^32 - 1), and no word drawn at all when p == 0.
+    """
+
+    def __init__(self, seed: int):
+        if not 0 <= int(seed) < 2**32:
+            raise ValueError(f"a Caffe seed is an unsigned 32-bit int, got {seed}")
+        self.seed = int(seed)
+        self.drawing = False  # True while the net's forward runs (see seed_dropout)
+        self.restart()
+
+    def restart(self) -> None:
+        self.state = np.random.RandomState(self.seed)
+
+    def bernoulli(self, n: int, p: float) -> np.ndarray:
+        if p == 0:
+            return np.zeros(n, bool)
+        words = self.state.randint(0, 2**32, size=n, dtype=np.uint32)
+        return words.astype(np.float64) <= p * 4294967295.0
+
+
+def seed_dropout(net, seed: int) -> None:
+    """Make ``net``'s TRAIN-phase Dropout layers draw Caffe's own masks.
+
+    Each forward of ``net`` restarts one CaffeRandom at ``seed``, as the legacy worker's
+    ``run_net(seed=...)`` calls ``caffe.set_random_seed(seed)`` right before Caffe's
+    forward, and the Dropout layers draw from it in forward order, ``count`` words each
+    (a ratio of 0 draws too, as Caffe's does). A Dropout layer evaluated alone, outside a
+    forward of the net (as porting.verify re-evaluates each layer), applies the mask
+    drawn by the net's last forward.
+    """
+    rng = CaffeRandom(seed)
+    for module in net.modules():
+        if isinstance(module, Dropout):
+            module.rng = rng
+    net.register_forward_pre_hook(_dropout_forward_starts)
+    net.register_forward_hook(_dropout_forward_ends)
+
+
+def _dropout_generators(net):
+    return {id(m.rng): m.rng for m in net.modules() if isinstance(m, Dropout) and m.rng is not None}.values()
+
+
+def _dropout_forward_starts(net, args):
+    for rng in _dropout_generators(net):
+        rng.restart()
+        rng.drawing = True
+
+
+def _dropout_forward_ends(net, args, output):
+    for rng in _dropout_generators(net):
+        rng.drawing = False
+
+
 @register("Dropout", v1="DROPOUT")
 class Dropout(_Exact):
-    """Identity at TEST (Caffe scales at TRAIN). At TRAIN Caffe's random mask cannot be
-    reproduced, so running it raises PortingError unless dropout_ratio is 0."""
+    """Identity at TEST. At TRAIN, y = x * mask * scale with Caffe's float32
+    scale = 1 / (1 - ratio) and mask ~ Bernoulli(1 - ratio) drawn from Caffe's generator:
+    reproduced when the net is seeded (``seed_dropout``, ``load_caffe(dropout_seed=)``),
+    else refused (PortingError) unless dropout_ratio is 0. dx = dy * mask * scale."""
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.ratio = float(spec.param.dropout_param.dropout_ratio)
         if not 0 <= self.ratio < 1:
             raise ValueError(f"dropout_ratio must be in [0, 1), got {self.ratio:g}")
+        threshold = float(np.float32(self.ratio))  # Caffe's threshold_ is a float
+        self.keep = 1.0 - threshold  # caffe_rng_bernoulli(count, 1. - threshold_): a double
+        self.scale = float(np.float32(1.0 / self.keep))  # scale_, a float
+        self.rng: CaffeRandom | None = None
+        self.mask: torch.Tensor | None = None  # the last mask drawn (bool, the bottom's shape)
+
+    def _train_factor(self, x):
+        """mask * scale in x's dtype: drawn during a forward of the net, else the last one."""
+        if self.rng.drawing or self.mask is None:
+            self.mask = torch.from_numpy(self.rng.bernoulli(x.numel(), self.keep).reshape(tuple(x.shape)))
+        elif tuple(self.mask.shape) != tuple(x.shape):
+            raise PortingError(f"Dropout evaluated alone on a bottom of shape {tuple(x.shape)}, but the net's "
+                               f"last forward drew a mask of shape {tuple(self.mask.shape)}",
+                               place=f"layer {self.name}")
+        return self.mask.to(x.dtype) * self.scale
 
     def apply_to(self, x):
+        if self.phase == "train" and self.rng is not None:
+            return x * self._train_factor(x)
         if self.phase == "train" and self.ratio > 0:
-            raise PortingError("Dropout at TRAIN draws a random mask from Caffe's generator, which cannot "
-                               "be reproduced; run the net in the TEST phase", place=f"layer {self.name}")
+            raise PortingError("Dropout at TRAIN draws a random mask from Caffe's generator: seed it "
+                               "(load_caffe(..., dropout_seed=S), as caffe.set_random_seed(S) before Caffe's "
+                               "forward) or run the net in the TEST phase", place=f"layer {self.name}")
         return x.view_as(x)  # a top of its own (see data_movement): its gradient is its consumers' alone
+
+    def _rounds(self) -> bool:
+        return self.phase == "train" and self.rng is not None and self.mask is not None and self.scale != 1.0
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        if not self._rounds():
+            return super().forward_bound(bottoms, exact_tops, abs_module)
+        return [U * exact_tops[0].abs()]  # fl(fl(x * mask) * scale): x * mask is exact
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        if not self._rounds() or top_diffs[0] is None:
+            return super().backward_bound(bottoms, tops, exact_tops, top_diffs, abs_module)
+        return [U * (top_diffs[0] * self.mask.to(top_diffs[0].dtype) * self.scale).abs()]
 
     def describe(self):
         return f"ratio {self.ratio:g}"
