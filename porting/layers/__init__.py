@@ -47,14 +47,14 @@ REFUSED = {"Python": "Python layers run arbitrary code and are never executed"}
 PLUGIN_GROUP = "porting.layers"  # the entry-point group of layer plugins
 PLUGIN_PROBLEMS: list[str] = []  # one line per plugin left out (also logged as a warning)
 BUILT_IN = "built-in"            # ``CaffeLayer.origin`` of the layers of this package
-_loading: str | None = None      # origin of the plugin being loaded ("dist version")
+_loading: str | None = None      # origin of the plugin being loaded ("plugin dist version")
 
 
 def register(type_name: str, v1: str | None = None):
     """Class decorator: register a layer under its V2 type name (and its V1 enum name).
 
-    Sets ``cls.type_name`` and ``cls.origin`` ("built-in", or the plugin's "distribution
-    version"). Raises ValueError for a refused type or a type, V1 name or fork field
+    Sets ``cls.type_name`` and ``cls.origin``: "built-in", "plugin <distribution> <version>"
+    (registered while its entry point loads) or "module <name>" (registered by other code). Raises ValueError for a refused type or a type, V1 name or fork field
     already registered (nothing is ever overridden), TypeError for a non-``CaffeLayer``.
     """
 
@@ -99,7 +99,10 @@ class ForkParam:
     field: str
     number: int
     message: str
-    fields: dict
+    fields: dict  # kept as a tuple of (name, (number, type, default)) items: hashable
+
+    def __post_init__(self):
+        object.__setattr__(self, "fields", tuple((k, tuple(v)) for k, v in dict(self.fields).items()))
 
 
 def _check_fork_param(fork: ForkParam, type_name: str) -> None:
@@ -115,7 +118,7 @@ def _check_fork_param(fork: ForkParam, type_name: str) -> None:
                          "Caffe's LayerParameter")
     if fork.message in known.file.message_types_by_name:
         raise ValueError(f"{type_name}'s fork message {fork.message} clashes with a message of caffe.proto")
-    bad = [name for name, (_, kind, _) in fork.fields.items() if kind not in _SCALAR_TYPES]
+    bad = [name for name, (_, kind, _) in fork.fields if kind not in _SCALAR_TYPES]
     if bad:
         raise ValueError(f"{type_name}'s fork message {fork.message}: field(s) {', '.join(bad)} not of a "
                          f"scalar type ({', '.join(_SCALAR_TYPES)})")
@@ -160,7 +163,7 @@ def _schema(forks: tuple[ForkParam, ...]) -> SimpleNamespace:
     layer = next(m for m in proto.message_type if m.name == "LayerParameter")
     for fork in forks:
         message = proto.message_type.add(name=fork.message)
-        for name, (number, kind, default) in fork.fields.items():
+        for name, (number, kind, default) in fork.fields:
             f = message.field.add(name=name, number=number, label=1, type=_SCALAR_TYPES[kind])
             if default is not None:
                 f.default_value = str(default).lower() if kind == "bool" else str(default)
@@ -261,7 +264,7 @@ class CaffeLayer(nn.Module):
     # The test files that check this type against real Caffe or a reference (repository
     # paths, e.g. "tests/test_layers_caffe.py"); ``porting layers`` lists them.
     verified_by: tuple[str, ...] = ()
-    # Where the type comes from: "built-in", or the plugin's "distribution version" (set by register).
+    # Where the type comes from: "built-in" or "plugin <distribution> <version>" (set by register).
     origin = BUILT_IN
     # The LayerParameter ``*_param`` fields the type reads; None: by convention (``param_fields``).
     param_fields: tuple[str, ...] | None = None
@@ -414,7 +417,7 @@ def load_plugins(entry_points=None) -> None:
 
     for ep in sorted(entry_points, key=lambda e: (getattr(e.dist, "name", "") or "", e.name)):
         dist = getattr(ep, "dist", None)
-        origin = f"{dist.name} {dist.version}" if dist is not None else "(unknown distribution)"
+        origin = f"plugin {dist.name} {dist.version}" if dist is not None else "plugin (unknown distribution)"
         before = dict(LAYERS), dict(V1_TYPES)
         _loading = origin
         try:
@@ -433,7 +436,7 @@ def load_plugins(entry_points=None) -> None:
             reason = " ".join(str(err).split()) or type(err).__name__
             if isinstance(err, ImportError):
                 reason = f"{type(err).__name__}: {reason}"
-            problem = (f"layer plugin {origin} (entry point {ep.name} = {ep.value} in group {PLUGIN_GROUP}) "
+            problem = (f"layer {origin} (entry point {ep.name} = {ep.value} in group {PLUGIN_GROUP}) "
                        f"not loaded: {reason}")
             PLUGIN_PROBLEMS.append(problem)
             logging.getLogger(__name__).warning(problem)
