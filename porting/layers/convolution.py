@@ -57,6 +57,16 @@ def conv_geometry(cp, num_spatial: int) -> tuple[list[int], list[int], list[int]
     return kernel, stride, pad, dilation
 
 
+def conv_out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """Caffe's convolution (and Im2col) output size along one axis:
+    (size + 2 pad - (dilation (kernel - 1) + 1)) / stride + 1 in C++ int arithmetic."""
+    extent = int_arithmetic(dilation * (kernel - 1) + 1, "dilated kernel extent")
+    span = int_arithmetic(size + 2 * pad, "input plus padding") - extent
+    # C++ division truncates toward zero: a window wider than the padded input by less
+    # than the stride still gives one output (its cells past the input are zeros).
+    return int(span / stride) + 1 if span < 0 else span // stride + 1
+
+
 class _ConvBase(CaffeLayer):
     """Shared parameter handling; ``reverse`` is True for Deconvolution."""
 
@@ -164,10 +174,7 @@ class Convolution(_ConvBase):
     """Weights (num_output, C/group, k...), bias (num_output,); out = (in + 2p - ext) // s + 1."""
 
     def _out_size(self, i, size):
-        span = int_arithmetic(size + 2 * self.pad[i], "input plus padding") - self._extent(i)
-        # C++ division truncates toward zero: a window wider than the padded input by less
-        # than the stride still gives one output (its cells past the input are zeros).
-        return int(span / self.stride[i]) + 1 if span < 0 else span // self.stride[i] + 1
+        return conv_out_size(size, self.kernel[i], self.stride[i], self.pad[i], self.dilation[i])
 
     def _convolve(self, x, weight, bias):
         # Caffe's im2col reads zeros outside the input, also past the padding: where one
