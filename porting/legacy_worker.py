@@ -313,7 +313,7 @@ class Worker:
     def run_net(self, prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
                 inputs: dict[str, np.ndarray] | None = None, blobs="all",
                 top_diffs: dict[str, np.ndarray] | None = None, capture_tops=True, params: bool = False,
-                timeout: float | None = None) -> CaffeResult:
+                timeout: float | None = None, net_backward: bool = False) -> CaffeResult:
         """Run the net in real Caffe (TEST phase); every array float32 NCHW.
 
         ``inputs``: blob name -> array (an input of another shape reshapes the net).
@@ -325,6 +325,10 @@ class Worker:
         also be a list of layer names); ``param/<layer>/<i>`` when ``params``, and
         ``param/<layer>/<i>/diff`` (this backward's parameter gradient) when ``params`` and
         ``top_diffs``.
+        ``net_backward`` (instead of ``top_diffs``): Caffe's Net::Forward then Net::Backward,
+        each loss top's diff seeded with its loss weight as Caffe's own training does, on
+        the net as written (an input blob gets a diff only with ``force_backward: true`` in
+        the prototxt); adds ``loss`` (the float32 sum Net::Forward returns) and every diff key.
         ``blobs``: "all" or a list of blob names.
         """
         call_host, call_inside = self._call_dir()
@@ -343,6 +347,8 @@ class Worker:
                     "blobs": blobs if blobs == "all" else list(blobs),
                     "capture_tops": capture_tops if isinstance(capture_tops, bool) else list(capture_tops),
                     "params": params, "out": f"{call_inside}/out.npz"}
+            if net_backward:
+                args["net_backward"] = True
             result = self._request("run_net", args, timeout, prototxt)
             out = self._load_npz(call_host / "out.npz")
             out.provenance = result["provenance"]

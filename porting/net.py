@@ -111,6 +111,28 @@ class CaffeNet(nn.Module):
                 break
         return blobs
 
+    def loss(self) -> torch.Tensor:
+        """The loss of the last forward as Caffe's Net::Forward returns it: the sum over the
+        layers that ran and their tops of loss_weight * sum(top values), each layer's own
+        tops (``layer_outputs``; weights from ``porting.layers.loss.loss_weights``: 1 on a
+        loss layer's first top unless ``loss_weight`` says otherwise, 0 elsewhere). Its
+        backward seeds each such top with its weight, as Caffe's Net::Backward."""
+        from porting.errors import PortingError
+        from porting.layers.loss import loss_weights
+
+        last = {spec.name: spec for spec in self.graph.layers}  # layer_outputs keeps the last of a name
+        total = None
+        for name, tops in self.layer_outputs.items():
+            try:
+                weights = loss_weights(last[name].module)
+            except ValueError as err:
+                raise PortingError(str(err), None, f"layer {name}") from None
+            for weight, top in zip(weights, tops):
+                if weight:
+                    term = weight * top.sum()
+                    total = term if total is None else total + term
+        return torch.zeros(()) if total is None else total
+
 
 def load_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
                phase: str = "test", budget: Budget | None = None,

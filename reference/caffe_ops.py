@@ -181,12 +181,15 @@ def log_step(what, layer):
 
 
 def forward(net, start=0, end=None):
-    """Net::ForwardFromTo, one layer per call (the same loop, with a marker per layer)."""
+    """Net::ForwardFromTo, one layer per call (the same loop, with a marker per layer);
+    returns the loss it sums, in float32 as Caffe's Dtype."""
     names = list(net._layer_names)
     end = len(names) - 1 if end is None else end
+    loss = np.float32(0)
     for i in range(start, end + 1):
         log_step("Forward", names[i])
-        net._forward(i, i)
+        loss += np.float32(net._forward(i, i))
+    return loss
 
 
 def backward(net, start, end=0):
@@ -297,7 +300,7 @@ class CaffeOps(object):
         return sha256_file(path, self.hashes) if path else None
 
     def run_net(self, prototxt, caffemodel=None, inputs=None, blobs="all", top_diffs=None,
-                capture_tops=True, params=False, out=None):
+                capture_tops=True, params=False, out=None, net_backward=False):
         """Forward, optional backward from injected top diffs, everything saved to ``out``.
 
         Keys: blob/<name>/data (and /diff after a backward): Caffe's own view of every
@@ -305,9 +308,16 @@ class CaffeOps(object):
         copy of the net whose in-place tops are renamed (see rename_inplace_tops);
         param/<layer>/<i> when ``params`` (and param/<layer>/<i>/diff after a backward:
         the gradient of this one backward, the param diffs being zeroed before it).
+        ``net_backward`` (no ``top_diffs``): Net::Forward then Net::Backward as Caffe's
+        Net::ForwardBackward, nothing zeroed or injected but the param diffs, each loss
+        top's diff holding its loss weight (Layer::SetLossWeights); force_backward as the
+        prototxt says; adds ``loss`` (the float32 sum Net::Forward returns) and the diffs.
         """
         inputs = dict((k, load_npy(v)) for k, v in (inputs or {}).items())
         diffs = dict((k, load_npy(v)) for k, v in (top_diffs or {}).items())
+        if net_backward and diffs:
+            raise ValueError("net_backward seeds the loss tops' diffs with their loss weights: give no top_diffs")
+        backward_pass = bool(diffs) or bool(net_backward)
         proto_sha, model_sha = self.digest(prototxt), self.digest(caffemodel)
         original = self.net_parameter(prototxt)
         wanted = declared_blobs(original) if blobs == "all" else list(blobs)
@@ -325,25 +335,27 @@ class CaffeOps(object):
             finally:
                 os.remove(path)
 
-        key = (proto_sha, model_sha, bool(diffs))
+        key = (proto_sha, model_sha, bool(diffs)) + (("net_backward",) if net_backward else ())
         net = self.nets.get(key + ("original",), lambda: build("original"))
-        self._pass(net, inputs, diffs)
+        loss = self._pass(net, inputs, diffs, net_backward)
+        if net_backward:
+            result["loss"] = np.array(loss, np.float32)
         for name in wanted:
             if name not in net.blobs:
                 raise KeyError("the net has no blob %r" % name)
             result["blob/%s/data" % name] = net.blobs[name].data.copy()
-            if diffs:
+            if backward_pass:
                 result["blob/%s/diff" % name] = net.blobs[name].diff.copy()
         if params:
             for layer, blobs_ in net.params.items():
                 for i, blob in enumerate(blobs_):
                     result["param/%s/%d" % (layer, i)] = blob.data.copy()
-                    if diffs:
+                    if backward_pass:
                         result["param/%s/%d/diff" % (layer, i)] = blob.diff.copy()
         if capture_tops:
             renamed = self.nets.get(key + ("renamed",), lambda: build("renamed"))
             _, current = rename_inplace_tops(self.net_parameter(prototxt))
-            self._pass(renamed, inputs, dict((current[k], v) for k, v in diffs.items()))
+            self._pass(renamed, inputs, dict((current[k], v) for k, v in diffs.items()), net_backward)
             only = None if capture_tops is True else set(capture_tops)
             declared = set(layer_name(layer) for layer in layer_list(original))
             # Caffe's own layer list: it includes the "input" layer that Caffe's upgrade
@@ -355,7 +367,7 @@ class CaffeOps(object):
                     continue
                 for i, name in enumerate(renamed.top_names[layer]):
                     result["top/%s/%d/data" % (layer, i)] = renamed.blobs[name].data.copy()
-                    if diffs:
+                    if backward_pass:
                         result["top/%s/%d/diff" % (layer, i)] = renamed.blobs[name].diff.copy()
         provenance = {
             "op": "run_net", "seed": None,
@@ -363,13 +375,20 @@ class CaffeOps(object):
                        "arrays": dict([("input/" + k, array_digest(v)) for k, v in inputs.items()]
                                       + [("top_diff/" + k, array_digest(v)) for k, v in diffs.items()])},
         }
+        if net_backward:
+            provenance["net_backward"] = True
         save_npz(out, result, provenance)
         return {"npz": out, "provenance": provenance}
 
-    def _pass(self, net, inputs, diffs):
+    def _pass(self, net, inputs, diffs, net_backward=False):
         set_inputs(net, inputs)
-        forward(net)
-        if diffs:
+        loss = forward(net)
+        if net_backward:  # Net::Backward: the loss tops' diffs hold their loss weights
+            for blobs_ in net.params.values():
+                for blob in blobs_:
+                    blob.diff[...] = 0
+            backward(net, len(net.layers) - 1)
+        elif diffs:
             zero_blob_diffs(net)
             for blobs_ in net.params.values():  # Caffe accumulates param diffs across backwards
                 for blob in blobs_:
@@ -379,6 +398,7 @@ class CaffeOps(object):
                 net.blobs[name].diff[...] = value
                 start = max(start, last_writer(net, name))
             backward(net, start)
+        return loss
 
     def make_weights(self, prototxt, out, weight_filler, bias_filler=None, seed=0):
         """Build the net with the fillers injected, seeded, and ``net.save`` it to ``out``."""

@@ -1,0 +1,511 @@
+"""Loss layers of Caffe 1.0 (src/caffe/layers/*_loss_layer.cpp) and Caffe's loss weights.
+
+Every loss top is a zero-axis scalar. Labels are float tensors holding integers, read as
+Caffe reads them (``static_cast<int>``: truncated toward zero); they never get a gradient
+(Caffe's LossLayer::AllowForceBackward is false for them). A label outside [0, classes)
+that is not ``ignore_label`` is a ValueError at run time (Caffe only DCHECKs it: a release
+build reads or writes outside the blob).
+
+Backward is Caffe's formula, not autograd's derivative of the forward (they differ at
+Caffe's clamps: FLT_MIN and kLOG_THRESHOLD under a log, the 1e-4 in ContrastiveLoss, the
+sign at a Hinge kink, sigmoid(0) in SigmoidCrossEntropyLoss): each layer computes Caffe's
+bottom diff for a unit top diff, and ``_CaffeLoss`` scales it by the top's diff over the
+layer's normalizer, as Caffe's ``top[0]->cpu_diff()[0] / normalizer``. In a net Caffe
+seeds each loss top's diff with its loss weight (Layer::SetLossWeights); ``loss_weights``
+gives them, ``CaffeNet.loss`` the weighted sum Net::Forward returns.
+
+``InfogainLoss`` takes H (classes x classes) as its third bottom; ``infogain_loss_param
+.source`` (H read from a BlobProto file) is refused with a ValueError: give H as a bottom.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from porting import caffe_pb2
+from porting.layers import INT_MAX, CaffeLayer, canonical_axis, count, register
+
+Mode = caffe_pb2.LossParameter
+FLT_MIN = 1.1754943508222875e-38  # Caffe's clamp under SoftmaxWithLoss's log
+LOG_THRESHOLD = 1e-20  # Caffe's kLOG_THRESHOLD (loss_layer.hpp), a float
+VERIFIED = ("tests/test_layers_loss.py",)
+
+
+def loss_weights(layer: CaffeLayer) -> list[float]:
+    """Caffe's Layer::SetLossWeights: the weight of each top in the net's loss.
+
+    A loss layer (``default_loss_weight``, 1 for LossLayer's subclasses) weighs top 0 by 1
+    unless ``loss_weight`` is given; any layer may give ``loss_weight``, once per top.
+    ValueError when the count of weights does not match the tops (Caffe's CHECK), which
+    includes a loss layer with a second top and no ``loss_weight`` at all."""
+    tops = getattr(layer, "n_tops", None) or len(getattr(layer.spec, "tops", ()))
+    given = [float(w) for w in layer.spec.param.loss_weight]
+    default = getattr(layer, "default_loss_weight", 0.0)
+    if not given and default:
+        given = [default]
+    if given and len(given) != tops:
+        raise ValueError(f"loss_weight must be unspecified or given once per top blob ({len(given)} for "
+                         f"{tops} top(s))")
+    return given or [0.0] * tops
+
+
+def normalization(loss_param, default: int) -> int:
+    """The NormalizationMode: ``normalization`` if set, else the deprecated ``normalize``
+    (true: VALID, false: BATCH_SIZE), else ``default``."""
+    if not loss_param.HasField("normalization") and loss_param.HasField("normalize"):
+        return Mode.VALID if loss_param.normalize else Mode.BATCH_SIZE
+    if loss_param.HasField("normalization"):
+        return int(loss_param.normalization)
+    return default
+
+
+def normalizer(mode: int, outer: int, inner: int, valid: int) -> float:
+    """Caffe's LossLayer::GetNormalizer, at least 1."""
+    value = {Mode.FULL: outer * inner, Mode.VALID: valid, Mode.BATCH_SIZE: outer, Mode.NONE: 1}[mode]
+    return float(max(1, value))
+
+
+def legacy_dims(shape, what: str) -> tuple[int, int, int, int]:
+    """Blob's num/channels/height/width (missing axes read 1); ValueError past 4 axes
+    (Caffe's CHECK in LegacyShape)."""
+    if len(shape) > 4:
+        raise ValueError(f"{what} has {len(shape)} axes; this layer reads it with Caffe's 4-axis accessors")
+    return tuple(list(shape) + [1] * (4 - len(shape)))
+
+
+class _CaffeLoss(torch.autograd.Function):
+    """A loss value whose bottoms get ``direction * (top diff / divisor)``: Caffe's backward."""
+
+    @staticmethod
+    def forward(ctx, value, divisor, directions, *bottoms):
+        ctx.divisor, ctx.directions = divisor, directions
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        scale = g / ctx.divisor
+        return (None, None, None) + tuple(None if d is None else d * scale for d in ctx.directions)
+
+
+def caffe_loss(value, divisor, pairs):
+    """``value`` (computed without grad) linked to the bottoms of ``pairs`` [(bottom,
+    Caffe's diff for a unit top diff and divisor 1 or a callable making it)]; the diffs are
+    made only when a gradient can flow."""
+    pairs = [(b, d) for b, d in pairs if b.requires_grad and torch.is_grad_enabled()]
+    if not pairs:
+        return value
+    with torch.no_grad():
+        directions = [d() if callable(d) else d for _, d in pairs]
+    return _CaffeLoss.apply(value, divisor, directions, *[b for b, _ in pairs])
+
+
+class LossLayer(CaffeLayer):
+    """Caffe's LossLayer: two bottoms (data, label) sharing their first dim, one scalar top."""
+
+    default_loss_weight = 1.0
+    verified_by = VERIFIED
+    bottom_range = (2, 2)
+    max_tops = 1
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(*self.bottom_range)
+        given = len(getattr(spec, "tops", ()))
+        if given > self.max_tops:
+            raise ValueError(f"{self.type_name} takes at most {self.max_tops} top blob(s), got {given}")
+        self.n_tops = max(given, 1)  # Caffe's AutoTopBlobs: an unnamed top when none is given
+        a, b = self.bottom_shapes[0], self.bottom_shapes[1]
+        if not a or not b or a[0] != b[0]:
+            raise ValueError(f"the data and label should have the same first dimension (bottom shapes "
+                             f"{_dims(a)} and {_dims(b)})")
+        self.top_shapes = [()]
+        lp = spec.param.loss_param
+        self.ignore = int(lp.ignore_label) if lp.HasField("ignore_label") else None
+
+    def _check_weights(self):
+        loss_weights(self)
+
+    def labels(self, label: torch.Tensor, classes: int):
+        """(index, keep): the labels as Caffe's int, and where they are not ignore_label;
+        ValueError for a kept label outside [0, classes) (or not finite)."""
+        value = torch.trunc(label.detach())
+        keep = torch.ones_like(value, dtype=torch.bool) if self.ignore is None else value != self.ignore
+        bad = keep & ~((value >= 0) & (value < classes))
+        if bool(bad.any()):
+            where = int(bad.reshape(-1).nonzero()[0, 0])
+            raise ValueError(f"{self.type_name} layer {self.name!r}: label {label.reshape(-1)[where].item():g} "
+                             f"at index {where} is outside [0, {classes})"
+                             + ("" if self.ignore is None else f" and is not ignore_label {self.ignore}"))
+        return torch.where(keep, value, torch.zeros_like(value)).long(), keep
+
+    def work(self) -> int:
+        return 4 * count(self.bottom_shapes[0])
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "()"
+
+
+class _SoftmaxBased(LossLayer):
+    """Shared by SoftmaxWithLoss and InfogainLoss: softmax over ``axis``, labels of
+    outer x inner positions, ignore_label, normalization (default VALID), optional
+    second top = the probabilities (Caffe's backward ignores that top's diff: it carries
+    no gradient here)."""
+
+    max_tops = 2
+
+    def _setup(self, axis: int):
+        shape = self.bottom_shapes[0]
+        self.axis = canonical_axis(axis, len(shape))
+        self.outer, self.inner = count(shape, 0, self.axis), count(shape, self.axis + 1)
+        self.classes = shape[self.axis]
+        if self.outer * self.inner != count(self.bottom_shapes[1]):
+            raise ValueError(f"number of labels ({count(self.bottom_shapes[1])}) must match number of predictions "
+                             f"({self.outer * self.inner}: the bottom's count without its axis {self.axis})")
+        self.mode = normalization(self.spec.param.loss_param, Mode.VALID)  # (InfogainLoss refuses normalize)
+        if self.n_tops == 2:
+            self.top_shapes.append(shape)
+        self._check_weights()
+
+    def _prob(self, x):
+        return torch.softmax(x.detach(), dim=self.axis)
+
+    def _tops(self, loss, prob):
+        return (loss, prob) if self.n_tops == 2 else (loss,)
+
+
+@register("SoftmaxWithLoss", v1="SOFTMAX_LOSS")
+class SoftmaxWithLoss(_SoftmaxBased):
+    """loss = -sum over kept positions of log(max(p[label], FLT_MIN)) / normalizer;
+    diff = (p - onehot(label)) (0 at ignored positions) * top diff / normalizer.
+
+    A second top cannot be set up in Caffe 1.0: its inner Softmax is a copy of this
+    layer's parameters, loss_weight included, and a loss layer with two tops needs two
+    loss weights, which the one-top Softmax refuses (layer.hpp:392); so it is refused."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        if self.n_tops == 2:
+            raise ValueError("SoftmaxWithLoss with a second top cannot be set up in Caffe 1.0 (its inner Softmax "
+                             "copies the layer's loss_weight, one per top, and has one top): use a Softmax layer")
+        self._setup(spec.param.softmax_param.axis)
+
+    def forward(self, x, label):
+        lab, keep = self.labels(label.reshape(self.outer, self.inner), self.classes)
+        prob = self._prob(x)
+        p = prob.reshape(self.outer, self.classes, self.inner)
+        picked = p.gather(1, lab.unsqueeze(1)).squeeze(1)
+        logs = torch.log(picked.clamp(min=FLT_MIN))
+        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        value = -torch.where(keep, logs, torch.zeros_like(logs)).sum() / norm
+
+        def diff():
+            d = p.clone()
+            d.scatter_add_(1, lab.unsqueeze(1), -keep.unsqueeze(1).to(d.dtype))
+            return (d * keep.unsqueeze(1)).reshape(x.shape)
+
+        return self._tops(caffe_loss(value, norm, [(x, diff)]), prob)
+
+    def work(self) -> int:
+        return 6 * count(self.bottom_shapes[0])
+
+    def describe(self) -> str:
+        return f"axis {self.axis} {Mode.NormalizationMode.Name(self.mode)}" + (
+            "" if self.ignore is None else f" ignore {self.ignore}")
+
+
+@register("InfogainLoss", v1="INFOGAIN_LOSS")
+class InfogainLoss(_SoftmaxBased):
+    """Bottoms: scores, labels, H (classes x classes values). p = softmax over ``axis``;
+    loss = -sum over kept positions, over l, of H[label, l] log(max(p_l, 1e-20)) / normalizer;
+    diff_l = p_l * sum_k H[label, k] - H[label, l]. H gets no gradient."""
+
+    bottom_range = (2, 3)
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        ip = spec.param.infogain_loss_param
+        if len(self.bottom_shapes) < 3:
+            if ip.source:
+                raise ValueError("infogain_loss_param.source (H read from a BlobProto file) is not supported: "
+                                 "give H as the third bottom")
+            raise ValueError("Infogain matrix source must be specified (or H given as the third bottom)")
+        if spec.param.loss_param.HasField("normalize"):
+            raise ValueError('InfogainLoss refuses loss_param.normalize (deprecated): use "normalization"')
+        self._setup(ip.axis)
+        if count(self.bottom_shapes[2]) != self.classes ** 2:
+            raise ValueError(f"H (third bottom, {count(self.bottom_shapes[2])} values) must be "
+                             f"{self.classes}x{self.classes}")
+
+    def forward(self, x, label, h):
+        lab, keep = self.labels(label.reshape(self.outer, self.inner), self.classes)
+        prob = self._prob(x)
+        p = prob.reshape(self.outer, self.classes, self.inner)
+        rows = h.detach().reshape(self.classes, self.classes)[lab].permute(0, 2, 1)  # outer x classes x inner
+        terms = rows * torch.log(p.clamp(min=LOG_THRESHOLD))
+        kept = keep.unsqueeze(1)
+        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        value = -torch.where(kept, terms, torch.zeros_like(terms)).sum() / norm
+
+        def diff():
+            sums = h.detach().reshape(self.classes, self.classes).sum(dim=1)[lab].unsqueeze(1)
+            return ((p * sums - rows) * kept).reshape(x.shape)
+
+        return self._tops(caffe_loss(value, norm, [(x, diff)]), prob)
+
+    def work(self) -> int:
+        return 8 * count(self.bottom_shapes[0])
+
+
+@register("EuclideanLoss", v1="EUCLIDEAN_LOSS")
+class EuclideanLoss(LossLayer):
+    """loss = sum((a - b)^2) / num / 2; diffs (a - b) and -(a - b) times top diff / num
+    (Caffe lets both bottoms get a gradient)."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        a, b = self.bottom_shapes[:2]
+        if count(a, 1) != count(b, 1):
+            raise ValueError(f"inputs must have the same dimension (bottom shapes {_dims(a)} and {_dims(b)})")
+        self.num = legacy_dims(a, "bottom 0")[0]
+        self._check_weights()
+
+    def forward(self, a, b):
+        d = a.detach() - b.detach().reshape(a.shape)
+        value = (d.reshape(-1) @ d.reshape(-1)) / self.num / 2
+        return (caffe_loss(value, self.num, [(a, d), (b, lambda: -d.reshape(b.shape))]),)
+
+
+@register("SigmoidCrossEntropyLoss", v1="SIGMOID_CROSS_ENTROPY_LOSS")
+class SigmoidCrossEntropyLoss(LossLayer):
+    """Caffe's stable form: loss = -sum over kept i of x (t - [x >= 0]) - log(1 + exp(x -
+    2 x [x >= 0])), over the normalizer (default BATCH_SIZE; VALID counts targets that are
+    not ignore_label); diff = sigmoid(x) - t (0 where ignored). Targets are probabilities
+    (any float); only ``static_cast<int>(t) == ignore_label`` is tested."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        a, b = self.bottom_shapes[:2]
+        if count(a) != count(b):
+            raise ValueError(f"inputs must have the same count (bottom shapes {_dims(a)} and {_dims(b)})")
+        self.outer, self.inner = a[0], count(a, 1)
+        self.mode = normalization(spec.param.loss_param, Mode.BATCH_SIZE)
+        self._check_weights()
+
+    def forward(self, x, target):
+        xd, t = x.detach(), target.detach().reshape(x.shape)
+        keep = torch.ones_like(t, dtype=torch.bool) if self.ignore is None else torch.trunc(t) != self.ignore
+        pos = (xd >= 0).to(xd.dtype)
+        terms = xd * (t - pos) - torch.log(1 + torch.exp(xd - 2 * xd * pos))
+        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        value = -torch.where(keep, terms, torch.zeros_like(terms)).sum() / norm
+        return (caffe_loss(value, norm, [(x, lambda: (torch.sigmoid(xd) - t) * keep)]),)
+
+
+@register("HingeLoss", v1="HINGE_LOSS")
+class HingeLoss(LossLayer):
+    """num rows of dim = count / num scores; m = max(0, 1 + s x) with s = -1 at the row's
+    label, +1 elsewhere (labels: the first num values of the label bottom). L1: loss =
+    sum(m) / num, diff = s [m > 0]; L2: loss = sum(m^2) / num, diff = 2 s m; times top
+    diff / num. The kink m = 0 is this layer's decision."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.num = legacy_dims(self.bottom_shapes[0], "bottom 0")[0]
+        self.dim = count(self.bottom_shapes[0]) // self.num
+        self.l2 = spec.param.hinge_loss_param.norm == caffe_pb2.HingeLossParameter.L2
+        self._check_weights()
+
+    def _signs(self, x, label):
+        lab, _ = self.labels(label.reshape(-1)[:self.num], self.dim)
+        s = torch.ones(self.num, self.dim, dtype=x.dtype, device=x.device)
+        s.scatter_(1, lab.unsqueeze(1), -1.0)
+        return s
+
+    def forward(self, x, label):
+        xd = x.detach().reshape(self.num, self.dim)
+        s = self._signs(xd, label)
+        m = (1 + s * xd).clamp(min=0)
+        value = ((m.reshape(-1) @ m.reshape(-1)) if self.l2 else m.sum()) / self.num
+        return (caffe_loss(value, self.num, [(x, lambda: (2 * s * m if self.l2 else s * (m > 0)).reshape(x.shape))]),)
+
+    def decisions(self, bottoms):
+        x = bottoms[0].reshape(self.num, self.dim)
+        return [(1 + self._signs(x, bottoms[1]) * x > 0).reshape(bottoms[0].shape)]
+
+    def decision_margins(self, bottoms):
+        x = bottoms[0].reshape(self.num, self.dim)
+        return [(1 + self._signs(x, bottoms[1]) * x).abs().reshape(bottoms[0].shape)]
+
+
+@register("MultinomialLogisticLoss", v1="MULTINOMIAL_LOGISTIC_LOSS")
+class MultinomialLogisticLoss(LossLayer):
+    """Bottom 0 holds probabilities, num rows of dim values; loss = -sum log(max(p[label],
+    1e-20)) / num; diff = -1 / max(p[label], 1e-20) at the label, 0 elsewhere, times top
+    diff / num. The label bottom has one value per row (channels, height, width 1)."""
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        n, c, h, w = legacy_dims(self.bottom_shapes[1], "the label bottom")
+        if (c, h, w) != (1, 1, 1):
+            raise ValueError(f"the label bottom must be num x 1 x 1 x 1, got {_dims(self.bottom_shapes[1])}")
+        self.num = legacy_dims(self.bottom_shapes[0], "bottom 0")[0]
+        self.dim = count(self.bottom_shapes[0]) // self.num
+        self._check_weights()
+
+    def forward(self, x, label):
+        lab, _ = self.labels(label.reshape(-1), self.dim)
+        p = x.detach().reshape(self.num, self.dim)
+        picked = p.gather(1, lab.unsqueeze(1)).clamp(min=LOG_THRESHOLD)
+        value = -torch.log(picked).sum() / self.num
+
+        def diff():
+            d = torch.zeros_like(p)
+            d.scatter_(1, lab.unsqueeze(1), -1 / picked)
+            return d.reshape(x.shape)
+
+        return (caffe_loss(value, self.num, [(x, diff)]),)
+
+    def work(self) -> int:
+        return 2 * count(self.bottom_shapes[1])
+
+
+@register("ContrastiveLoss", v1="CONTRASTIVE_LOSS")
+class ContrastiveLoss(LossLayer):
+    """Bottoms a, b (num x channels) and y (one value per pair, ``static_cast<int>(y) != 0``:
+    similar). With d = a - b, D = |d|^2: similar pairs add D, dissimilar ones
+    max(margin - D, 0) (legacy_version) or max(margin - sqrt(D), 0)^2; loss = sum / num / 2.
+    Caffe's diff of a (b: its negative), per pair: d if similar; else, where m = margin - D
+    (legacy) or margin - sqrt(D) is > 0, -d (legacy) or -m / (sqrt(D) + 1e-4) d, else 0;
+    times top diff / num. y gets no gradient."""
+
+    bottom_range = (3, 3)
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        a, b, y = self.bottom_shapes
+        na, ca, ha, wa = legacy_dims(a, "bottom 0")
+        nb, cb, hb, wb = legacy_dims(b, "bottom 1")
+        ny, cy, hy, wy = legacy_dims(y, "bottom 2")
+        if ca != cb or (ha, wa, hb, wb) != (1, 1, 1, 1) or (cy, hy, wy) != (1, 1, 1):
+            raise ValueError(f"bottoms must be num x channels (x 1 x 1) twice and num x 1 x 1 x 1 (got "
+                             f"{_dims(a)}, {_dims(b)}, {_dims(y)})")
+        if ny < na:
+            raise ValueError(f"the similarity bottom has {ny} values for {na} pairs")
+        self.num, self.channels = na, ca
+        cp = spec.param.contrastive_loss_param
+        self.margin, self.legacy = float(cp.margin), bool(cp.legacy_version)
+        self._check_weights()
+
+    def _pairs(self, a, b, y):
+        d = a.detach().reshape(self.num, self.channels) - b.detach().reshape(self.num, self.channels)
+        dist_sq = (d * d).sum(dim=1)
+        similar = torch.trunc(y.detach().reshape(-1)[:self.num]) != 0
+        return d, dist_sq, similar
+
+    def forward(self, a, b, y):
+        d, dist_sq, similar = self._pairs(a, b, y)
+        if self.legacy:
+            mdist = self.margin - dist_sq
+            apart = mdist.clamp(min=0)
+        else:
+            dist = torch.sqrt(dist_sq)
+            mdist = self.margin - dist
+            apart = mdist.clamp(min=0) ** 2
+        value = torch.where(similar, dist_sq, apart).sum() / self.num / 2
+
+        def diff():
+            factor = torch.ones_like(mdist) if self.legacy else mdist / (dist + 1e-4)
+            per_pair = torch.where(similar, torch.ones_like(mdist), torch.where(mdist > 0, -factor, 0 * factor))
+            return per_pair.unsqueeze(1) * d
+
+        return (caffe_loss(value, self.num, [(a, lambda: diff().reshape(a.shape)),
+                                              (b, lambda: -diff().reshape(b.shape))]),)
+
+    def decisions(self, bottoms):
+        d, dist_sq, similar = self._pairs(*bottoms)
+        m = self.margin - (dist_sq if self.legacy else torch.sqrt(dist_sq))
+        return [~similar & (m > 0)]
+
+    def decision_margins(self, bottoms):
+        d, dist_sq, similar = self._pairs(*bottoms)
+        m = self.margin - (dist_sq if self.legacy else torch.sqrt(dist_sq))
+        return [torch.where(similar, torch.full_like(m, float("inf")), m.abs())]
+
+    def describe(self) -> str:
+        return f"margin {self.margin:g}" + (" legacy" if self.legacy else "")
+
+
+@register("Accuracy", v1="ACCURACY")
+class Accuracy(CaffeLayer):
+    """The fraction of kept positions whose label's score is beaten or tied by fewer than
+    ``top_k`` other scores (Caffe counts every score >= the label's, its own included, so a
+    tie counts against); 0 when none is kept. Optional second top: that fraction per class
+    (0 for a class with no kept position). No gradient (Caffe's Backward is
+    NOT_IMPLEMENTED): the tops do not require grad."""
+
+    verified_by = VERIFIED
+
+    def __init__(self, spec, bottom_shapes):
+        super().__init__(spec, bottom_shapes)
+        self.expect_bottoms(2)
+        tops = len(getattr(spec, "tops", ()))
+        if not 1 <= tops <= 2:
+            raise ValueError(f"Accuracy takes 1 or 2 top blobs, got {tops}")
+        ap = spec.param.accuracy_param
+        shape = self.bottom_shapes[0]
+        self.top_k = int(ap.top_k) - (2**32 if ap.top_k > INT_MAX else 0)  # Caffe's int top_k_
+        labels = count(self.bottom_shapes[1])
+        if labels == 0 or self.top_k > count(shape) // labels:
+            raise ValueError(f"top_k ({self.top_k}) must be less than or equal to the number of classes "
+                             f"({count(shape) // max(labels, 1)})")
+        self.axis = canonical_axis(int(ap.axis), len(shape))
+        self.outer, self.inner = count(shape, 0, self.axis), count(shape, self.axis + 1)
+        self.classes = shape[self.axis]
+        if self.outer * self.inner != labels:
+            raise ValueError(f"number of labels ({labels}) must match number of predictions "
+                             f"({self.outer * self.inner})")
+        self.ignore = int(ap.ignore_label) if ap.HasField("ignore_label") else None
+        self.top_shapes = [()] + ([(self.classes,)] if tops == 2 else [])
+        loss_weights(self)
+
+    labels = LossLayer.labels
+
+    def _correct(self, x, label):
+        lab, keep = self.labels(label.reshape(self.outer, self.inner), self.classes)
+        s = x.detach().reshape(self.outer, self.classes, self.inner)
+        true = s.gather(1, lab.unsqueeze(1))
+        better = (s >= true).sum(dim=1) - 1
+        return lab, keep, keep & (better < self.top_k), s, true
+
+    def forward(self, x, label):
+        with torch.no_grad():
+            lab, keep, correct, _, _ = self._correct(x, label)
+            kept = int(keep.sum())
+            value = correct.sum().to(x.dtype) / kept if kept else torch.zeros((), dtype=x.dtype)
+            if len(self.top_shapes) == 1:
+                return (value.reshape(()),)
+            nums = torch.zeros(self.classes, dtype=x.dtype).index_add_(0, lab[keep], torch.ones_like(lab[keep], dtype=x.dtype))
+            hits = torch.zeros(self.classes, dtype=x.dtype).index_add_(0, lab[correct], torch.ones_like(lab[correct], dtype=x.dtype))
+            per_class = torch.where(nums > 0, hits / nums.clamp(min=1), torch.zeros_like(hits))
+            return value.reshape(()), per_class
+
+    def work(self) -> int:
+        return count(self.bottom_shapes[0])
+
+    def decisions(self, bottoms):
+        return [self._correct(*bottoms)[2]]
+
+    def decision_margins(self, bottoms):
+        """Per position, the nearest other score to the label's (0: a tie); inf where
+        ignored. A flip needs some score to cross the label's."""
+        lab, keep, _, s, true = self._correct(*bottoms)
+        gap = (s - true).abs()
+        gap.scatter_(1, lab.unsqueeze(1), float("inf"))
+        margin = gap.amin(dim=1)
+        return [torch.where(keep, margin, torch.full_like(margin, float("inf")))]
+
+    def describe(self) -> str:
+        return f"top_k {self.top_k} axis {self.axis}"
+
