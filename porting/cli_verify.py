@@ -55,37 +55,57 @@ def load_input_files(files, shape: tuple[int, ...], mean_bgr=IMAGENET_MEAN_BGR) 
 
 def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
                tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False,
-               budget=None) -> dict:
+               budget=None, phase="test", input_shapes=None, dropout_seed=None) -> dict:
     """Verify a port against real Caffe and write the report; returns the report dict.
     ``budget``: the porting.budget.Budget the net must fit (default: the machine's, at
-    ``batch`` with a backward)."""
+    ``batch`` with a backward). ``phase``: "test" or "train", both frameworks.
+    ``input_shapes``: top name -> shape (``--input-shape``), for data layers' tops.
+    ``dropout_seed``: TRAIN Dropout in both frameworks starts Caffe's generator there.
+    A net with data layers runs in Caffe as ``caffe_net_with_inputs`` rewrites it (each
+    data layer an Input layer of the same tops and shapes), fed the same arrays."""
     from porting.budget import Budget
     from porting.net import load_caffe
     from porting.export import onnx_opinion
     from porting.layers import LAYERS
+    from porting.layers.data_layers import caffe_net_with_inputs, is_data_layer
     from porting.legacy import Worker
     from porting.report import build_report, read_synsets, top5_table, write_report
     from porting.tolerances import parse_tolerances
     from porting.verify import blob_key, parse_objective, random_inputs, verify_port
+    from porting.verify.run import label_classes
+    from porting.write import write_prototxt
 
-    net = load_caffe(prototxt, caffemodel, budget=budget or Budget.default(batch=batch, backward=True))
+    net = load_caffe(prototxt, caffemodel, phase=phase, budget=budget or Budget.default(batch=batch, backward=True),
+                     input_shapes=input_shapes, dropout_seed=dropout_seed)
     tolerances = parse_tolerances(tolerance, known_types=LAYERS)
     obj = parse_objective(objective, net.graph)
     names = list(net.graph.inputs)
+    labels = [n for n in names if label_classes(net.graph, n)]
     if input_files:
-        if len(names) != 1:
+        if len(names) - len(labels) != 1:
             raise PortingError(f"--input fills one input blob; the net has {len(names)} ({', '.join(names)})", prototxt)
-        inputs = {names[0]: load_input_files(input_files, net.graph.inputs[names[0]])}
+        first = next(n for n in names if n not in labels)
+        inputs = {first: load_input_files(input_files, net.graph.inputs[first])}
+        inputs.update((n, a) for n, a in random_inputs(net.graph, len(inputs[first]), seed).items() if n in labels)
         described = {"kind": "files", "files": [str(f) for f in input_files]}
+        if labels:
+            described["labels"] = {"kind": "random", "seed": seed}
     else:
         inputs = random_inputs(net.graph, batch, seed)
         described = {"kind": "random", "seed": seed, "distribution": "uniform [-128, 128)"}
     described["batch"] = int(next(iter(inputs.values())).shape[0])
     obj_shape = (described["batch"],) + tuple(net.graph.blob_shapes[obj.blob][1:])
+    described["phase"] = phase
     own_worker = worker is None
     worker = worker or Worker()
     try:
-        reference = worker.run_net(prototxt, caffemodel, inputs=inputs, top_diffs={obj.blob: obj.seed(obj_shape)})
+        with tempfile.TemporaryDirectory() as tmp:
+            caffe_prototxt = prototxt
+            if any(is_data_layer(s.type) for s in net.graph.layers):
+                caffe_prototxt = Path(tmp) / "with_inputs.prototxt"
+                write_prototxt(caffe_prototxt, caffe_net_with_inputs(net.graph))
+            reference = worker.run_net(caffe_prototxt, caffemodel, inputs=inputs,
+                                       top_diffs={obj.blob: obj.seed(obj_shape)}, phase=phase, seed=dropout_seed)
     finally:
         if own_worker:
             worker.close()
@@ -123,9 +143,13 @@ def _summary(report: dict, report_dir) -> str:
 def _verify_command(args) -> int:
     from porting.budget import from_args
 
+    from porting.layers.data_layers import input_shapes_from_args
+
     report = run_verify(args.prototxt, args.caffemodel, args.report, args.input or (), args.batch,
                         args.objective, args.tolerance, not args.no_onnx, args.synsets, args.seed,
-                        strict=args.strict, budget=from_args(args, batch=args.batch, backward=True))
+                        strict=args.strict, budget=from_args(args, batch=args.batch, backward=True),
+                        phase=args.phase, input_shapes=input_shapes_from_args(args),
+                        dropout_seed=args.dropout_seed)
     print(_summary(report, args.report))
     return int(report["exit_status"])
 
@@ -156,6 +180,8 @@ def _demo_command(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from porting.layers.data_layers import add_input_shape_option
+
     p = subparsers.add_parser("verify", help="compare a port with real Caffe blob by blob and write a drift report")
     p.add_argument("prototxt")
     p.add_argument("caffemodel")
@@ -170,6 +196,10 @@ def add_parser(subparsers) -> None:
                    "(depends on the CPU, the inputs and the weights: rounding amplified by the net)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
     p.add_argument("--report", required=True, metavar="DIR")
+    p.add_argument("--phase", default="test", choices=["test", "train"], help="the net's phase, in both frameworks")
+    p.add_argument("--dropout-seed", type=int, metavar="S", help="TRAIN Dropout: both frameworks start Caffe's "
+                   "generator at S before the forward (caffe.set_random_seed), so their masks agree")
+    add_input_shape_option(p)
     budget.add_options(p)
     p.set_defaults(func=_verify_command)
 

@@ -313,8 +313,9 @@ class Worker:
     def run_net(self, prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
                 inputs: dict[str, np.ndarray] | None = None, blobs="all",
                 top_diffs: dict[str, np.ndarray] | None = None, capture_tops=True, params: bool = False,
-                timeout: float | None = None, net_backward: bool = False) -> CaffeResult:
-        """Run the net in real Caffe (TEST phase); every array float32 NCHW.
+                timeout: float | None = None, net_backward: bool = False, phase: str = "test",
+                seed: int | None = None) -> CaffeResult:
+        """Run the net in real Caffe (TEST phase unless ``phase="train"``); every array float32 NCHW.
 
         ``inputs``: blob name -> array (an input of another shape reshapes the net).
         ``top_diffs``: blob name -> diff to inject after the forward pass; backward then
@@ -330,7 +331,15 @@ class Worker:
         the net as written (an input blob gets a diff only with ``force_backward: true`` in
         the prototxt); adds ``loss`` (the float32 sum Net::Forward returns) and every diff key.
         ``blobs``: "all" or a list of blob names.
+        ``phase``: "test" or "train" (Caffe's TRAIN phase: the layers its include/exclude
+        rules keep there; Dropout draws masks, BatchNorm uses batch statistics).
+        ``seed``: ``caffe.set_random_seed(seed)`` right before each forward, so a TRAIN
+        Dropout draws masks a port can reproduce (porting.layers.neuron.seed_dropout).
+        A net with data layers (Data, ImageData...) cannot run here without their sources:
+        give ``porting.layers.data_layers.caffe_net_with_inputs(graph)`` written as a prototxt.
         """
+        if phase not in ("test", "train"):
+            raise ValueError(f"phase must be 'test' or 'train', got {phase!r}")
         call_host, call_inside = self._call_dir()
         try:
             def put(group: dict | None, prefix: str) -> dict:
@@ -349,6 +358,10 @@ class Worker:
                     "params": params, "out": f"{call_inside}/out.npz"}
             if net_backward:
                 args["net_backward"] = True
+            if phase != "test":
+                args["phase"] = phase
+            if seed is not None:
+                args["seed"] = int(seed)
             result = self._request("run_net", args, timeout, prototxt)
             out = self._load_npz(call_host / "out.npz")
             out.provenance = result["provenance"]

@@ -76,11 +76,11 @@ def input_blob_names(net):
     return list(net.input)
 
 
-def rename_inplace_tops(net):
+def rename_inplace_tops(net, state=TEST_STATE):
     """Give every top that overwrites an existing blob a fresh name; rewire later bottoms.
 
     Returns {layer name: [blob name of each top in the renamed net]} for the layers kept
-    in the TEST phase. Why the renamed net computes the same numbers as the original:
+    in ``state`` (the TEST phase by default). Why the renamed net computes the same numbers as the original:
     the layers Caffe runs in place (ReLU, Dropout, BatchNorm, Scale, ...) compute each
     output element from the same-position input element and read nothing else of the
     bottom after writing the top; out of place they read the same bottom values and write
@@ -94,7 +94,7 @@ def rename_inplace_tops(net):
     tops_by_layer = OrderedDict()
     taken = set(current)
     for layer in layer_list(net):
-        if not layer_included(layer):
+        if not layer_included(layer, state):
             continue
         for i, bottom in enumerate(layer.bottom):
             layer.bottom[i] = current.get(bottom, bottom)
@@ -114,11 +114,11 @@ def rename_inplace_tops(net):
     return tops_by_layer, current
 
 
-def declared_blobs(net):
-    """Blob names the prototxt itself declares (net inputs and tops of kept layers)."""
+def declared_blobs(net, state=TEST_STATE):
+    """Blob names the prototxt itself declares (net inputs and tops of layers kept in ``state``)."""
     names = list(input_blob_names(net))
     for layer in layer_list(net):
-        if layer_included(layer):
+        if layer_included(layer, state):
             names.extend(t for t in layer.top if t not in names)
     return names
 
@@ -168,10 +168,10 @@ class NetCache(object):
         return value
 
 
-def load_net(prototxt, caffemodel):
+def load_net(prototxt, caffemodel, phase=caffe.TEST):
     if caffemodel:
-        return caffe.Net(prototxt, caffe.TEST, weights=caffemodel)
-    return caffe.Net(prototxt, caffe.TEST)
+        return caffe.Net(prototxt, phase, weights=caffemodel)
+    return caffe.Net(prototxt, phase)
 
 
 def log_step(what, layer):
@@ -300,7 +300,7 @@ class CaffeOps(object):
         return sha256_file(path, self.hashes) if path else None
 
     def run_net(self, prototxt, caffemodel=None, inputs=None, blobs="all", top_diffs=None,
-                capture_tops=True, params=False, out=None, net_backward=False):
+                capture_tops=True, params=False, out=None, net_backward=False, phase="test", seed=None):
         """Forward, optional backward from injected top diffs, everything saved to ``out``.
 
         Keys: blob/<name>/data (and /diff after a backward): Caffe's own view of every
@@ -308,6 +308,9 @@ class CaffeOps(object):
         copy of the net whose in-place tops are renamed (see rename_inplace_tops);
         param/<layer>/<i> when ``params`` (and param/<layer>/<i>/diff after a backward:
         the gradient of this one backward, the param diffs being zeroed before it).
+        ``phase``: "test" (Caffe's TEST phase) or "train" (TRAIN: the layers its rules keep,
+        Dropout drawing masks); ``seed``: caffe.set_random_seed(seed) right before each
+        forward (both passes then draw the same Dropout masks).
         ``net_backward`` (no ``top_diffs``): Net::Forward then Net::Backward as Caffe's
         Net::ForwardBackward, nothing zeroed or injected but the param diffs, each loss
         top's diff holding its loss weight (Layer::SetLossWeights); force_backward as the
@@ -319,25 +322,28 @@ class CaffeOps(object):
             raise ValueError("net_backward seeds the loss tops' diffs with their loss weights: give no top_diffs")
         backward_pass = bool(diffs) or bool(net_backward)
         proto_sha, model_sha = self.digest(prototxt), self.digest(caffemodel)
+        if phase not in ("test", "train"):
+            raise ValueError("phase must be 'test' or 'train', got %r" % (phase,))
+        state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN if phase == "train" else caffe_pb2.TEST)
         original = self.net_parameter(prototxt)
-        wanted = declared_blobs(original) if blobs == "all" else list(blobs)
+        wanted = declared_blobs(original, state) if blobs == "all" else list(blobs)
         result = OrderedDict()
 
         def build(variant):
             net_param = self.net_parameter(prototxt)
             if variant == "renamed":
-                rename_inplace_tops(net_param)
+                rename_inplace_tops(net_param, state)
             if diffs:
                 net_param.force_backward = True
             path = write_temp_prototxt(net_param, self.scratch, variant)
             try:
-                return load_net(path, caffemodel)
+                return load_net(path, caffemodel, caffe.TRAIN if phase == "train" else caffe.TEST)
             finally:
                 os.remove(path)
 
-        key = (proto_sha, model_sha, bool(diffs)) + (("net_backward",) if net_backward else ())
+        key = (proto_sha, model_sha, bool(diffs), phase) + (("net_backward",) if net_backward else ())
         net = self.nets.get(key + ("original",), lambda: build("original"))
-        loss = self._pass(net, inputs, diffs, net_backward)
+        loss = self._pass(net, inputs, diffs, net_backward, seed)
         if net_backward:
             result["loss"] = np.array(loss, np.float32)
         for name in wanted:
@@ -354,8 +360,8 @@ class CaffeOps(object):
                         result["param/%s/%d/diff" % (layer, i)] = blob.diff.copy()
         if capture_tops:
             renamed = self.nets.get(key + ("renamed",), lambda: build("renamed"))
-            _, current = rename_inplace_tops(self.net_parameter(prototxt))
-            self._pass(renamed, inputs, dict((current[k], v) for k, v in diffs.items()), net_backward)
+            _, current = rename_inplace_tops(self.net_parameter(prototxt), state)
+            self._pass(renamed, inputs, dict((current[k], v) for k, v in diffs.items()), net_backward, seed)
             only = None if capture_tops is True else set(capture_tops)
             declared = set(layer_name(layer) for layer in layer_list(original))
             # Caffe's own layer list: it includes the "input" layer that Caffe's upgrade
@@ -370,7 +376,7 @@ class CaffeOps(object):
                     if backward_pass:
                         result["top/%s/%d/diff" % (layer, i)] = renamed.blobs[name].diff.copy()
         provenance = {
-            "op": "run_net", "seed": None,
+            "op": "run_net", "seed": None if seed is None else int(seed), "phase": phase,
             "inputs": {"prototxt": proto_sha, "caffemodel": model_sha,
                        "arrays": dict([("input/" + k, array_digest(v)) for k, v in inputs.items()]
                                       + [("top_diff/" + k, array_digest(v)) for k, v in diffs.items()])},
@@ -380,8 +386,10 @@ class CaffeOps(object):
         save_npz(out, result, provenance)
         return {"npz": out, "provenance": provenance}
 
-    def _pass(self, net, inputs, diffs, net_backward=False):
+    def _pass(self, net, inputs, diffs, net_backward=False, seed=None):
         set_inputs(net, inputs)
+        if seed is not None:  # Caffe's generator, as Dropout at TRAIN draws from it
+            caffe.set_random_seed(int(seed))
         loss = forward(net)
         if net_backward:  # Net::Backward: the loss tops' diffs hold their loss weights
             for blobs_ in net.params.values():

@@ -595,8 +595,8 @@ class Dropout(_Exact):
             return x * self._train_factor(x)
         if self.phase == "train" and self.ratio > 0:
             raise PortingError("Dropout at TRAIN draws a random mask from Caffe's generator: seed it "
-                               "(load_caffe(..., dropout_seed=S), as caffe.set_random_seed(S) before Caffe's "
-                               "forward) or run the net in the TEST phase", place=f"layer {self.name}")
+                               "(--dropout-seed S, load_caffe(..., dropout_seed=S): caffe.set_random_seed(S) "
+                               "before Caffe's forward) or run the net in the TEST phase", place=f"layer {self.name}")
         return x.view_as(x)  # a top of its own (see data_movement): its gradient is its consumers' alone
 
     def _rounds(self) -> bool:

@@ -50,10 +50,11 @@ class Objective:
 
 
 def default_objective(graph) -> Objective:
-    """The layer feeding the first Softmax (CaffeNet: fc8), unit 0; else the last layer."""
+    """The layer feeding the first Softmax, loss or Accuracy layer of LABEL_TAKERS
+    (CaffeNet: fc8), unit 0; else the last layer."""
     writer = {}
     for spec in graph.layers:
-        if spec.type == "Softmax" and spec.bottoms and spec.bottoms[0] in writer:
+        if (spec.type == "Softmax" or spec.type in LABEL_TAKERS) and spec.bottoms and spec.bottoms[0] in writer:
             layer = writer[spec.bottoms[0]]
             return Objective(layer.name, 0, layer.tops[0])
         for top in spec.tops:
@@ -84,10 +85,32 @@ def parse_objective(text: str | None, graph) -> Objective:
     return objective
 
 
+# Layers whose second bottom is a class label along their first bottom's axis (the field
+# holding that axis, default 1).
+LABEL_TAKERS = {"SoftmaxWithLoss": "softmax_param", "Accuracy": "accuracy_param",
+                "InfogainLoss": "infogain_loss_param", "MultinomialLogisticLoss": None}
+
+
+def label_classes(graph, name: str) -> int | None:
+    """How many classes an input blob labels: the smallest class count of the layers that
+    read it as their label (LABEL_TAKERS); None when no layer does."""
+    counts = []
+    for spec in graph.layers:
+        if spec.type in LABEL_TAKERS and len(spec.bottoms) > 1 and spec.bottoms[1] == name:
+            field = LABEL_TAKERS[spec.type]
+            axis = getattr(getattr(spec.param, field), "axis", 1) if field else 1
+            shape = graph.blob_shapes.get(spec.bottoms[0], ())
+            if shape and -len(shape) <= axis < len(shape):
+                counts.append(int(shape[axis]))
+    return min(counts) if counts else None
+
+
 def random_inputs(graph, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs of the net's input shapes: uniform in [-128, 128), float32, NCHW.
 
     The range is that of mean-subtracted 8-bit pixels (what CaffeNet-style nets eat).
+    A label (an input that a loss or Accuracy layer reads as its label, e.g. a Data
+    layer's second top) gets class indices instead: integers uniform in [0, classes).
     ``batch`` replaces the first dimension.
     """
     rng = np.random.default_rng(seed)
@@ -96,7 +119,11 @@ def random_inputs(graph, batch: int | None = None, seed: int = 0) -> dict[str, n
         shape = tuple(shape)
         if batch is not None:
             shape = (int(batch),) + shape[1:]
-        out[name] = rng.uniform(-128, 128, size=shape).astype(np.float32)
+        classes = label_classes(graph, name)
+        if classes:
+            out[name] = rng.integers(0, classes, size=shape).astype(np.float32)
+        else:
+            out[name] = rng.uniform(-128, 128, size=shape).astype(np.float32)
     return out
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from porting.layers import LAYERS
 from porting.tolerances import Tolerances
 from porting.verify.attribution import (DecisionFlips, Departure, LocalCheck, decision_flips, find_departure,
                                         local_checks)
@@ -195,7 +196,7 @@ def summarise(passed: bool, problems: list[str], departure: Departure | None, ro
         return f"FAIL at layer {shape.layer} ({shape.layer_type}): {shape.key} has {shape.problem}."
     if departure is not None:
         where = f"the {departure.direction} of layer {departure.layer} ({departure.layer_type})"
-        if departure.layer_type == "Input":
+        if getattr(LAYERS.get(departure.layer_type), "is_input", False):  # Input or a data layer
             cause = f"{', '.join(departure.frameworks)} did not get the input it was given (preprocessing)"
         elif reference in departure.frameworks and candidate not in departure.frameworks:
             cause = (f"the port implements {departure.layer} differently from {reference} "
