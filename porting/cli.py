@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands with add_parser(subparsers).
-_FEATURE_MODULES: list[str] = ["porting.legacy", "porting.cli_verify", "porting.export", "porting.report"]
+_FEATURE_MODULES: list[str] = ["porting.legacy", "porting.cli_verify", "porting.export", "porting.report",
+                               "porting.cli_layers"]
 
 
 class _HeldNotes(logging.Handler):
