@@ -23,6 +23,7 @@ from porting.rounding import ETA, LIBM, gamma
 
 @register("BatchNorm")
 class BatchNorm(CaffeLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_eltwise_norm.py", "tests/test_trained.py")
     frozen_blobs = True
 
     def __init__(self, spec, bottom_shapes):

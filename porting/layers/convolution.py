@@ -69,6 +69,7 @@ def conv_out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) 
 
 class _ConvBase(CaffeLayer):
     """Shared parameter handling; ``reverse`` is True for Deconvolution."""
+    param_fields = ("convolution_param",)  # Deconvolution reads it too
 
     reverse = False
 
@@ -172,6 +173,7 @@ class _ConvBase(CaffeLayer):
 @register("Convolution", v1="CONVOLUTION")
 class Convolution(_ConvBase):
     """Weights (num_output, C/group, k...), bias (num_output,); out = (in + 2p - ext) // s + 1."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_conv.py")
 
     def _out_size(self, i, size):
         return conv_out_size(size, self.kernel[i], self.stride[i], self.pad[i], self.dilation[i])
@@ -192,6 +194,7 @@ class Convolution(_ConvBase):
 @register("Deconvolution", v1="DECONVOLUTION")
 class Deconvolution(_ConvBase):
     """Weights (C, num_output/group, k...), bias (num_output,); out = s*(in-1) + ext - 2p."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_conv.py")
 
     reverse = True
 

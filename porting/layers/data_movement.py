@@ -52,6 +52,7 @@ def _refuse_in_place(layer: CaffeLayer) -> None:
 @register("Concat", v1="CONCAT")
 class Concat(_Moving):
     """Join bottoms along ``axis`` (default 1); every other dim must match."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py", "tests/test_property_caffe.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -96,6 +97,7 @@ def slice_sizes(points: list[int], size: int, n_tops: int) -> list[int]:
 @register("Slice", v1="SLICE")
 class Slice(_Moving):
     """Cut a bottom along ``axis`` (default 1) at ``slice_point``s, or equally among tops."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py", "tests/test_property_caffe.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -136,6 +138,7 @@ class SplitFunction(torch.autograd.Function):
 @register("Split", v1="SPLIT")
 class Split(_Moving):
     """The bottom to every top; the backward sums the tops' gradients in top order, as Caffe."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py", "tests/test_property_caffe.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -156,6 +159,7 @@ class Split(_Moving):
 @register("Silence", v1="SILENCE")
 class Silence(_Moving):
     """Consumes its bottoms, produces nothing."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -175,6 +179,7 @@ def flatten_shape(shape, axis: int, end_axis: int) -> tuple[int, ...]:
 @register("Flatten", v1="FLATTEN")
 class Flatten(_Moving):
     """Merge axes ``axis`` (default 1) to ``end_axis`` (default -1) into one."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -230,6 +235,7 @@ def reshape_shape(shape, dims, axis: int = 0, num_axes: int = -1) -> tuple[int, 
 @register("Reshape")
 class Reshape(_Moving):
     """New shape from reshape_param { shape { dim } axis num_axes } (0 copies, -1 infers)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -272,6 +278,7 @@ def crop_offsets(shape, reference, axis: int, offsets) -> list[int]:
 @register("Crop")
 class Crop(_Moving):
     """Crop bottom 0 to bottom 1's shape on axes >= ``axis`` (default 2), at ``offset``."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -300,6 +307,7 @@ class Tile(_Moving):
     = bottom[..., i, ...] for each tile t, d the bottom's dim there (Caffe copies the whole
     block count(axis) once per tile). The backward adds each bottom value's ``tiles``
     gradients (Caffe in tile order; here torch's sum of the repeat, within the same bound)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

@@ -48,6 +48,7 @@ def caffe_eltwise_max(xs):
 
 @register("Eltwise", v1="ELTWISE")
 class Eltwise(CaffeLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_eltwise_norm.py")
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.expect_bottoms(2, -1)

@@ -14,6 +14,7 @@ from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 @register("InnerProduct", v1="INNER_PRODUCT")
 class InnerProduct(CaffeLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_conv.py")
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.expect_bottoms(1)

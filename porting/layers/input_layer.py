@@ -12,6 +12,7 @@ class Input(CaffeLayer):
 
     The net feeds the tops itself; ``forward(*tops)`` returns what it is given.
     """
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py", "tests/test_property_caffe.py")
 
     is_input = True
 

@@ -81,6 +81,7 @@ class CrossChannelLRN(torch.autograd.Function):
 @register("LRN", v1="LRN")
 class LRN(CaffeLayer):
     """Local response normalization of an (N, C, H, W) blob; see the module docstring."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_lrn.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

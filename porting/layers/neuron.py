@@ -68,6 +68,7 @@ class _Exact(_Elementwise):
 @register("ReLU", v1="RELU")
 class ReLU(_Kinked):
     """y = max(x, 0) + negative_slope * min(x, 0); dy/dx = 1 if x > 0 else negative_slope."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -99,6 +100,7 @@ class PReLU(_Kinked):
 
     Blob 0: slopes of shape (C,), or () with channel_shared (Caffe's zero-axis blob).
     """
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -133,6 +135,7 @@ class PReLU(_Kinked):
 @register("ELU")
 class ELU(_Kinked):
     """y = x if x > 0 else alpha * (exp(x) - 1); Caffe's backward (y + alpha) is the derivative."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -179,6 +182,7 @@ class SigmoidFunction(torch.autograd.Function):
 @register("Sigmoid", v1="SIGMOID")
 class Sigmoid(_Elementwise):
     """y = 1 / (1 + exp(-x)) in Caffe's tanh form; dy/dx = y (1 - y)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def apply_to(self, x):
         return SigmoidFunction.apply(x)
@@ -199,6 +203,7 @@ class Sigmoid(_Elementwise):
 @register("TanH", v1="TANH")
 class TanH(_Elementwise):
     """y = tanh(x); dy/dx = 1 - y^2."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def apply_to(self, x):
         return torch.tanh(x)
@@ -216,6 +221,7 @@ class TanH(_Elementwise):
 @register("AbsVal", v1="ABSVAL")
 class AbsVal(_Exact):
     """y = |x|; dy/dx = sign(x) with sign(0) = 0."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def apply_to(self, x):
         return torch.abs(x)
@@ -286,6 +292,7 @@ def caffe_power(x, power: float, scale: float = 1.0, shift: float = 0.0):
 @register("Power", v1="POWER")
 class Power(_Elementwise):
     """y = (shift + scale * x) ** power; backward as Caffe computes it (see PowerFunction)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -353,6 +360,7 @@ class Exp(_Elementwise):
     Computed as Caffe does: outer * exp(inner * x) with inner = ln(base) * scale and
     outer = base ** shift; dy/dx = inner * y.
     """
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -397,6 +405,7 @@ class Exp(_Elementwise):
 @register("Log")
 class Log(_Elementwise):
     """y = log_base(shift + scale * x), natural log when base = -1 (the default)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -457,6 +466,7 @@ class BNLLFunction(torch.autograd.Function):
 @register("BNLL", v1="BNLL")
 class BNLL(_Elementwise):
     """Binomial normal log likelihood: y = log(1 + exp(x))."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def apply_to(self, x):
         return BNLLFunction.apply(x)
@@ -482,6 +492,7 @@ class BNLL(_Elementwise):
 @register("Threshold", v1="THRESHOLD")
 class Threshold(_Kinked):
     """y = 1 if x > threshold else 0 (no backward in Caffe: the top carries no gradient)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -568,6 +579,7 @@ class Dropout(_Exact):
     scale = 1 / (1 - ratio) and mask ~ Bernoulli(1 - ratio) drawn from Caffe's generator:
     reproduced when the net is seeded (``seed_dropout``, ``load_caffe(dropout_seed=)``),
     else refused (PortingError) unless dropout_ratio is 0. dx = dy * mask * scale."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py", "tests/test_property_caffe.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -639,6 +651,7 @@ class ClipFunction(torch.autograd.Function):
 class Clip(_Exact):
     """y = max(min, min(x, max)) (clip_param, both required); dy/dx = 1 where
     min <= x <= max, 0 elsewhere. Caffe checks nothing more (min > max gives min everywhere)."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -667,6 +680,7 @@ class Swish(_Elementwise):
     """y = x * sigmoid(beta * x) (swish_param.beta, default 1), as Caffe computes it:
     s = sigmoid(fl(beta * x)) by its Sigmoid layer (tanh form), then y = x * s. Caffe's
     backward g * (beta y + s (1 - beta y)) is the derivative s + beta x s (1 - s); autograd."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

@@ -187,6 +187,7 @@ def caffe_ave_pool(x, kernel, stride, pad, pooled):
 @register("Pooling", v1="POOLING")
 class Pooling(CaffeLayer):
     """MAX or AVE pooling of an (N, C, H, W) blob; see the module docstring for the rules."""
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_pooling.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

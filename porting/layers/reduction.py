@@ -18,6 +18,7 @@ OPS = caffe_pb2.ReductionParameter
 
 @register("Reduction")
 class Reduction(CaffeLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_shape.py")
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.expect_bottoms(1)

@@ -56,6 +56,7 @@ class _BroadcastLayer(CaffeLayer):
 
 @register("Scale")
 class Scale(_BroadcastLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_eltwise_norm.py", "tests/test_trained.py")
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         sp = spec.param.scale_param
@@ -91,6 +92,7 @@ class Scale(_BroadcastLayer):
 
 @register("Bias")
 class Bias(_BroadcastLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_eltwise_norm.py")
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         bp = spec.param.bias_param

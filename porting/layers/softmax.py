@@ -13,6 +13,7 @@ from porting.rounding import ETA, LIBM, U, gamma, stored_error
 
 @register("Softmax", v1="SOFTMAX")
 class Softmax(CaffeLayer):
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_neuron.py")
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         self.expect_bottoms(1)
