@@ -58,6 +58,13 @@ def ties(shape, seed, low=-2, high=2):
 N4 = (2, 3, 7, 6)
 
 
+def _constant_rows(shape, seed):
+    """Normal values, channel 0 one constant per item (MVN's zero-variance rows)."""
+    x = normal(shape, seed)
+    x[:, 0] = x[:, 0, :1, :1]
+    return x
+
+
 def _w(*shape):
     return normal(shape, sum(shape) + len(shape), 0.5)
 
@@ -153,6 +160,21 @@ CASES = [
      [wide(N4, 70, -3, 3)], None, 'type: "Reduction" reduction_param { operation: SUMSQ axis: -1 coeff: 3.003 }'),
     ("reduction-mean", 'type: "Reduction" reduction_param { operation: MEAN }', [positive(N4, 71)], None,
      'type: "Reduction" reduction_param { operation: MEAN coeff: 1.001 }'),
+    ("mvn", 'type: "MVN" mvn_param { eps: 0.1 }', [normal(N4, 72)], None, 'type: "MVN" mvn_param { eps: 0.1001 }'),
+    ("mvn-across-wide", 'type: "MVN" mvn_param { across_channels: true }', [wide(N4, 73, -3, 3)], None, None),
+    ("mvn-mean-only", 'type: "MVN" mvn_param { normalize_variance: false }', [wide(N4, 74, -2, 2)], None, None),
+    ("mvn-constant-rows", 'type: "MVN"', [_constant_rows(N4, 75)], None, None),
+    ("spp-max", 'type: "SPP" spp_param { pyramid_height: 3 }', [ties((2, 3, 9, 8), 76)], None, None),
+    ("spp-ave", 'type: "SPP" spp_param { pyramid_height: 2 pool: AVE }', [wide((2, 3, 9, 8), 77)], None, None),
+    ("embed", 'type: "Embed" embed_param { num_output: 4 input_dim: 5 }', [ties((2, 3), 78, 0, 4)],
+     [_w(5, 4), _w(4)], "blobs"),
+    ("parameter", 'type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }', [], [_w(2, 3)], None),
+    ("im2col", 'type: "Im2col" convolution_param { kernel_size: 3 stride: 1 pad: 1 }', [wide(N4, 79)], None, None),
+    ("batch-reindex", 'type: "BatchReindex"', [wide((4, 3), 80), np.array([3, 0, 0, 2, 3], np.float32)], None,
+     None),
+    ("filter", 'type: "Filter"', [wide((4, 3), 81), np.array([[1], [0], [2], [0]], np.float32)], None, None),
+    ("hdf5output", 'type: "HDF5Output" hdf5_output_param { file_name: "never.h5" }', [normal((2, 3), 82),
+                                                                                      normal((2, 1), 83)], None, None),
     ("batchnorm-global", 'type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.001 }',
      [wide(N4, 51, -2, 2)], [normal((3,), 52), positive((3,), 53, 0.1, 10), np.array([7.5], np.float32)], "blobs"),
     ("scale", 'type: "Scale" scale_param { bias_term: true }', [wide(N4, 54)], [_w(3), _w(3)], "blobs"),
@@ -168,7 +190,7 @@ CASES = [
 def _build(text, bottoms, blobs):
     if text.startswith('type: "Input"'):
         return build_layer('top: "a" ' + text, [], None)
-    n_tops = 2 if re.search(r'"(Split|Slice)"', text) else 0 if "Silence" in text else 1
+    n_tops = 2 if re.search(r'"(Split|Slice)"', text) else 0 if re.search(r'"(Silence|HDF5Output)"', text) else 1
     tops = " ".join(f'top: "t{i}"' for i in range(n_tops))
     return build_layer(f"{tops} {text}", [b.shape for b in bottoms], blobs)
 
@@ -180,6 +202,8 @@ def _run(layer, xs, grads=None):
         tops = layer(*leaves)
     if grads is None:
         return [t.detach() for t in tops], None
+    if not leaves:  # a layer without bottoms (Parameter): no bottom gradient
+        return [t.detach() for t in tops], []
     pairs = [(t, g) for t, g in zip(tops, grads) if t.requires_grad]
     if not pairs:
         return [t.detach() for t in tops], [None] * len(xs)
@@ -281,7 +305,7 @@ def test_parameter_off_by_1e_3_is_beyond_bound(case):
         assert check_backward(layer64, xs64, exact, exact, diffs, grads, exact_grads) > 1
 
 
-_NUMERIC = [c for c in CASES if c[0] not in ("input", "silence", "threshold", "argmax", "argmax-axis")]
+_NUMERIC = [c for c in CASES if c[0] not in ("input", "silence", "threshold", "argmax", "argmax-axis", "hdf5output")]
 
 
 @pytest.mark.parametrize("case", _NUMERIC, ids=[c[0] for c in _NUMERIC])
@@ -388,7 +412,8 @@ CAFFE_CASES = ["lrn-across", "lrn-within", "relu-leaky", "prelu", "elu", "elu-wi
                "power-sq-shift", "power-frac", "power-neg", "power-cube", "power-linear", "power-const", "exp",
                "exp-e", "log", "log-e-near-1", "bnll", "threshold", "softmax", "batchnorm-global", "scale",
                "scale-two-bottoms", "bias-two-bottoms", "eltwise-prod", "pool-ave", "exp-e-shift", "swish",
-               "swish-beta", "tile", "reduction-sum", "reduction-asum", "reduction-sumsq", "reduction-mean"]
+               "swish-beta", "tile", "reduction-sum", "reduction-asum", "reduction-sumsq", "reduction-mean", "mvn",
+               "mvn-across-wide", "mvn-mean-only", "mvn-constant-rows", "spp-ave", "im2col"]
 
 
 @pytest.mark.caffe
