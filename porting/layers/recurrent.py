@@ -4,11 +4,12 @@ lstm_unit_layer.cpp): LSTMUnit, and LSTM and RNN unrolled over T time steps.
 Caffe's LSTM and RNN build an internal net unrolled over the T steps of their input and run
 it; the port computes the same arithmetic step by step. Bottoms, in Caffe's order:
 
-- ``x``: (T, N, ...): T time steps of N independent streams; flattened from axis 2 to
-  (T, N, D) (an InnerProduct at axis 2);
+- ``x``: (T, N, ...), 3 axes or more: T time steps of N independent streams, flattened
+  from axis 2 to (T, N, D) (Caffe: an InnerProduct at axis 2);
 - ``cont``: (T, N): sequence continuation indicators; 0 at t starts a new sequence (the
   state of t - 1 is multiplied by it). It gets no gradient (Caffe refuses to give one);
-- ``x_static`` (optional): (N, ...), flattened from axis 1 to (N, S), added to every step;
+- ``x_static`` (optional): (N, ...), 2 axes or more, flattened from axis 1 to (N, S);
+  its transform is added at every step;
 - with ``recurrent_param.expose_hidden``: ``h_0`` (and ``c_0`` for LSTM), each (1, N, H),
   the state before step 1; without it the state starts at 0 (see below).
 
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from porting.layers import CaffeLayer, caffe_int, count, register
+from porting.layers import CaffeLayer, caffe_int, count, int_arithmetic, register
 
 
 # ---------------------------------------------------------------- the LSTM unit arithmetic
@@ -175,8 +176,8 @@ class _Recurrent(CaffeLayer):
         _expect_tops(spec, 1 + exposed, self.type_name)
         self.static = len(self.bottom_shapes) == 3 + exposed
         x, cont = self.bottom_shapes[:2]
-        if len(x) < 2:
-            raise ValueError(f"{self.type_name} bottom 0 (x) must have at least 2 axes (T x N x ...), "
+        if len(x) < 3:  # Caffe's input transform is an InnerProduct at axis 2
+            raise ValueError(f"{self.type_name} bottom 0 (x) must have at least 3 axes (T x N x ...), "
                              f"got {len(x)}")
         self.T, self.N = x[0], x[1]
         if cont != (self.T, self.N):
@@ -185,8 +186,9 @@ class _Recurrent(CaffeLayer):
         self.D = count(x, 2)
         if self.static:
             xs = self.bottom_shapes[2]
-            if len(xs) < 1 or xs[0] != self.N:
-                raise ValueError(f"{self.type_name} bottom 2 (x_static) must be N x ... with N = {self.N}, got "
+            if len(xs) < 2 or xs[0] != self.N:  # an InnerProduct at axis 1 in Caffe
+                raise ValueError(f"{self.type_name} bottom 2 (x_static) must be N x ... (2 axes or more) with "
+                                 f"N = {self.N}, got "
                                  f"{'x'.join(map(str, xs)) or '()'}")
             self.S = count(xs, 1)
         state = (1, self.N, self.hidden)
@@ -194,7 +196,7 @@ class _Recurrent(CaffeLayer):
             if self.bottom_shapes[k] != state:
                 raise ValueError(f"{self.type_name} bottom {k} (hidden state) must be 1x{self.N}x{self.hidden}, "
                                  f"got {'x'.join(map(str, self.bottom_shapes[k])) or '()'}")
-        rows = self.gate_factor * self.hidden
+        rows = int_arithmetic(self.gate_factor * self.hidden, f"{self.gate_factor} x num_output")
         self.param_shapes = [(rows, self.D), (rows,)] + ([(rows, self.S)] if self.static else [])
         self.top_shapes = [(self.T, self.N, self.hidden)] + [state] * exposed
 
