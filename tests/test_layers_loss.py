@@ -127,6 +127,8 @@ def _cases():
     add("sigmoid-ce-net", '"SigmoidCrossEntropyLoss" loss_weight: 0.25', [logits, target], mode="net")
     scores = _normal((6, 5), 17, scale=1.2)
     add("hinge-l1-net", '"HingeLoss" loss_weight: 0.5', [scores, _labels((6,), 18, 5)], mode="net")
+    add("hinge-ignore-label-unread-net", '"HingeLoss" loss_param { ignore_label: 0 }',  # Caffe reads no loss_param
+        [scores, _labels((6,), 18, 5)], mode="net")
     add("hinge-l2-net", '"HingeLoss" hinge_loss_param { norm: L2 } loss_weight: 3',
         [_normal((6, 5, 1, 1), 19), _labels((6, 1), 20, 5)], mode="net")
     probs = _rng(21).uniform(0, 1, size=(6, 5)).astype(np.float32)
@@ -277,7 +279,8 @@ def test_label_out_of_range_is_a_clear_error(text, shapes, label):
     ('type: "SoftmaxWithLoss" bottom: "x" bottom: "short" top: "l"', "same first dimension"),
     ('type: "SoftmaxWithLoss" bottom: "x" top: "l"', "takes 2 bottom"),
     ('type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "l" top: "p"', "second top"),
-    ('type: "InfogainLoss" bottom: "x" bottom: "label" bottom: "h" top: "l" top: "p"', "loss_weight must be unspecified"),
+    ('type: "InfogainLoss" bottom: "x" bottom: "label" bottom: "h" top: "l" top: "p"',
+     "loss_weight must be unspecified"),
     ('type: "EuclideanLoss" bottom: "x" bottom: "bad" top: "l"', "same dimension"),
     ('type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "bad" top: "l"', "same count"),
     ('type: "InfogainLoss" bottom: "x" bottom: "label" top: "l" infogain_loss_param { source: "h.binaryproto" }',
@@ -327,3 +330,17 @@ def test_softmax_with_loss_second_top_is_refused_as_caffe_refuses_it(caffe_worke
         caffe_worker.run_net(prototxt, inputs={"b0": _normal((2, 3), 60), "b1": _labels((2,), 61, 3)})
     with pytest.raises(PortingError, match="second top"):
         load_caffe(prototxt)
+
+
+def test_accuracy_and_hinge_decisions():
+    """Accuracy's decision per position is "counted correct", its margin the nearest other
+    score to the label's (0 at a tie); Hinge's is m > 0, its margin |1 + s x|."""
+    x = torch.tensor([[3.0, 1.0, 3.0], [0.5, 2.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    label = torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)
+    acc = _layer('"Accuracy" accuracy_param { top_k: 2 ignore_label: 1 }', [(3, 3), (3,)], tops=('top: "a"',))
+    assert acc.decisions([x, label])[0].tolist() == [[True], [True], [False]]
+    assert acc.decision_margins([x, label])[0].tolist() == [[0.0], [0.5], [float("inf")]]
+    assert acc(x, label)[0].item() == 1.0  # the tie at 3 counts against, yet 2 <= top_k
+    hinge = _layer('"HingeLoss"', [(3, 3), (3,)])
+    assert hinge.decisions([x, label])[0].tolist() == [[False, True, True], [True, True, False], [True, False, True]]
+    assert hinge.decision_margins([x, label])[0][0].tolist() == [2.0, 2.0, 4.0]

@@ -19,16 +19,18 @@ gives them, ``CaffeNet.loss`` the weighted sum Net::Forward returns.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from porting import caffe_pb2
 from porting.layers import INT_MAX, CaffeLayer, canonical_axis, count, register
+from porting.rounding import ETA, LIBM, U, gamma
 
 Mode = caffe_pb2.LossParameter
 FLT_MIN = 1.1754943508222875e-38  # Caffe's clamp under SoftmaxWithLoss's log
-LOG_THRESHOLD = 1e-20  # Caffe's kLOG_THRESHOLD (loss_layer.hpp), a float
-VERIFIED = ("tests/test_layers_loss.py",)
+LOG_THRESHOLD = float(np.float32(1e-20))  # Caffe's kLOG_THRESHOLD (loss_layer.hpp), a float in any Dtype
+VERIFIED = ("tests/test_layers_loss.py", "tests/test_bounds.py")
 
 
 def loss_weights(layer: CaffeLayer) -> list[float]:
@@ -120,7 +122,10 @@ class LossLayer(CaffeLayer):
             raise ValueError(f"the data and label should have the same first dimension (bottom shapes "
                              f"{_dims(a)} and {_dims(b)})")
         self.top_shapes = [()]
-        lp = spec.param.loss_param
+        self.ignore = None  # set by the layers that read loss_param.ignore_label
+
+    def _read_ignore_label(self):
+        lp = self.spec.param.loss_param
         self.ignore = int(lp.ignore_label) if lp.HasField("ignore_label") else None
 
     def _check_weights(self):
@@ -156,6 +161,7 @@ class _SoftmaxBased(LossLayer):
     max_tops = 2
 
     def _setup(self, axis: int):
+        self._read_ignore_label()
         shape = self.bottom_shapes[0]
         self.axis = canonical_axis(axis, len(shape))
         self.outer, self.inner = count(shape, 0, self.axis), count(shape, self.axis + 1)
@@ -171,6 +177,19 @@ class _SoftmaxBased(LossLayer):
     def _prob(self, x):
         return torch.softmax(x.detach(), dim=self.axis)
 
+    def _bound_parts(self, x, label):
+        """For the bounds (float64): p (outer x classes x inner), the relative bound r of a
+        float32 softmax (Softmax.forward_bound's), labels, kept positions, normalizer."""
+        p = self._prob(x).reshape(self.outer, self.classes, self.inner)
+        spread = (x - x.amax(dim=self.axis, keepdim=True)).abs()
+        r = U * (spread + spread.amax(dim=self.axis, keepdim=True)) + gamma(self.classes + 1) + 2 * LIBM
+        lab, keep = self.labels(label.reshape(self.outer, self.inner), self.classes)
+        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        return p, r.reshape(p.shape), lab, keep, norm
+
+    def _prob_bound(self, p, r):
+        return [r * p.reshape(self.bottom_shapes[0]) + 2 * ETA] if self.n_tops == 2 else []
+
     def _tops(self, loss, prob):
         return (loss, prob) if self.n_tops == 2 else (loss,)
 
@@ -183,6 +202,8 @@ class SoftmaxWithLoss(_SoftmaxBased):
     A second top cannot be set up in Caffe 1.0: its inner Softmax is a copy of this
     layer's parameters, loss_weight included, and a loss layer with two tops needs two
     loss weights, which the one-top Softmax refuses (layer.hpp:392); so it is refused."""
+
+    param_fields = ("softmax_param", "loss_param")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -207,6 +228,26 @@ class SoftmaxWithLoss(_SoftmaxBased):
 
         return self._tops(caffe_loss(value, norm, [(x, diff)]), prob)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # -log p_label: p's relative error r becomes an absolute error r in the log (the
+        # FLT_MIN clamp is 1-Lipschitz there), log's own LIBM |log p|; a sum of n terms of one
+        # sign (gamma(n)), the quotient by the normalizer (U).
+        p, r, lab, keep, norm = self._bound_parts(*bottoms)
+        kept = keep.to(p.dtype)
+        logs = torch.log(p.gather(1, lab.unsqueeze(1)).squeeze(1).clamp(min=FLT_MIN)).abs()
+        err = ((r.gather(1, lab.unsqueeze(1)).squeeze(1) + LIBM * logs) * kept).sum() \
+            + gamma(max(int(keep.sum()), 1)) * (logs * kept).sum()
+        return [err / norm + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # (p - onehot) * fl(g / norm): p's error r p, the subtraction, the quotient and product.
+        p, r, lab, keep, norm = self._bound_parts(*bottoms)
+        onehot = torch.zeros_like(p).scatter_(1, lab.unsqueeze(1), 1.0)
+        scale = top_diffs[0].abs() / norm
+        d = (p - onehot).abs()
+        bound = ((r * p + U * d) * scale + 2 * U * d * scale) * keep.unsqueeze(1)
+        return [bound.reshape(bottoms[0].shape) + 2 * ETA, None]
+
     def work(self) -> int:
         return 6 * count(self.bottom_shapes[0])
 
@@ -220,6 +261,8 @@ class InfogainLoss(_SoftmaxBased):
     """Bottoms: scores, labels, H (classes x classes values). p = softmax over ``axis``;
     loss = -sum over kept positions, over l, of H[label, l] log(max(p_l, 1e-20)) / normalizer;
     diff_l = p_l * sum_k H[label, k] - H[label, l]. H gets no gradient."""
+
+    param_fields = ("infogain_loss_param", "loss_param")
 
     bottom_range = (2, 3)
 
@@ -254,6 +297,34 @@ class InfogainLoss(_SoftmaxBased):
 
         return self._tops(caffe_loss(value, norm, [(x, diff)]), prob)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # Terms H log p: |H| (r + LIBM |log p|) each, their product (U), a sum of n C terms
+        # (gamma, on their magnitudes), the quotient (U); the probabilities top: softmax's.
+        x, label, h = bottoms
+        p, r, lab, keep, norm = self._bound_parts(x, label)
+        rows = h.reshape(self.classes, self.classes)[lab].permute(0, 2, 1)
+        logs = torch.log(p.clamp(min=LOG_THRESHOLD)).abs()
+        terms = (rows * logs).abs()
+        kept = keep.unsqueeze(1).to(p.dtype)
+        n = max(int(keep.sum()) * self.classes, 1)
+        err = ((rows.abs() * (r + LIBM * logs) + U * terms) * kept).sum() + gamma(n) * (terms * kept).sum()
+        return [err / norm + U * exact_tops[0].abs() + ETA] + self._prob_bound(p, r)
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # p S - H with S the row sum of H (gamma(C) on sum |H|), p's error, product and
+        # difference (U each), then fl(g / norm) and its product.
+        x, label, h = bottoms
+        p, r, lab, keep, norm = self._bound_parts(x, label)
+        H = h.reshape(self.classes, self.classes)
+        rows = H[lab].permute(0, 2, 1)
+        sums = H.sum(dim=1)[lab].unsqueeze(1)
+        sums_abs = H.abs().sum(dim=1)[lab].unsqueeze(1)
+        d = (p * sums - rows).abs()
+        scale = top_diffs[0].abs() / norm
+        err = p * (r * sums.abs() + gamma(self.classes + 1) * sums_abs) + U * (p * sums).abs() + U * d
+        bound = (err * scale + 2 * U * d * scale) * keep.unsqueeze(1)
+        return [bound.reshape(x.shape) + 2 * ETA, None, None]
+
     def work(self) -> int:
         return 8 * count(self.bottom_shapes[0])
 
@@ -262,6 +333,8 @@ class InfogainLoss(_SoftmaxBased):
 class EuclideanLoss(LossLayer):
     """loss = sum((a - b)^2) / num / 2; diffs (a - b) and -(a - b) times top diff / num
     (Caffe lets both bottoms get a gradient)."""
+
+    param_fields = ()
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -276,6 +349,18 @@ class EuclideanLoss(LossLayer):
         value = (d.reshape(-1) @ d.reshape(-1)) / self.num / 2
         return (caffe_loss(value, self.num, [(a, d), (b, lambda: -d.reshape(b.shape))]),)
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # d = a - b (U), its square (2U + U), a sum of n non-negative terms, / num (U).
+        a, b = bottoms
+        d = a - b.reshape(a.shape)
+        return [(gamma(d.numel()) + 3 * U) * (d * d).sum() / self.num / 2 + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # d * fl(g / num): d's rounding, the quotient, the product.
+        a, b = bottoms
+        bound = 3 * U * (a - b.reshape(a.shape)).abs() * top_diffs[0].abs() / self.num + ETA
+        return [bound, bound.reshape(b.shape)]
+
 
 @register("SigmoidCrossEntropyLoss", v1="SIGMOID_CROSS_ENTROPY_LOSS")
 class SigmoidCrossEntropyLoss(LossLayer):
@@ -284,12 +369,15 @@ class SigmoidCrossEntropyLoss(LossLayer):
     not ignore_label); diff = sigmoid(x) - t (0 where ignored). Targets are probabilities
     (any float); only ``static_cast<int>(t) == ignore_label`` is tested."""
 
+    param_fields = ("loss_param",)
+
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
         a, b = self.bottom_shapes[:2]
         if count(a) != count(b):
             raise ValueError(f"inputs must have the same count (bottom shapes {_dims(a)} and {_dims(b)})")
         self.outer, self.inner = a[0], count(a, 1)
+        self._read_ignore_label()
         self.mode = normalization(spec.param.loss_param, Mode.BATCH_SIZE)
         self._check_weights()
 
@@ -302,6 +390,38 @@ class SigmoidCrossEntropyLoss(LossLayer):
         value = -torch.where(keep, terms, torch.zeros_like(terms)).sum() / norm
         return (caffe_loss(value, norm, [(x, lambda: (torch.sigmoid(xd) - t) * keep)]),)
 
+    def _bound_parts(self, x, target):
+        t = target.reshape(x.shape)
+        keep = torch.ones_like(t, dtype=torch.bool) if self.ignore is None else torch.trunc(t) != self.ignore
+        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        return t, keep.to(x.dtype), norm
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # x (t - [x >= 0]): two roundings; log(1 + e), e = exp(-|x|): exp's LIBM moves the log
+        # by LIBM e / (1 + e), fl(1 + e) by U, log's own LIBM |log(1 + e)|; the difference (U);
+        # a sum of n terms (gamma(n) on their magnitudes); the quotient (U).
+        x, target = bottoms
+        t, kept, norm = self._bound_parts(x, target)
+        lin = (x * (t - (x >= 0).to(x.dtype))).abs()
+        e = torch.exp(-x.abs())
+        soft = torch.log1p(e)
+        term = (x * (t - (x >= 0).to(x.dtype)) - soft).abs()
+        per = 2 * U * lin + LIBM * e / (1 + e) + U + LIBM * soft + U * term
+        n = max(int(kept.sum()), 1)
+        err = (per * kept).sum() + gamma(n) * (term * kept).sum()
+        return [err / norm + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # sigmoid(x): Caffe's 0.5 tanh(0.5 x) + 0.5 (LIBM relative to tanh, which does not shrink
+        # with s) or a direct sigmoid (LIBM relative to s); - t (U); fl(g / norm) and product.
+        x, target = bottoms
+        t, kept, norm = self._bound_parts(x, target)
+        s = torch.sigmoid(x)
+        d = (s - t).abs()
+        scale = top_diffs[0].abs() / norm
+        err_s = LIBM * (0.5 * (2 * s - 1).abs() + s) + U * s
+        return [((err_s + U * d) * scale + 2 * U * d * scale) * kept + 2 * ETA, None]
+
 
 @register("HingeLoss", v1="HINGE_LOSS")
 class HingeLoss(LossLayer):
@@ -309,6 +429,8 @@ class HingeLoss(LossLayer):
     label, +1 elsewhere (labels: the first num values of the label bottom). L1: loss =
     sum(m) / num, diff = s [m > 0]; L2: loss = sum(m^2) / num, diff = 2 s m; times top
     diff / num. The kink m = 0 is this layer's decision."""
+
+    param_fields = ("hinge_loss_param",)
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -330,6 +452,26 @@ class HingeLoss(LossLayer):
         value = ((m.reshape(-1) @ m.reshape(-1)) if self.l2 else m.sum()) / self.num
         return (caffe_loss(value, self.num, [(x, lambda: (2 * s * m if self.l2 else s * (m > 0)).reshape(x.shape))]),)
 
+    def _margins(self, bottoms):
+        x = bottoms[0].reshape(self.num, self.dim)
+        return self._signs(x, bottoms[1]), (1 + self._signs(x, bottoms[1]) * x).clamp(min=0)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # m = max(0, fl(1 + s x)): U m (rounding is monotone, so m = 0 stays 0); L2's square
+        # adds 2U + U; a sum of count non-negative terms; / num.
+        _, m = self._margins(bottoms)
+        total = (m * m).sum() * (3 * U) if self.l2 else m.sum() * U
+        mag = (m * m).sum() if self.l2 else m.sum()
+        return [(total + gamma(m.numel()) * mag) / self.num + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # L1: s [m > 0] fl(g / num): two roundings; L2: 2 s m times Caffe's fl(fl(2 g) / num):
+        # m's U and three more. The kink m = 0 is a decision.
+        s, m = self._margins(bottoms)
+        scale = top_diffs[0].abs() / self.num
+        bound = 4 * U * 2 * m * scale if self.l2 else 2 * U * (m > 0).to(m.dtype) * scale
+        return [bound.reshape(bottoms[0].shape) + ETA, None]
+
     def decisions(self, bottoms):
         x = bottoms[0].reshape(self.num, self.dim)
         return [(1 + self._signs(x, bottoms[1]) * x > 0).reshape(bottoms[0].shape)]
@@ -344,6 +486,8 @@ class MultinomialLogisticLoss(LossLayer):
     """Bottom 0 holds probabilities, num rows of dim values; loss = -sum log(max(p[label],
     1e-20)) / num; diff = -1 / max(p[label], 1e-20) at the label, 0 elsewhere, times top
     diff / num. The label bottom has one value per row (channels, height, width 1)."""
+
+    param_fields = ()
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -367,6 +511,24 @@ class MultinomialLogisticLoss(LossLayer):
 
         return (caffe_loss(value, self.num, [(x, diff)]),)
 
+    def _picked(self, bottoms):
+        lab, _ = self.labels(bottoms[1].reshape(-1), self.dim)
+        p = bottoms[0].reshape(self.num, self.dim)
+        return lab, p.gather(1, lab.unsqueeze(1)).clamp(min=LOG_THRESHOLD)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # one log per row (LIBM), a sum of num terms of one sign, / num.
+        _, picked = self._picked(bottoms)
+        logs = torch.log(picked).abs()
+        return [(LIBM + gamma(self.num)) * logs.sum() / self.num + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # -fl(g / num) / p (Caffe) or fl(-1 / p) fl(g / num) (the port): at most three roundings.
+        lab, picked = self._picked(bottoms)
+        bound = torch.zeros(self.num, self.dim, dtype=picked.dtype)
+        bound.scatter_(1, lab.unsqueeze(1), 3 * U * top_diffs[0].abs() / self.num / picked)
+        return [bound.reshape(bottoms[0].shape) + ETA, None]
+
     def work(self) -> int:
         return 2 * count(self.bottom_shapes[1])
 
@@ -379,6 +541,8 @@ class ContrastiveLoss(LossLayer):
     Caffe's diff of a (b: its negative), per pair: d if similar; else, where m = margin - D
     (legacy) or margin - sqrt(D) is > 0, -d (legacy) or -m / (sqrt(D) + 1e-4) d, else 0;
     times top diff / num. y gets no gradient."""
+
+    param_fields = ("contrastive_loss_param",)
 
     bottom_range = (3, 3)
 
@@ -423,6 +587,47 @@ class ContrastiveLoss(LossLayer):
         return (caffe_loss(value, self.num, [(a, lambda: diff().reshape(a.shape)),
                                               (b, lambda: -diff().reshape(b.shape))]),)
 
+    def _errors(self, bottoms):
+        """Per pair: d, D = |d|^2, similar, dist, m and the float32 error bounds eD, edist, em."""
+        d, D, similar = self._pairs(*bottoms)
+        eD = (gamma(self.channels) + 3 * U) * D  # d's rounding (2U), the squares (U), the sum
+        dist = torch.sqrt(D)
+        edist = (gamma(self.channels) + 3 * U) * dist / 2 + U * dist
+        m = self.margin - (D if self.legacy else dist)
+        em = (eD if self.legacy else edist) + U * m.abs()
+        return d, D, similar, dist, m, eD, edist, em
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # similar: D (eD); dissimilar: max(m, 0) (em, the clamp is 1-Lipschitz) or max(m, 0)^2
+        # (2 m em + em^2 + U m^2); a sum of num non-negative terms; / num (U), / 2 exact.
+        d, D, similar, dist, m, eD, edist, em = self._errors(bottoms)
+        mp = m.clamp(min=0)
+        if self.legacy:
+            apart, e_apart = mp, torch.where(m > -em, em, torch.zeros_like(em))
+        else:
+            apart, e_apart = mp * mp, torch.where(m > -em, 2 * mp * em + em * em + U * mp * mp, torch.zeros_like(em))
+        terms = torch.where(similar, D, apart)
+        err = torch.where(similar, eD, e_apart).sum() + gamma(self.num) * terms.sum()
+        return [err / self.num / 2 + U * exact_tops[0].abs() + ETA]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # f d fl(g / num), f = 1, -1 or -m / (dist + 1e-4) (where m > 0): d's rounding, f's
+        # error (m's, dist's, the sum with 1e-4 and its float32 value, the quotient), the
+        # products and the quotient g / num. The kink m = 0 is a decision.
+        d, D, similar, dist, m, eD, edist, em = self._errors(bottoms)
+        active = (m > 0).to(m.dtype)
+        if self.legacy:
+            f, ef = torch.where(similar, torch.ones_like(m), active), torch.zeros_like(m)
+        else:
+            den = dist + 1e-4
+            f = torch.where(similar, torch.ones_like(m), active * m.abs() / den)
+            ef = torch.where(similar, torch.zeros_like(m),
+                             active * (em / den + m.abs() / den * ((edist + 2 * U * den) / den + U)))
+        scale = top_diffs[0].abs() / self.num
+        bound = (f.unsqueeze(1) * 4 * U + ef.unsqueeze(1)) * d.abs() * scale + ETA
+        a, b = bottoms[0], bottoms[1]
+        return [bound.reshape(a.shape), bound.reshape(b.shape), None]
+
     def decisions(self, bottoms):
         d, dist_sq, similar = self._pairs(*bottoms)
         m = self.margin - (dist_sq if self.legacy else torch.sqrt(dist_sq))
@@ -444,6 +649,8 @@ class Accuracy(CaffeLayer):
     tie counts against); 0 when none is kept. Optional second top: that fraction per class
     (0 for a class with no kept position). No gradient (Caffe's Backward is
     NOT_IMPLEMENTED): the tops do not require grad."""
+
+    param_fields = ("accuracy_param",)
 
     verified_by = VERIFIED
 
@@ -486,13 +693,20 @@ class Accuracy(CaffeLayer):
             value = correct.sum().to(x.dtype) / kept if kept else torch.zeros((), dtype=x.dtype)
             if len(self.top_shapes) == 1:
                 return (value.reshape(()),)
-            nums = torch.zeros(self.classes, dtype=x.dtype).index_add_(0, lab[keep], torch.ones_like(lab[keep], dtype=x.dtype))
-            hits = torch.zeros(self.classes, dtype=x.dtype).index_add_(0, lab[correct], torch.ones_like(lab[correct], dtype=x.dtype))
+            nums = torch.bincount(lab[keep], minlength=self.classes).to(x.dtype)
+            hits = torch.bincount(lab[correct], minlength=self.classes).to(x.dtype)
             per_class = torch.where(nums > 0, hits / nums.clamp(min=1), torch.zeros_like(hits))
             return value.reshape(()), per_class
 
     def work(self) -> int:
         return count(self.bottom_shapes[0])
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # counts are exact; one float32 quotient per top (given the same decisions).
+        return [U * t.abs() + ETA for t in exact_tops]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        return [None, None]  # no gradient (Caffe: NOT_IMPLEMENTED)
 
     def decisions(self, bottoms):
         return [self._correct(*bottoms)[2]]
