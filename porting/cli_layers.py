@@ -50,8 +50,8 @@ def layer_list(builtin_only: bool = False) -> dict:
 def summary(data: dict) -> str:
     n_caffe = sum(t in {r["type"] for r in data["layers"]} for t in CAFFE_1_TYPES)
     plugins = sum(r["origin"] != "built-in" for r in data["layers"])
-    text = (f"{len(data['layers'])} layer types ({plugins} from plugins); {n_caffe} of Caffe 1.0's "
-            f"{len(CAFFE_1_TYPES)} types supported, {len(data['refused'])} refused")
+    text = (f"{len(data['layers'])} layer types" + (f" ({plugins} from plugins)" if plugins else "")
+            + f"; {n_caffe} of Caffe 1.0's {len(CAFFE_1_TYPES)} types supported, {len(data['refused'])} refused")
     return text + (f", not yet supported: {', '.join(data['missing'])}" if data["missing"] else "")
 
 
