@@ -166,7 +166,7 @@ def _layer_checks(spec, abs_module, values: NetValues, name: str, arr: Mapping, 
     if any(d is not None and d.shape != y.shape for y, d in zip(exact_tops, g)):
         return  # a shape the reference does not share: reported as such, nothing to judge here
     pairs = [(y, d) for y, d in zip(exact_tops, g) if d is not None and y.requires_grad]
-    if not pairs:
+    if not pairs or not leaves:  # no gradient, or no bottoms to send it to (Parameter)
         return
     grads = torch.autograd.grad([y for y, _ in pairs], leaves, [d for _, d in pairs], allow_unused=True)
     stored = [_t(t) for t in tops] if have_tops else exact_det
