@@ -25,6 +25,8 @@ Errors are max |port - caffe| / max |caffe| per array (numpy_ref.rel_err). Toler
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,7 @@ from porting import load_caffe
 from porting.errors import PortingError
 from porting.layers import build_layer
 from porting.legacy import CaffeError
+from porting.rounding import vjp
 
 TOL = {"unit": 1e-6, "recurrent": 4e-6}
 T, N, H = 4, 2, 5
@@ -60,7 +63,7 @@ def _net(layer_text, bottoms: dict, tops):
 
 
 def _run_both(caffe_worker, prototxt, caffemodel, inputs, top_diffs):
-    """(caffe result, port blobs, port input grads by name, port param grads)."""
+    """(caffe result, port blobs, port input grads by name, port param grads, the port's layer)."""
     caffe = caffe_worker.run_net(prototxt, caffemodel, inputs=inputs, top_diffs=top_diffs, params=True,
                                  capture_tops=False)
     net = load_caffe(prototxt, caffemodel)
@@ -72,7 +75,32 @@ def _run_both(caffe_worker, prototxt, caffemodel, inputs, top_diffs):
              for (k, x), v in zip(xs.items(), inputs.values())}
     params = [np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()
               for p in net.params.get("rec", [])]
-    return caffe, out, grads, params
+    layer = next(spec.module for spec in net.graph.layers if spec.name == "rec")
+    return caffe, out, grads, params, layer
+
+
+def _ratio(got, exact, bound):
+    """max |got - exact| / bound (0 where both are 0)."""
+    err = (torch.as_tensor(got, dtype=torch.float64) - exact).abs()
+    return float(torch.where(err == 0, torch.zeros_like(err), err / bound).max())
+
+
+def _check_forward_bound(layer, inputs, caffe, out, tops):
+    """Caffe's and the port's float32 tops are within the layer's forward bound of the float64
+    evaluation at the same bottoms, and the bound is tight: well under 1e-4 of the tops
+    (a weight 1e-3 off moves them beyond it: test_bound_is_not_vacuous)."""
+    layer64 = copy.deepcopy(layer).double()
+    xs = [torch.tensor(v, dtype=torch.float64) for v in inputs.values()]
+    with torch.no_grad():
+        exact = list(layer64(*xs))
+    bounds = layer64.forward_bound(xs, exact)
+    for t, y, b in zip(tops, exact, bounds):
+        for who, got in (("caffe", caffe[f"blob/{t}/data"]), ("port", out[t].detach().numpy())):
+            ratio = _ratio(got, y, b)
+            ref.log_error("bound-ratio", f"{who} top {t}", ratio)
+            assert ratio <= 1, f"{who} top {t}: {ratio:.3g} x its bound"
+        assert float(b.max()) < 1e-4 * float(y.abs().max()), f"top {t}: loose bound"
+    return layer64, xs, exact, bounds
 
 
 def _check(name, got, want, family):
@@ -91,12 +119,28 @@ def test_lstm_unit_matches_caffe(caffe_worker, tmp_path):
     prototxt = tmp_path / "unit.prototxt"
     prototxt.write_text(_net('type: "LSTMUnit"', {k: v.shape for k, v in inputs.items()}, ["c", "h"]))
     diffs = {"c": _normal((1, n, h), 3), "h": _normal((1, n, h), 4)}
-    caffe, out, grads, _ = _run_both(caffe_worker, prototxt, None, inputs, diffs)
+    caffe, out, grads, _, layer = _run_both(caffe_worker, prototxt, None, inputs, diffs)
     for t in ("c", "h"):
         _check(f"top {t}", out[t].detach().numpy(), caffe[f"blob/{t}/data"], "unit")
     for b in ("c_prev", "X"):
         _check(f"diff {b}", grads[b], caffe[f"blob/{b}/diff"], "unit")
     assert not caffe["blob/cont/diff"].any() and not grads["cont"].any()
+    layer64, xs, exact, _ = _check_forward_bound(layer, inputs, caffe, out, ["c", "h"])
+    # backward bound: each framework's bottom diffs against Caffe's formula in float64 at its
+    # own stored c (the port's c here; Caffe's c differs from it by rounding only)
+    g64 = [torch.tensor(diffs[t], dtype=torch.float64) for t in ("c", "h")]
+    exact_grads = vjp(layer64, xs, g64)
+    for who, tops_f, got in (("caffe", [caffe["blob/c/data"], caffe["blob/h/data"]],
+                              [caffe["blob/c_prev/diff"], caffe["blob/X/diff"]]),
+                             ("port", [out["c"].detach().numpy(), out["h"].detach().numpy()],
+                              [grads["c_prev"], grads["X"]])):
+        bounds = layer64.backward_bound(xs, [torch.tensor(t, dtype=torch.float64) for t in tops_f], exact, g64)
+        assert bounds[2] is None and exact_grads[2] is None
+        for name, g, e, b in zip(("c_prev", "X"), got, exact_grads, bounds):
+            ratio = _ratio(g, e, b)
+            ref.log_error("bound-ratio", f"{who} diff {name}", ratio)
+            assert ratio <= 1, f"{who} diff {name}: {ratio:.3g} x its bound"
+            assert float(b.max()) < 1e-4 * float(e.abs().max())
     assert np.abs(caffe["blob/X/diff"]).max() > 0.1 and np.abs(caffe["blob/c_prev/diff"]).max() > 0.1
     # The f block of the cont = 0.5 stream: Caffe's f (1 - f) is not the derivative of
     # 0.5 sigmoid(.) (what autograd of the forward would give); the port follows Caffe.
@@ -154,10 +198,11 @@ def _check_recurrent(caffe_worker, caffe_weights, tmp_path, kind, static, expose
     prototxt.write_text(_net(text, {k: v.shape for k, v in inputs.items()}, tops))
     caffemodel = caffe_weights(prototxt, seed=3, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
     diffs = {t: _normal((T, N, H) if t == "out" else (1, N, H), 20 + i) for i, t in enumerate(tops)}
-    caffe, out, grads, params = _run_both(caffe_worker, prototxt, caffemodel, inputs, diffs)
+    caffe, out, grads, params, layer = _run_both(caffe_worker, prototxt, caffemodel, inputs, diffs)
 
     for t in tops:
         _check(f"top {t}", out[t].detach().numpy(), caffe[f"blob/{t}/data"], "recurrent")
+    _check_forward_bound(layer, inputs, caffe, out, tops)
     if kind == "LSTM" and expose:  # h_T is the last step of the output h, in both
         np.testing.assert_array_equal(caffe["blob/h_T/data"], caffe["blob/out/data"][-1:])
         np.testing.assert_array_equal(out["h_T"].detach().numpy(), out["out"].detach().numpy()[-1:])
@@ -186,7 +231,7 @@ def test_exposed_state_diffs_reach_nothing(caffe_worker, caffe_weights, tmp_path
     prototxt.write_text(_net(text, {k: v.shape for k, v in inputs.items()}, tops))
     caffemodel = caffe_weights(prototxt, seed=4, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
     diffs = {"out": np.zeros((T, N, H), np.float32), "h_T": _normal((1, N, H), 30), "c_T": _normal((1, N, H), 31)}
-    caffe, _, grads, params = _run_both(caffe_worker, prototxt, caffemodel, inputs, diffs)
+    caffe, _, grads, params, _ = _run_both(caffe_worker, prototxt, caffemodel, inputs, diffs)
     for b in inputs:
         assert not caffe[f"blob/{b}/diff"].any() and not grads[b].any(), b
     for i, got in enumerate(params):

@@ -49,9 +49,12 @@ tests/test_layers_recurrent.py):
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from porting.layers import CaffeLayer, caffe_int, count, int_arithmetic, register
+from porting.rounding import ETA, LIBM, LIBM_ETA, U, gamma, stored_error
 
 
 # ---------------------------------------------------------------- the LSTM unit arithmetic
@@ -113,6 +116,82 @@ def _unit_work(values: int) -> int:
     return 10 * values
 
 
+# ---------------------------------------------------------------- float32 rounding bounds
+#
+# Running error analysis, first order in U (porting.rounding): each value is carried as its
+# exact float64 value ``v`` and a bound ``e`` on how far a float32 evaluation (Caffe's CPU
+# algorithm or the port's) can be from it; each operation adds its own rounding to the
+# errors of its operands, propagated by its derivative at the exact point.
+
+class _Err:
+    def __init__(self, v, e=None):
+        self.v, self.e = v, torch.zeros_like(v) if e is None else e
+
+    def __mul__(self, other):
+        other = other if isinstance(other, _Err) else _Err(other)
+        v = self.v * other.v
+        return _Err(v, self.v.abs() * other.e + other.v.abs() * self.e + U * v.abs() + ETA)
+
+    def __add__(self, other):
+        other = other if isinstance(other, _Err) else _Err(other)
+        v = self.v + other.v
+        return _Err(v, self.e + other.e + U * v.abs())
+
+    def one_minus(self):
+        v = 1 - self.v
+        return _Err(v, self.e + U * v.abs())
+
+    def __getitem__(self, index):
+        return _Err(self.v[index], self.e[index])
+
+
+def _sum_any(terms):
+    """A sum of terms in any order (Caffe's Eltwise SUM, the port's additions)."""
+    return _Err(sum(t.v for t in terms),
+                sum(t.e for t in terms) + gamma(len(terms) - 1) * sum(t.v.abs() for t in terms))
+
+
+def _linear(x, W, b=None):
+    """x W^T (+ b): a GEMM over K = W's columns (+1 for Caffe's bias), any order."""
+    v = torch.nn.functional.linear(x.v, W, b)
+    mag = torch.nn.functional.linear(x.v.abs(), W.abs(), None if b is None else b.abs())
+    k = W.shape[1] + (b is not None)
+    return _Err(v, torch.nn.functional.linear(x.e, W.abs()) + gamma(k) * mag + k * ETA)
+
+
+def _sigmoid(a):
+    """Caffe's LSTMUnit sigmoid 1 / (1 + exp(-x)) (exp, a sum, a quotient) or torch's."""
+    v = torch.sigmoid(a.v)
+    return _Err(v, v * (1 - v) * a.e + (LIBM + 2 * U) * v + LIBM_ETA)
+
+
+def _tanh_unit(a):
+    """Caffe's LSTMUnit tanh 2 sigmoid(2x) - 1 (the sigmoid's error, doubled, one sum), or
+    torch's tanh (LIBM relative)."""
+    v = torch.tanh(a.v)
+    local = 2 * (LIBM + 2 * U) * torch.sigmoid(2 * a.v) + (LIBM + U) * v.abs() + 2 * LIBM_ETA
+    return _Err(v, (1 - v * v) * a.e + local)
+
+
+def _tanh(a):
+    """Caffe's TanH layer (std::tanh) or torch's: LIBM relative."""
+    v = torch.tanh(a.v)
+    return _Err(v, (1 - v * v) * a.e + LIBM * v.abs() + LIBM_ETA)
+
+
+def _unit_gates_err(X, cont, hidden):
+    i = _sigmoid(X[..., :hidden])
+    f = _sigmoid(X[..., hidden:2 * hidden]) * _Err(cont.unsqueeze(-1))  # exactly 0 where cont is 0
+    return i, f, _sigmoid(X[..., 2 * hidden:3 * hidden]), _tanh_unit(X[..., 3 * hidden:])
+
+
+def _unit_err(c_prev, X, cont):
+    """(c_t, h_t) of the LSTM unit with their bounds."""
+    i, f, o, g = _unit_gates_err(X, cont, c_prev.v.shape[-1])
+    c = f * c_prev + i * g
+    return c, o * _tanh_unit(c)
+
+
 @register("LSTMUnit")
 class LSTMUnit(CaffeLayer):
     """Bottoms c_{t-1} (1, N, H), gate inputs X (1, N, 4H), cont (1, N); tops c_t, h_t (1, N, H)."""
@@ -141,6 +220,21 @@ class LSTMUnit(CaffeLayer):
     def work(self) -> int:
         return _unit_work(count(self.bottom_shapes[0]))
 
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        c, h = _unit_err(_Err(bottoms[0]), _Err(bottoms[1]), bottoms[2])
+        return [c.e, h.e]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Caffe's formula (``_LSTMUnitFn``), gates recomputed from X, tanh from the stored c.
+        c_prev, X, cont = bottoms
+        dc, dh = (_Err(torch.zeros_like(exact_tops[0]) if d is None else d) for d in top_diffs)
+        i, f, o, g = _unit_gates_err(_Err(X), cont, c_prev.shape[-1])
+        t = _tanh_unit(_Err(exact_tops[0], stored_error(tops[0], exact_tops[0])))
+        dc_ = dc + dh * o * (t * t).one_minus()
+        dX = [dc_ * g * i * i.one_minus(), dc_ * _Err(c_prev) * f * f.one_minus(),
+              dh * t * o * o.one_minus(), dc_ * i * (g * g).one_minus()]
+        return [(dc_ * f).e, torch.cat([d.e for d in dX], dim=-1), None]
+
 
 # ---------------------------------------------------------------- LSTM and RNN
 
@@ -149,6 +243,14 @@ def _expect_tops(spec, n: int, type_name: str) -> None:
     if tops is not None and len(tops) != n:
         raise ValueError(f"{type_name} takes {n} top blob(s), got {len(tops)}")
 
+
+# The two arithmetics the steps of LSTM and RNN are written in: torch's (the forward) and
+# _Err's (the forward bound).
+_TORCH = SimpleNamespace(wrap=lambda v: v, linear=torch.nn.functional.linear, tanh=torch.tanh, unit=lstm_unit,
+                         sum=lambda terms: sum(terms[1:], terms[0]), cat=lambda xs: torch.cat(xs, dim=0))
+_ERR = SimpleNamespace(wrap=_Err, linear=lambda x, W, b=None: _linear(x, W.double(), None if b is None else b.double()),
+                       tanh=_tanh, unit=_unit_err, sum=_sum_any,
+                       cat=lambda xs: _Err(torch.cat([x.v for x in xs]), torch.cat([x.e for x in xs])))
 
 # The port runs one Python step per time step (about 20 torch calls, measured 0.1-0.3 ms on a
 # loaded CPU), whatever the sizes: counted as the multiply-adds that time buys (~1e6 at a few
@@ -200,20 +302,34 @@ class _Recurrent(CaffeLayer):
         self.param_shapes = [(rows, self.D), (rows,)] + ([(rows, self.S)] if self.static else [])
         self.top_shapes = [(self.T, self.N, self.hidden)] + [state] * exposed
 
-    def _inputs(self, bottoms):
-        """(x W^T + b) for all steps (T, N, rows) plus the static term, cont, the initial states
-        (detached: Caffe gives h_0 and c_0 no gradient), and the index of the next blob."""
+    def _inputs(self, bottoms, ops):
+        """The input transform x W^T + b of all steps (T, N, rows), the static one (N, rows) or
+        None, cont (T, N), the initial states (detached: Caffe gives h_0 and c_0 no gradient)
+        and the index of the next parameter blob."""
         x, cont = bottoms[0], bottoms[1].detach()  # cont gets no gradient in Caffe
-        W, b = self.blobs[0], self.blobs[1]
-        xw = torch.nn.functional.linear(x.reshape(self.T, self.N, self.D), W, b)
+        xw = ops.linear(ops.wrap(x.reshape(self.T, self.N, self.D)), self.blobs[0], self.blobs[1])
+        static = None
         if self.static:
-            xs = bottoms[2].reshape(self.N, self.S)
-            xw = xw + torch.nn.functional.linear(xs, self.blobs[2]).unsqueeze(0)
+            static = ops.linear(ops.wrap(bottoms[2].reshape(self.N, self.S)), self.blobs[2])
         if self.expose:
-            states = [s.detach() for s in bottoms[2 + self.static:]]
+            states = [ops.wrap(s.detach()) for s in bottoms[2 + self.static:]]
         else:
-            states = [x.new_zeros((1, self.N, self.hidden)) for _ in range(self.n_states)]
-        return xw, cont, states, 2 + self.static
+            states = [ops.wrap(x.new_zeros((1, self.N, self.hidden))) for _ in range(self.n_states)]
+        return xw, static, cont, states, 2 + self.static
+
+    def _run(self, bottoms, ops):  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, *bottoms):
+        tops = self._run(bottoms, _TORCH)
+        return (tops[0],) + tuple(t.detach() for t in tops[1:])  # h_T, c_T: no gradient (Caffe's)
+
+    def forward_bound(self, bottoms, exact_tops, abs_module=None):
+        # The step arithmetic of both frameworks in _Err (a step's sum of the recurrent product,
+        # the input transform and the static transform, in any order: Caffe's Eltwise, the
+        # port's additions).
+        with torch.no_grad():
+            return [t.e for t in self._run([b.double() for b in bottoms], _ERR)]
 
     def _work_inputs(self) -> int:
         """The input transforms, plus STEP_WORK per time step (see there)."""
@@ -234,17 +350,16 @@ class LSTM(_Recurrent):
         super().__init__(spec, bottom_shapes)
         self.param_shapes.append((4 * self.hidden, self.hidden))  # W_hc
 
-    def forward(self, *bottoms):
-        xw, cont, (h, c), k = self._inputs(bottoms)
+    def _run(self, bottoms, ops):
+        xw, static, cont, (h, c), k = self._inputs(bottoms, ops)
         W_hc = self.blobs[k]
         hs = []
         for t in range(self.T):
             cont_t = cont[t:t + 1]  # (1, N)
-            gates = torch.nn.functional.linear(h * cont_t.unsqueeze(-1), W_hc) + xw[t:t + 1]
-            c, h = lstm_unit(c, gates, cont_t)
+            terms = [ops.linear(h * ops.wrap(cont_t.unsqueeze(-1)), W_hc), xw[t:t + 1]]
+            c, h = ops.unit(c, ops.sum(terms + ([static] if static is not None else [])), cont_t)
             hs.append(h)
-        out = torch.cat(hs, dim=0)
-        return (out, h.detach(), c.detach()) if self.expose else (out,)
+        return [ops.cat(hs), h, c][:3 if self.expose else 1]
 
     def work(self) -> int:
         H = self.hidden
@@ -262,15 +377,15 @@ class RNN(_Recurrent):
         H = self.hidden
         self.param_shapes += [(H, H), (H, H), (H,)]  # W_hh, W_ho, b_o
 
-    def forward(self, *bottoms):
-        xw, cont, (h,), k = self._inputs(bottoms)
+    def _run(self, bottoms, ops):
+        xw, static, cont, (h,), k = self._inputs(bottoms, ops)
         W_hh, W_ho, b_o = self.blobs[k:k + 3]
         outs = []
         for t in range(self.T):
-            h = torch.tanh(torch.nn.functional.linear(h * cont[t:t + 1].unsqueeze(-1), W_hh) + xw[t:t + 1])
-            outs.append(torch.tanh(torch.nn.functional.linear(h, W_ho, b_o)))
-        out = torch.cat(outs, dim=0)
-        return (out, h.detach()) if self.expose else (out,)
+            terms = [ops.linear(h * ops.wrap(cont[t:t + 1].unsqueeze(-1)), W_hh), xw[t:t + 1]]
+            h = ops.tanh(ops.sum(terms + ([static] if static is not None else [])))
+            outs.append(ops.tanh(ops.linear(h, W_ho, b_o)))
+        return [ops.cat(outs), h][:2 if self.expose else 1]
 
     def work(self) -> int:
         H = self.hidden
