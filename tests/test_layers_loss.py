@@ -263,14 +263,14 @@ def _layer(text, shapes, tops=('top: "l"',)):
     ('"InfogainLoss"', [(2, 3), (2,), (3, 3)], [0, 7])])
 def test_label_out_of_range_is_a_clear_error(text, shapes, label):
     """Caffe only DCHECKs labels (a release build reads outside the blob): the port refuses
-    at run time, naming the label and its index."""
+    at run time with a PortingError naming the layer, the label and its index."""
     layer = _layer(text, shapes)
     bottoms = [torch.rand(s) for s in shapes]
     bottoms[1] = torch.tensor(label, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"label .* at index 1 is outside \[0, 3\)"):
+    with pytest.raises(PortingError, match=r"^layer t \(\w+\): label .* at index 1 is outside \[0, 3\)"):
         layer(*bottoms)
     acc = _layer('"Accuracy"', [(2, 3), (2,)], tops=('top: "a"',))
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(PortingError, match="outside"):
         acc(torch.rand(2, 3), torch.tensor([0.0, 3.0]))
 
 

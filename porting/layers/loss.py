@@ -3,8 +3,8 @@
 Every loss top is a zero-axis scalar. Labels are float tensors holding integers, read as
 Caffe reads them (``static_cast<int>``: truncated toward zero); they never get a gradient
 (Caffe's LossLayer::AllowForceBackward is false for them). A label outside [0, classes)
-that is not ``ignore_label`` is a ValueError at run time (Caffe only DCHECKs it: a release
-build reads or writes outside the blob).
+that is not ``ignore_label`` is a PortingError at run time, naming the layer (Caffe only
+DCHECKs it: a release build reads or writes outside the blob).
 
 Backward is Caffe's formula, not autograd's derivative of the forward (they differ at
 Caffe's clamps: FLT_MIN and kLOG_THRESHOLD under a log, the 1e-4 in ContrastiveLoss, the
@@ -24,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from porting import caffe_pb2
+from porting.errors import PortingError, shown
 from porting.layers import INT_MAX, CaffeLayer, canonical_axis, count, register
 from porting.rounding import ETA, LIBM, U, gamma
 
@@ -133,15 +134,17 @@ class LossLayer(CaffeLayer):
 
     def labels(self, label: torch.Tensor, classes: int):
         """(index, keep): the labels as Caffe's int, and where they are not ignore_label;
-        ValueError for a kept label outside [0, classes) (or not finite)."""
+        PortingError (at run time, naming the layer) for a kept label outside [0, classes)
+        or not finite: Caffe would read (or write) outside its blob."""
         value = torch.trunc(label.detach())
         keep = torch.ones_like(value, dtype=torch.bool) if self.ignore is None else value != self.ignore
         bad = keep & ~((value >= 0) & (value < classes))
         if bool(bad.any()):
             where = int(bad.reshape(-1).nonzero()[0, 0])
-            raise ValueError(f"{self.type_name} layer {self.name!r}: label {label.reshape(-1)[where].item():g} "
-                             f"at index {where} is outside [0, {classes})"
-                             + ("" if self.ignore is None else f" and is not ignore_label {self.ignore}"))
+            raise PortingError(f"label {label.reshape(-1)[where].item():g} at index {where} is outside [0, {classes})"
+                               + ("" if self.ignore is None else f" and is not ignore_label {self.ignore}")
+                               + "; Caffe would read outside its blob",
+                               place=f"layer {shown(self.name)} ({self.type_name})")
         return torch.where(keep, value, torch.zeros_like(value)).long(), keep
 
     def work(self) -> int:
