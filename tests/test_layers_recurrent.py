@@ -202,7 +202,23 @@ def _check_recurrent(caffe_worker, caffe_weights, tmp_path, kind, static, expose
 
     for t in tops:
         _check(f"top {t}", out[t].detach().numpy(), caffe[f"blob/{t}/data"], "recurrent")
-    _check_forward_bound(layer, inputs, caffe, out, tops)
+    layer64, xs, exact, _ = _check_forward_bound(layer, inputs, caffe, out, tops)
+    g64 = [torch.tensor(diffs[t], dtype=torch.float64) for t in tops]
+    exact_grads = vjp(layer64, xs, g64)
+    names = list(inputs)
+    for who, tops_f, got in (("caffe", [caffe[f"blob/{t}/data"] for t in tops], [caffe[f"blob/{b}/diff"] for b in names]),
+                             ("port", [out[t].detach().numpy() for t in tops], [grads[b] for b in names])):
+        bounds = layer64.backward_bound(xs, [torch.tensor(t, dtype=torch.float64) for t in tops_f], exact, g64)
+        for name, g, e, b in zip(names, got, exact_grads, bounds):
+            if name in ("cont", "h_0", "c_0"):
+                assert e is None and b is None, name
+                continue
+            ratio = _ratio(g, e, b)
+            ref.log_error("bound-ratio", f"{who} diff {name}", ratio)
+            assert ratio <= 1, f"{who} diff {name}: {ratio:.3g} x its bound"
+            # looser than the tops' (the diffs of x_static sum T steps of 4H gate diffs that
+            # cancel), yet far from vacuous
+            assert float(b.max()) < 1e-3 * float(e.abs().max()), f"diff {name}: loose bound"
     if kind == "LSTM" and expose:  # h_T is the last step of the output h, in both
         np.testing.assert_array_equal(caffe["blob/h_T/data"], caffe["blob/out/data"][-1:])
         np.testing.assert_array_equal(out["h_T"].detach().numpy(), out["out"].detach().numpy()[-1:])

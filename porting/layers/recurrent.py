@@ -192,6 +192,24 @@ def _unit_err(c_prev, X, cont):
     return c, o * _tanh_unit(c)
 
 
+def _unit_backward_err(c_prev, X, cont, c, dc, dh):
+    """(dc_prev, dX) of Caffe's LSTMUnit backward (``_LSTMUnitFn``) with their bounds: the
+    gates recomputed from X, tanh from the stored c."""
+    i, f, o, g = _unit_gates_err(X, cont, c.v.shape[-1])
+    t = _tanh_unit(c)
+    dc_ = dc + dh * o * (t * t).one_minus()
+    dX = [dc_ * g * i * i.one_minus(), dc_ * c_prev * f * f.one_minus(),
+          dh * t * o * o.one_minus(), dc_ * i * (g * g).one_minus()]
+    return dc_ * f, _Err(torch.cat([d.v for d in dX], dim=-1), torch.cat([d.e for d in dX], dim=-1))
+
+
+def _linear_backward(d, W):
+    """d W: the bottom diff of an InnerProduct (x W^T) from its top diff d, a GEMM over
+    K = W's rows, any order."""
+    k = W.shape[0]
+    return _Err(d.v @ W, d.e @ W.abs() + gamma(k) * (d.v.abs() @ W.abs()) + k * ETA)
+
+
 @register("LSTMUnit")
 class LSTMUnit(CaffeLayer):
     """Bottoms c_{t-1} (1, N, H), gate inputs X (1, N, 4H), cont (1, N); tops c_t, h_t (1, N, H)."""
@@ -225,15 +243,12 @@ class LSTMUnit(CaffeLayer):
         return [c.e, h.e]
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
-        # Caffe's formula (``_LSTMUnitFn``), gates recomputed from X, tanh from the stored c.
+        # Caffe's formula, reading its stored c.
         c_prev, X, cont = bottoms
         dc, dh = (_Err(torch.zeros_like(exact_tops[0]) if d is None else d) for d in top_diffs)
-        i, f, o, g = _unit_gates_err(_Err(X), cont, c_prev.shape[-1])
-        t = _tanh_unit(_Err(exact_tops[0], stored_error(tops[0], exact_tops[0])))
-        dc_ = dc + dh * o * (t * t).one_minus()
-        dX = [dc_ * g * i * i.one_minus(), dc_ * _Err(c_prev) * f * f.one_minus(),
-              dh * t * o * o.one_minus(), dc_ * i * (g * g).one_minus()]
-        return [(dc_ * f).e, torch.cat([d.e for d in dX], dim=-1), None]
+        c = _Err(exact_tops[0], stored_error(tops[0], exact_tops[0]))
+        dc_prev, dX = _unit_backward_err(_Err(c_prev), _Err(X), cont, c, dc, dh)
+        return [dc_prev.e, dX.e, None]
 
 
 # ---------------------------------------------------------------- LSTM and RNN
@@ -317,7 +332,9 @@ class _Recurrent(CaffeLayer):
             states = [ops.wrap(x.new_zeros((1, self.N, self.hidden))) for _ in range(self.n_states)]
         return xw, static, cont, states, 2 + self.static
 
-    def _run(self, bottoms, ops):  # pragma: no cover
+    def _run(self, bottoms, ops, trace=None):  # pragma: no cover
+        """The tops by ``ops``' arithmetic; ``trace`` (a list) gets what each step's backward
+        reads."""
         raise NotImplementedError
 
     def forward(self, *bottoms):
@@ -330,6 +347,22 @@ class _Recurrent(CaffeLayer):
         # port's additions).
         with torch.no_grad():
             return [t.e for t in self._run([b.double() for b in bottoms], _ERR)]
+
+    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
+        # Backward through time in _Err: the stored values each step's backward reads carry
+        # their forward bounds; diffs given to h_T/c_T reach nothing (Caffe's); cont, h_0 and
+        # c_0 get no gradient.
+        trace = []
+        with torch.no_grad():
+            self._run([b.double() for b in bottoms], _ERR, trace)
+            d_out = top_diffs[0] if top_diffs[0] is not None else torch.zeros_like(exact_tops[0])
+            d_steps = self._backward_steps(_Err(d_out.double()), trace)  # the diff of each step's sum
+            out = [_linear_backward(_Err(torch.cat([d.v for d in d_steps]), torch.cat([d.e for d in d_steps])),
+                                    self.blobs[0].double()).e.reshape(bottoms[0].shape), None]
+            if self.static:  # Caffe: a Split sums the T diffs of the static transform
+                ds = _sum_any([d[0] for d in d_steps])
+                out.append(_linear_backward(ds, self.blobs[2].double()).e.reshape(bottoms[2].shape))
+        return out + [None] * (len(bottoms) - len(out))
 
     def _work_inputs(self) -> int:
         """The input transforms, plus STEP_WORK per time step (see there)."""
@@ -350,16 +383,29 @@ class LSTM(_Recurrent):
         super().__init__(spec, bottom_shapes)
         self.param_shapes.append((4 * self.hidden, self.hidden))  # W_hc
 
-    def _run(self, bottoms, ops):
+    def _run(self, bottoms, ops, trace=None):
         xw, static, cont, (h, c), k = self._inputs(bottoms, ops)
         W_hc = self.blobs[k]
         hs = []
         for t in range(self.T):
             cont_t = cont[t:t + 1]  # (1, N)
             terms = [ops.linear(h * ops.wrap(cont_t.unsqueeze(-1)), W_hc), xw[t:t + 1]]
-            c, h = ops.unit(c, ops.sum(terms + ([static] if static is not None else [])), cont_t)
+            gates = ops.sum(terms + ([static] if static is not None else []))
+            c_prev, (c, h) = c, ops.unit(c, gates, cont_t)
             hs.append(h)
+            if trace is not None:
+                trace.append((c_prev, gates, c, cont_t))
         return [ops.cat(hs), h, c][:3 if self.expose else 1]
+
+    def _backward_steps(self, d_out, trace):
+        W_hc = self.blobs[2 + self.static].double()
+        dh_rec = dc = _Err(torch.zeros_like(d_out.v[:1]))
+        d_steps = [None] * self.T
+        for t in reversed(range(self.T)):
+            c_prev, gates, c, cont_t = trace[t]
+            dc, d_steps[t] = _unit_backward_err(c_prev, gates, cont_t, c, dc, d_out[t:t + 1] + dh_rec)
+            dh_rec = _linear_backward(d_steps[t], W_hc) * _Err(cont_t.unsqueeze(-1))
+        return d_steps
 
     def work(self) -> int:
         H = self.hidden
@@ -377,7 +423,7 @@ class RNN(_Recurrent):
         H = self.hidden
         self.param_shapes += [(H, H), (H, H), (H,)]  # W_hh, W_ho, b_o
 
-    def _run(self, bottoms, ops):
+    def _run(self, bottoms, ops, trace=None):
         xw, static, cont, (h,), k = self._inputs(bottoms, ops)
         W_hh, W_ho, b_o = self.blobs[k:k + 3]
         outs = []
@@ -385,7 +431,22 @@ class RNN(_Recurrent):
             terms = [ops.linear(h * ops.wrap(cont[t:t + 1].unsqueeze(-1)), W_hh), xw[t:t + 1]]
             h = ops.tanh(ops.sum(terms + ([static] if static is not None else [])))
             outs.append(ops.tanh(ops.linear(h, W_ho, b_o)))
+            if trace is not None:
+                trace.append((h, outs[-1], cont[t:t + 1]))
         return [ops.cat(outs), h][:2 if self.expose else 1]
+
+    def _backward_steps(self, d_out, trace):
+        # Caffe's TanH backward d (1 - y^2) with its stored y; the IPs' bottom diffs.
+        k = 2 + self.static
+        W_hh, W_ho = self.blobs[k].double(), self.blobs[k + 1].double()
+        dh_rec = _Err(torch.zeros_like(d_out.v[:1]))
+        d_steps = [None] * self.T
+        for t in reversed(range(self.T)):
+            h, o, cont_t = trace[t]
+            dh = _linear_backward(d_out[t:t + 1] * (o * o).one_minus(), W_ho) + dh_rec
+            d_steps[t] = dh * (h * h).one_minus()
+            dh_rec = _linear_backward(d_steps[t], W_hh) * _Err(cont_t.unsqueeze(-1))
+        return d_steps
 
     def work(self) -> int:
         H = self.hidden
