@@ -5,7 +5,8 @@ A net is a pure function of three values: ``make_example(seed, depth, focus)``. 
 ``seed`` drives NumPy's ``RandomState`` for every other choice (shapes, layer parameters,
 which earlier blobs a multi-bottom layer joins, in place or not, weights, inputs, the top
 diff). A step adds one layer, or two where the pair is the point (BatchNorm then Scale,
-Slice then Concat); later steps pick from ``KINDS``, ReLU (sometimes leaky), Dropout and a
+Slice then Concat, Parameter then Eltwise, Reduction or SPP then a Reshape back to 4 axes);
+later steps pick from ``KINDS`` (see ``NEW_KINDS``), ReLU (sometimes leaky), Dropout and a
 declared Split. Shapes stay small (N <= 2, C <= 12, H, W <= 16), so one Caffe call takes
 milliseconds.
 
@@ -38,7 +39,14 @@ import numpy as np
 from numpy_ref import rel_err  # the project's error measure: max |a - ref| / max |ref|
 from porting.verify import Objective
 
-KINDS = ("conv", "deconv", "pool", "lrn", "eltwise", "batchnorm", "crop", "slice_concat")
+OLD_KINDS = ("conv", "deconv", "pool", "lrn", "eltwise", "batchnorm", "crop", "slice_concat")
+# Kinds added later. A net focused on an older kind draws exactly as before (later steps
+# pick from OLD_KINDS and the fillers), so the pinned examples' seeds keep their nets; a
+# net focused on a newer kind picks its later steps from every kind. Embed, BatchReindex
+# and Filter are left out: under the force_backward the comparison runs Caffe with, Caffe
+# aborts in their backward (they refuse to backpropagate to their index bottom).
+NEW_KINDS = ("clip", "swish", "tile", "reduction", "mvn", "spp", "im2col", "parameter")
+KINDS = OLD_KINDS + NEW_KINDS
 MAX_DEPTH = 4
 
 # Layer families: "exact" layers (data movement, ReLU, MAX pooling, Eltwise MAX) must give
@@ -580,9 +588,149 @@ def step_split(b: _Builder, x: str) -> str:
     return b.pick(tops)
 
 
+def _to_4d(b: _Builder, x: str, kind: str) -> str:
+    """A Reshape of a blob of fewer axes to (N, C, H, W), 1 for the missing trailing axes
+    (later steps take 4-axis blobs). Caffe shares its data and diff with the bottom."""
+    shape = b.shapes[x]
+    if len(shape) == 4:
+        return x
+    top = (tuple(shape) + (1, 1, 1, 1))[:4]
+    dims = " ".join(f"dim: {d}" for d in top)
+    return b.add(kind, "Reshape", [x], "exact", f"reshape_param {{ shape {{ {dims} }} }}", [top], shares=True)[0]
+
+
+def step_clip(b: _Builder, x: str) -> str:
+    """Clip to [min, max] (min > max sometimes: min everywhere, as Caffe's std::max(min, ...))."""
+    lo, hi = sorted(round(float(v), 2) for v in b.rng.uniform(-1.5, 1.5, 2) * b.mag[x])
+    if b.chance(0.1):
+        lo, hi = hi, lo
+    b.features.append("Clip" + (":inverted" if lo > hi else ""))
+    # its backward reads the bottom (which values lie inside); plateaus may make a channel flat
+    return b.add("clip", "Clip", [x], "exact", f"clip_param {{ min: {_f(lo)} max: {_f(hi)} }}", [b.shapes[x]],
+                 reads="value", makes=("zeros", "flat"), mag=max(abs(lo), abs(hi)))[0]
+
+
+def step_swish(b: _Builder, x: str) -> str:
+    """Swish x * sigmoid(beta x), beta default or drawn."""
+    beta = 1.0 if b.chance(0.4) else round(float(b.rng.uniform(0.25, 2.5)), 2)
+    body = "" if beta == 1.0 and b.chance(0.5) else f"swish_param {{ beta: {_f(beta)} }}"
+    b.features.append("Swish")
+    return b.add("swish", "Swish", [x], "transcendental", body, [b.shapes[x]], reads="value",
+                 reads_top="value")[0]
+
+
+def step_tile(b: _Builder, x: str) -> str:
+    """Tile 2-3 times along an axis whose tiled size stays <= 16 (the channel axis <= 12)."""
+    shape = b.shapes[x]
+    choices = [(a, t) for a in (0, 1, 2, 3) for t in (2, 3) if shape[a] * t <= (12 if a == 1 else 16)]
+    if not choices:
+        return step_clip(b, x)
+    axis, tiles = b.pick(choices)
+    top = list(shape)
+    top[axis] *= tiles
+    axis_text = "" if axis == 1 and b.chance(0.5) else f"axis: {axis - 4 if b.chance(0.3) else axis} "
+    b.features.append(f"Tile:axis{axis}")
+    return b.add("tile", "Tile", [x], "sum", f"tile_param {{ {axis_text}tiles: {tiles} }}", [tuple(top)])[0]
+
+
+def step_reduction(b: _Builder, x: str) -> str:
+    """Reduction SUM, ASUM, SUMSQ or MEAN from an axis to the end (coeff sometimes), then a
+    Reshape back to 4 axes."""
+    shape = b.shapes[x]
+    op = b.pick(["SUM", "ASUM", "SUMSQ", "MEAN"])
+    axis = b.rand(0, 3)
+    coeff = 1.0 if b.chance(0.5) else round(float(b.rng.uniform(-2, 2)), 2) or 1.0
+    parts = [f"operation: {op}" if op != "SUM" or b.chance(0.5) else "",
+             f"axis: {axis - 4 if b.chance(0.3) else axis}" if axis or b.chance(0.5) else "",
+             f"coeff: {_f(coeff)}" if coeff != 1.0 else ""]
+    n = math.prod(shape[axis:])
+    mag = abs(coeff) * b.mag[x] * {"SUM": math.sqrt(n), "ASUM": n, "SUMSQ": n * b.mag[x], "MEAN": 1}[op]
+    b.features.append(f"Reduction:{op}:axis{axis}")
+    y = b.add("reduction", "Reduction", [x], "sum", f"reduction_param {{ {' '.join(p for p in parts if p)} }}",
+              [tuple(shape[:axis])], reads="value" if op in ("ASUM", "SUMSQ") else None, mag=mag)[0]
+    return _to_4d(b, y, "reshape")
+
+
+def step_mvn(b: _Builder, x: str) -> str:
+    """MVN: mean only, or mean and variance (eps drawn), per channel or across channels.
+
+    Rows of fewer than 4 values or a blob that may hold a constant channel (whose variance is
+    rounding noise, amplified by 1 / eps) fall back to the mean only."""
+    n, c, h, w = b.shapes[x]
+    across = b.chance(0.4)
+    variance = (c * h * w if across else h * w) >= 4 and x not in b.flat and b.chance(0.75)
+    parts = ["across_channels: true" if across else "",
+             "" if variance and b.chance(0.5) else f"normalize_variance: {str(variance).lower()}"]
+    if variance and b.chance(0.6):
+        parts.append(f"eps: {_f(b.pick([1e-3, 0.1, 0.5]))}")
+    b.features.append("MVN" + (":variance" if variance else ":mean") + (":across" if across else ""))
+    body = f"mvn_param {{ {' '.join(p for p in parts if p)} }}"
+    return b.add("mvn", "MVN", [x], "transcendental" if variance else "sum", body, [(n, c, h, w)],
+                 reads_top="value" if variance else None, makes=("zeros",), mag=2.0 if variance else b.mag[x])[0]
+
+
+def step_spp(b: _Builder, x: str) -> str:
+    """SPP MAX or AVE with the pyramid heights the image allows (Caffe's Pooling refuses a
+    level whose pad reaches its kernel), then a Reshape to 4 axes when it has several levels."""
+    from porting.layers.spp import spp_level
+    from porting.layers.pooling import pooling_geometry
+
+    n, c, h, w = b.shapes[x]
+    heights = []
+    for level in range(4):
+        pp = spp_level(level, h, w, 0).pooling_param
+        try:
+            pooling_geometry(pp, h, w)
+        except ValueError:
+            break
+        heights.append(level + 1)
+    height = b.pick(heights)
+    method = b.pick(["MAX", "AVE"])
+    sizes = [pooling_geometry(spp_level(i, h, w, 0).pooling_param, h, w)[3] for i in range(height)]
+    b.features.append(f"SPP:{method}:height{height}")
+    top = (n, c) + sizes[0] if height == 1 else (n, sum(c * sh * sw for sh, sw in sizes))
+    family = "sum" if method == "AVE" or height > 1 else "exact"  # the backward adds the levels
+    body = f"spp_param {{ pyramid_height: {height}{'' if method == 'MAX' and b.chance(0.5) else f' pool: {method}'} }}"
+    y = b.add("spp", "SPP", [x], family, body, [top])[0]
+    return _to_4d(b, y, "reshape")
+
+
+def step_im2col(b: _Builder, x: str) -> str:
+    """Im2col with a small kernel (channels times the kernel size stay <= 12 when possible)."""
+    n, c, h, w = b.shapes[x]
+    geometry = [_conv_axis(b, size) for size in (h, w)]
+    (kh, sh, ph, dh), (kw, sw, pw, dw) = geometry
+    if c * kh * kw > 12:
+        (kh, sh, ph, dh), (kw, sw, pw, dw) = (1, sh, 0, 1), (min(kw, 2), sw, min(pw, 1), 1)
+    oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    body = f"convolution_param {{ {_geometry_text(b, (kh, kw), (sh, sw), (ph, pw), (dh, dw))} }}"
+    b.features.append("Im2col" + (":dilation" if (dh, dw) != (1, 1) else ""))
+    overlap = min(kh, oh) * min(kw, ow) > 1
+    return b.add("im2col", "Im2col", [x], "sum" if overlap else "exact", body, [(n, c * kh * kw, oh, ow)],
+                 makes=("zeros",) if ph or pw else ())[0]
+
+
+def step_parameter(b: _Builder, x: str) -> str:
+    """A Parameter layer (its top is its own blob: weights in the caffemodel, diff the blob's)
+    joined to x by an Eltwise SUM, PROD or MAX."""
+    shape = b.shapes[x]
+    dims = " ".join(f"dim: {d}" for d in shape)
+    p = b.add("param", "Parameter", [], "exact", f"parameter_param {{ shape {{ {dims} }} }}", [shape],
+              blobs=[b.normal(shape)], mag=1.0)[0]
+    op = b.pick(["SUM", "PROD", "MAX"])
+    bottoms = [x, p] if b.chance(0.5) else [p, x]
+    b.features.append(f"Parameter:Eltwise:{op}")
+    return b.add("eltwise", "Eltwise", bottoms, "exact" if op == "MAX" else "sum",
+                 f"eltwise_param {{ operation: {op} }}", [shape], reads="value" if op == "PROD" else None,
+                 mag=b.mag[x] + 1 if op != "PROD" else b.mag[x])[0]
+
+
 STEPS = {"conv": step_conv, "deconv": step_deconv, "pool": step_pool, "lrn": step_lrn, "eltwise": step_eltwise,
-         "batchnorm": step_batchnorm, "crop": step_crop, "slice_concat": step_slice_concat}
-FOLLOW = KINDS + ("relu", "relu", "dropout", "split")
+         "batchnorm": step_batchnorm, "crop": step_crop, "slice_concat": step_slice_concat,
+         "clip": step_clip, "swish": step_swish, "tile": step_tile, "reduction": step_reduction, "mvn": step_mvn,
+         "spp": step_spp, "im2col": step_im2col, "parameter": step_parameter}
+FOLLOW = OLD_KINDS + ("relu", "relu", "dropout", "split")
 FILLERS = {"relu": step_relu, "dropout": step_dropout, "split": step_split}
 
 
@@ -599,11 +747,12 @@ def make_example(seed: int, depth: int, focus: str | int, aliasing: bool = False
         raise ValueError(f"depth must be 1..{MAX_DEPTH}, not {depth}")
     b = _Builder(np.random.RandomState(seed), aliasing)
     head = b.new_input((b.rand(1, 2), b.rand(1, 6), b.rand(1, 12), b.rand(1, 12)))
+    follow = FOLLOW if focus in OLD_KINDS else FOLLOW + NEW_KINDS
     for step in range(depth):
-        kind = focus if step == 0 else b.pick(FOLLOW)
+        kind = focus if step == 0 else b.pick(follow)
         if kind == "deconv" and max(b.shapes[head][2:]) > 12:
             kind = "pool"
-        if kind in ("conv", "deconv") and b.shapes[head][1] > 12:
+        if kind in ("conv", "deconv", "im2col", "tile") and b.shapes[head][1] > 12:
             kind = "slice_concat"
         head = (STEPS.get(kind) or FILLERS[kind])(b, head)
     text = f'name: "property_{seed}_{depth}_{focus}"\n' + "\n".join(b.input_lines + b.lines) + "\n"

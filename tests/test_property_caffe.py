@@ -11,7 +11,8 @@ error of every array against its bound. ``tests/property_nets.py`` holds the gen
 hypothesis draws (seed, depth, focus); the net (1-4 building steps: convolution with
 groups, dilation and asymmetric geometry, deconvolution, MAX/AVE pooling at ceil-rounding
 and pad-clip geometries, LRN in both regions, Eltwise SUM with coefficients, PROD and MAX,
-BatchNorm + Scale, Crop, Slice + Concat, ReLU, Dropout, Split, in place or not), its
+BatchNorm + Scale, Crop, Slice + Concat, ReLU, Dropout, Split, in place or not; Clip,
+Swish, Tile, Reduction, MVN, SPP, Im2col and a Parameter joined by an Eltwise), its
 weights, inputs and top diff are a pure function of those three values. Every array
 Caffe returns (each blob and each layer top, data and diff, after a forward and a backward
 from the random diff at the last layer's top) is compared with the port's array of the
