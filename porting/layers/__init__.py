@@ -54,8 +54,9 @@ def register(type_name: str, v1: str | None = None):
     """Class decorator: register a layer under its V2 type name (and its V1 enum name).
 
     Sets ``cls.type_name`` and ``cls.origin``: "built-in", "plugin <distribution> <version>"
-    (registered while its entry point loads) or "module <name>" (registered by other code). Raises ValueError for a refused type or a type, V1 name or fork field
-    already registered (nothing is ever overridden), TypeError for a non-``CaffeLayer``.
+    (registered while its entry point loads) or "module <name>" (registered by other code).
+    Raises ValueError for a refused type or a type, V1 name or fork field already registered
+    (nothing is ever overridden), TypeError for a non-``CaffeLayer``.
     """
 
     def wrap(cls):
