@@ -199,6 +199,13 @@ CASES = [
     ("filter", 'type: "Filter"', [wide((4, 3), 81), np.array([[1], [0], [2], [0]], np.float32)], None, None),
     ("hdf5output", 'type: "HDF5Output" hdf5_output_param { file_name: "never.h5" }', [normal((2, 3), 82),
                                                                                       normal((2, 1), 83)], None, None),
+    ("lstm-unit", 'type: "LSTMUnit"', [normal((1, 4, 3), 110, 2), normal((1, 4, 12), 111, 3),
+                                        np.array([[0, 1, 0.5, 1]], np.float32)], None, None),
+    ("lstm", 'type: "LSTM" recurrent_param { num_output: 3 }', [normal((4, 2, 5), 112), np.array(
+        [[0, 0], [1, 1], [1, 0], [0.5, 1]], np.float32), normal((2, 3), 113)], [_w(12, 5), _w(12), _w(12, 3), _w(12, 3)],
+     "blobs"),
+    ("rnn", 'type: "RNN" recurrent_param { num_output: 3 }', [normal((4, 2, 5), 114), np.array(
+        [[0, 0], [1, 1], [1, 0], [0.5, 1]], np.float32)], [_w(3, 5), _w(3), _w(3, 3), _w(3, 3), _w(3)], "blobs"),
     ("batchnorm-global", 'type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.001 }',
      [wide(N4, 51, -2, 2)], [normal((3,), 52), positive((3,), 53, 0.1, 10), np.array([7.5], np.float32)], "blobs"),
     ("scale", 'type: "Scale" scale_param { bias_term: true }', [wide(N4, 54)], [_w(3), _w(3)], "blobs"),
@@ -214,7 +221,7 @@ CASES = [
 def _build(text, bottoms, blobs):
     if text.startswith('type: "Input"'):
         return build_layer('top: "a" ' + text, [], None)
-    n_tops = 2 if re.search(r'"(Split|Slice)"', text) else 0 if re.search(r'"(Silence|HDF5Output)"', text) else 1
+    n_tops = 2 if re.search(r'"(Split|Slice|LSTMUnit)"', text) else 0 if re.search(r'"(Silence|HDF5Output)"', text) else 1
     tops = " ".join(f'top: "t{i}"' for i in range(n_tops))
     return build_layer(f"{tops} {text}", [b.shape for b in bottoms], blobs)
 
