@@ -137,6 +137,16 @@ layer { name: "clip" type: "Clip" bottom: "ip" top: "clip" clip_param { min: -0.
 layer { name: "swish" type: "Swish" bottom: "clip" top: "swish" swish_param { beta: 1.5 } }
 layer { name: "tile" type: "Tile" bottom: "swish" top: "tile" tile_param { axis: 1 tiles: 2 } }
 layer { name: "red" type: "Reduction" bottom: "tile" top: "red" reduction_param { operation: SUMSQ axis: 1 coeff: 0.5 } }
+layer { name: "embed" type: "Embed" bottom: "arg" top: "emb" embed_param { num_output: 3 input_dim: 5 } }
+layer { name: "mvn" type: "MVN" bottom: "data" top: "mvn" mvn_param { across_channels: true eps: 0.001 } }
+layer { name: "spp" type: "SPP" bottom: "mvn" top: "spp" spp_param { pyramid_height: 2 pool: AVE } }
+layer { name: "cols" type: "Im2col" bottom: "data" top: "cols" convolution_param { kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "ones" type: "Power" bottom: "red" top: "ones" power_param { scale: 0 shift: 1 } }
+layer { name: "reindex" type: "BatchReindex" bottom: "spp" bottom: "ones" top: "reindexed" }
+layer { name: "filter" type: "Filter" bottom: "cols" bottom: "ones" top: "filtered" }
+layer { name: "param" type: "Parameter" top: "par" parameter_param { shape { dim: 2 dim: 5 } } }
+layer { name: "join" type: "Eltwise" bottom: "ip" bottom: "par" top: "join" }
+layer { name: "h5" type: "HDF5Output" bottom: "data" bottom: "red" hdf5_output_param { file_name: "all_types.h5" } }
 layer { name: "sil" type: "Silence" bottom: "arg" }
 """
 
@@ -259,7 +269,8 @@ NAMES = ["", " ", "type", "forward", "train", "training", "_modules", "__class__
 TYPES = ["Input", "Convolution", "Deconvolution", "Pooling", "InnerProduct", "ReLU", "Softmax",
          "Concat", "Slice", "Split", "Eltwise", "BatchNorm", "Scale", "Bias", "Flatten", "Reshape",
          "Crop", "ArgMax", "LRN", "PReLU", "ELU", "Dropout", "Power", "Exp", "Log", "Threshold",
-         "Silence", "Clip", "Swish", "Tile", "Reduction", "Python", "Data", "SoftmaxWithLoss", "MVN", "Embed", "", "convolution",
+         "Silence", "Clip", "Swish", "Tile", "Reduction", "SPP", "Im2col", "Parameter", "BatchReindex", "Filter",
+         "HDF5Output", "Python", "Data", "SoftmaxWithLoss", "MVN", "Embed", "", "convolution",
          "Convolution ", "CONVOLUTION", "\x00"]
 NUMBER_TOKENS = ["0", "-0", "1", "-1", "2", "3", "07", "0x10", "2147483647", "2147483648", "-2147483648",
                  "-2147483649", "4294967295", "4294967296", "9223372036854775807", "9223372036854775808",
