@@ -292,3 +292,49 @@ def test_train_dropout_is_caffes_bit_for_bit(caffe_worker, tmp_path, seed):
     assert torch.equal(again["w"], out["w"])
     test_phase = caffe_worker.run_net(path, inputs={"x": x})  # TEST: identity, as the port
     assert np.array_equal(load_caffe(path)(torch.from_numpy(x))["w"].numpy(), test_phase["blob/w/data"])
+
+
+def test_data_layer_input_not_as_given_is_preprocessing(tmp_path):
+    """A port fed channel-swapped data departs at the Data layer, blamed on preprocessing."""
+    from porting.verify import default_objective, port_arrays, random_inputs, verify_arrays
+
+    path = tmp_path / "small.prototxt"
+    path.write_text('name: "small"\n'
+                    'layer { name: "data" type: "Data" top: "data" top: "label" transform_param { crop_size: 6 '
+                    'mean_value: 1 mean_value: 2 mean_value: 3 } data_param { source: "db" batch_size: 2 } }\n'
+                    'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+                    'inner_product_param { num_output: 4 } }\n'
+                    'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }\n')
+    net = load_caffe(path)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.from_numpy(np.random.default_rng(5).normal(0, 0.1, tuple(p.shape)).astype(np.float32)))
+    obj = default_objective(net.graph)
+    assert obj.layer == "fc"
+    inputs = random_inputs(net.graph, seed=6)
+    assert set(np.unique(inputs["label"])) <= {0, 1, 2, 3}  # class indices of fc's 4 outputs
+    reference = port_arrays(net, inputs, obj)
+    swapped = dict(inputs, data=np.ascontiguousarray(inputs["data"][:, ::-1]))
+    v = verify_arrays(net, reference, port_arrays(net, swapped, obj), objective=obj, inputs=inputs)
+    assert (v.departure.layer, v.departure.layer_type) == ("data", "Data")
+    assert v.summary == ("FAIL at the forward of layer data (Data): port did not get the input it was "
+                         "given (preprocessing).")
+
+
+def test_export_takes_input_shape(tmp_path):
+    pytest.importorskip("onnx")
+    path = tmp_path / "data_conv.prototxt"
+    path.write_text('name: "dc"\n'
+                    'layer { name: "data" type: "Data" top: "data" transform_param { crop_size: 8 } '
+                    'data_param { source: "db" batch_size: 1 } }\n'
+                    'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                    'convolution_param { num_output: 2 kernel_size: 3 } }\n')
+    out = run("export", path, "--onnx", tmp_path / "x.onnx")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--input-shape data=1,C,8,8" in out.stderr
+    out = run("export", path, "--onnx", tmp_path / "x.onnx", "--input-shape", "data=1,3,8,8", "--compare")
+    assert out.returncode == 0, out.stderr
+    import onnx
+
+    model = onnx.load(str(tmp_path / "x.onnx"))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert (model.graph.input[0].name, dims) == ("data", [1, 3, 8, 8])

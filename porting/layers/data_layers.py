@@ -117,6 +117,7 @@ class Data(_DataLayer):
     """LMDB/LevelDB records (never opened): see the module docstring for the shapes."""
 
     top_range = (1, 2)
+    param_fields = ("data_param", "transform_param")
 
     def infer(self):
         tp = self.transform()
@@ -138,6 +139,7 @@ class ImageData(_DataLayer):
     """Images from a list file (never opened): see the module docstring for the shapes."""
 
     top_range = (2, 2)
+    param_fields = ("image_data_param", "transform_param")
 
     def infer(self):
         tp, ip = self.transform(), self.spec.param.image_data_param
@@ -166,6 +168,7 @@ class WindowData(_DataLayer):
     """Windows of images listed in a window file (never opened)."""
 
     top_range = (2, 2)
+    param_fields = ("window_data_param", "transform_param")
 
     def infer(self):
         tp, wp = self.transform(), self.spec.param.window_data_param
