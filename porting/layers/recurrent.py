@@ -36,6 +36,13 @@ backward is the derivative), and LSTMUnit's own formula (``_LSTMUnitFn``), which
 from the derivative for a cont other than 0 or 1: Caffe takes f's derivative as f (1 - f)
 with f = cont sigmoid(.), not cont sigmoid(.) (1 - sigmoid(.)).
 
+Float32 rounding bounds (``forward_bound``/``backward_bound``, all three types) come from a
+running error analysis (``_Err``): every operation of Caffe's CPU algorithm (the unrolled
+net's InnerProducts, Eltwise sums, Scale by cont, TanH layers, LSTMUnit's own sigmoid and
+tanh = 2 sigmoid(2x) - 1) and of the port's carries a bound propagated from its operands'
+(first order in U), forward through the T steps and backward through time, where each
+step's backward reads stored values whose forward bound it carries on.
+
 Where the port differs from Caffe by design (both measured against Caffe 1.0 in
 tests/test_layers_recurrent.py):
 
@@ -180,6 +187,7 @@ def _tanh(a):
 
 
 def _unit_gates_err(X, cont, hidden):
+    """``_gates`` in _Err."""
     i = _sigmoid(X[..., :hidden])
     f = _sigmoid(X[..., hidden:2 * hidden]) * _Err(cont.unsqueeze(-1))  # exactly 0 where cont is 0
     return i, f, _sigmoid(X[..., 2 * hidden:3 * hidden]), _tanh_unit(X[..., 3 * hidden:])
@@ -214,7 +222,7 @@ def _linear_backward(d, W):
 class LSTMUnit(CaffeLayer):
     """Bottoms c_{t-1} (1, N, H), gate inputs X (1, N, 4H), cont (1, N); tops c_t, h_t (1, N, H)."""
 
-    verified_by = ("tests/test_layers_recurrent.py",)
+    verified_by = ("tests/test_layers_recurrent.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -259,8 +267,8 @@ def _expect_tops(spec, n: int, type_name: str) -> None:
         raise ValueError(f"{type_name} takes {n} top blob(s), got {len(tops)}")
 
 
-# The two arithmetics the steps of LSTM and RNN are written in: torch's (the forward) and
-# _Err's (the forward bound).
+# The two arithmetics the steps of LSTM and RNN are written in once: torch's (the forward)
+# and _Err's (the rounding bounds; float64 values).
 _TORCH = SimpleNamespace(wrap=lambda v: v, linear=torch.nn.functional.linear, tanh=torch.tanh, unit=lstm_unit,
                          sum=lambda terms: sum(terms[1:], terms[0]), cat=lambda xs: torch.cat(xs, dim=0))
 _ERR = SimpleNamespace(wrap=_Err, linear=lambda x, W, b=None: _linear(x, W.double(), None if b is None else b.double()),
@@ -277,7 +285,7 @@ STEP_WORK = 10**6
 class _Recurrent(CaffeLayer):
     """What LSTM and RNN share: Caffe's RecurrentLayer bottoms, tops and shape checks."""
 
-    verified_by = ("tests/test_layers_recurrent.py",)
+    verified_by = ("tests/test_layers_recurrent.py", "tests/test_bounds.py")
     n_states = 1   # recurrent state blobs: h (RNN), h and c (LSTM)
     gate_factor = 1  # rows of the input transforms per hidden value (LSTM: 4 gates)
 
