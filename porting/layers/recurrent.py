@@ -286,6 +286,7 @@ class _Recurrent(CaffeLayer):
     """What LSTM and RNN share: Caffe's RecurrentLayer bottoms, tops and shape checks."""
 
     verified_by = ("tests/test_layers_recurrent.py", "tests/test_bounds.py")
+    param_fields = ("recurrent_param",)
     n_states = 1   # recurrent state blobs: h (RNN), h and c (LSTM)
     gate_factor = 1  # rows of the input transforms per hidden value (LSTM: 4 gates)
 
