@@ -150,6 +150,11 @@ class LossLayer(CaffeLayer):
     def work(self) -> int:
         return 4 * count(self.bottom_shapes[0])
 
+    def workspace(self) -> int:
+        """Caffe's internal blob of the bottom's size (prob_, sigmoid_output_, diff_) and the
+        port's bottom diff, made in the forward and kept for the backward."""
+        return 2 * count(self.bottom_shapes[0])
+
 
 def _dims(shape) -> str:
     return "x".join(map(str, shape)) if shape else "()"
@@ -703,6 +708,9 @@ class Accuracy(CaffeLayer):
 
     def work(self) -> int:
         return count(self.bottom_shapes[0])
+
+    def workspace(self) -> int:
+        return count(self.bottom_shapes[0])  # the comparisons with each label's score
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         # counts are exact; one float32 quotient per top (given the same decisions).
