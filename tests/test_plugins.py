@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")
-
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "porting-layer-shufflechannel"
 
@@ -46,6 +44,7 @@ def _run(site: Path, *args: str, code: str | None = None) -> subprocess.Complete
 
 
 def _example_site(tmp_path: Path) -> tuple[Path, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
     site = _site(tmp_path, project["name"], project["version"], project["entry-points"]["porting.layers"], {})
     shutil.copy(EXAMPLE / "porting_shufflechannel.py", site)
