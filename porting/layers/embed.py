@@ -21,7 +21,7 @@ from porting.rounding import U
 
 @register("Embed")
 class Embed(CaffeLayer):
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

@@ -23,7 +23,8 @@ from porting.rounding import gamma, vjp
 
 @register("Im2col", v1="IM2COL")
 class Im2col(CaffeLayer):
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
+    param_fields = ("convolution_param",)
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

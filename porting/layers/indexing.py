@@ -23,7 +23,7 @@ class BatchReindex(_Moving):
     Caffe CHECKs 0 <= permut[i] < N on the float value, then truncates it to int; a value
     outside (or NaN) is a run-time PortingError here.
     """
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -70,7 +70,7 @@ class Filter(_Moving):
     an empty top (Caffe keeps the blob's memory and gives 0 items too); what later layers
     do with an empty blob is not checked against Caffe.
     """
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

@@ -46,7 +46,7 @@ class MVNFunction(torch.autograd.Function):
 
 @register("MVN", v1="MVN")
 class MVN(CaffeLayer):
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

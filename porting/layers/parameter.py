@@ -14,7 +14,7 @@ from porting.layers import CaffeLayer, caffe_int, register
 
 @register("Parameter")
 class Parameter(CaffeLayer):
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)

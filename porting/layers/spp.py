@@ -46,7 +46,7 @@ def spp_level(level: int, height: int, width: int, pool: int) -> caffe_pb2.Layer
 
 @register("SPP")
 class SPP(CaffeLayer):
-    verified_by = ("tests/test_layers_vision.py",)
+    verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
