@@ -1332,9 +1332,15 @@ def _roundtrip_failures(net, inputs, blobs, path: Path, phase: str) -> list[dict
 
 def _shape_failures(net) -> list[dict]:
     """Each layer's computed tops against the shapes its module inferred (layers whose
-    name is unique; a repeated name keeps only its last outputs)."""
+    name is unique; a repeated name keeps only its last outputs). Tops of a layer whose
+    first dim is decided at run time (Filter: ``first_dim_at_run_time``), and every blob
+    computed from them, are not compared."""
     names = Counter(spec.name for spec in net.graph.layers)
+    dynamic: set[str] = set()
     for spec in net.graph.layers:
+        if getattr(spec.module, "first_dim_at_run_time", False) or dynamic & set(spec.bottoms):
+            dynamic.update(spec.tops)
+            continue
         outputs = net.layer_outputs.get(spec.name)
         if names[spec.name] != 1 or outputs is None:
             continue

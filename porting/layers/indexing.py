@@ -71,6 +71,9 @@ class Filter(_Moving):
     do with an empty blob is not checked against Caffe.
     """
     verified_by = ("tests/test_layers_vision.py", "tests/test_bounds.py")
+    # The tops' first dim is decided at run time (<= the declared one); so are the shapes of
+    # every blob computed from them.
+    first_dim_at_run_time = True
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
