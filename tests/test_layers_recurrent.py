@@ -312,3 +312,21 @@ def test_recurrent_param_shapes_and_work():
     with pytest.raises(ValueError, match="cont"):
         build_layer('type: "RNN" bottom: "x" bottom: "c" top: "o" recurrent_param { num_output: 2 }',
                     [(3, 2, 4), (2, 2)])
+
+
+def test_caffe_carries_state_across_forwards_the_port_does_not(caffe_worker, caffe_weights, tmp_path):
+    """Without expose_hidden, Caffe starts each forward from the h_T/c_T its previous forward
+    left (RecurrentLayer::Forward_cpu copies them to h_0/c_0); the port starts from zeros,
+    which is Caffe's first forward of a fresh net. With cont 1 at t = 1 the two differ on the
+    second forward of the same Caffe net."""
+    inputs, tops = _recurrent_case("LSTM", False, False)
+    inputs["cont"][0] = 1
+    prototxt = tmp_path / "stateful.prototxt"
+    prototxt.write_text(_net(f'type: "LSTM" recurrent_param {{ num_output: {H} }}',
+                             {k: v.shape for k, v in inputs.items()}, tops))
+    caffemodel = caffe_weights(prototxt, seed=5, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
+    first, second = (caffe_worker.run_net(prototxt, caffemodel, inputs=inputs, capture_tops=False)["blob/out/data"]
+                     for _ in range(2))
+    port = load_caffe(prototxt, caffemodel)(**{k: torch.tensor(v) for k, v in inputs.items()})["out"].detach().numpy()
+    _check("top out (first forward)", port, first, "recurrent")
+    assert ref.rel_err(second[0], first[0]) > 1e-2  # step 1 read the previous forward's state
