@@ -13,10 +13,13 @@ terms, at most 9, added in another order, each within gamma(8) of their magnitud
 order dim * 2^-24 of the row's scale, dim <= 60 here) 1e-6 as well. The MVN bound itself is
 checked against Caffe in tests/test_bounds.py.
 
-Caffe's run_net always sets force_backward, and Caffe then aborts in the backward of Embed,
-BatchReindex and Filter (each refuses to send a gradient to its index bottom; the test
-``test_caffe_refuses_to_backpropagate_to_indices`` shows it), so their backward is checked
-against NumPy loops written after Caffe's Backward_cpu instead.
+Under force_backward (run_net with top diffs) Caffe aborts in the backward of Embed,
+BatchReindex and Filter: each refuses to send a gradient to its index bottom
+(``test_caffe_refuses_to_backpropagate_to_indices``). Their backward is compared with
+Caffe's Net::Backward without force_backward instead (``test_index_layers_backward_matches_caffe``:
+the Embed table and bias, the gathered and filtered data, measured 0 but the bias' sum,
+4.9e-8), and checked against NumPy loops written after Caffe's Backward_cpu (repeats,
+NaN selectors, an empty selection).
 """
 from __future__ import annotations
 
@@ -267,6 +270,50 @@ def test_filter_backward_scatters_and_empty_selection():
     assert tuple(empty.shape) == (0, 3)
 
 
+# Caffe's own backward of the index layers: Net::Backward without force_backward (run_net's
+# net_backward), from a loss_weight on a Scale after the layer (its diff: the Scale's random
+# weights), so Caffe never asks for the index bottom's gradient. The data come from a
+# Parameter layer (a bottom that needs backward), whose blob diff is the data's diff.
+INDEX_BACKWARD = [
+    ("embed", {"i": np.array([[0, 3, 1, 4], [4, 4, 2, 3.5]], np.float32)},
+     _layer("embed", "Embed", ["i"], ["y"], "embed_param { num_output: 6 input_dim: 5 }")
+     + _layer("scale", "Scale", ["y"], ["z"], "scale_param { axis: 2 } loss_weight: 1"),
+     [("embed", "Embed", [_normal((5, 6), 26), _normal((6,), 27)]), ("scale", "Scale", [_normal((6,), 28)])]),
+    ("batch-reindex", {"p": np.array([3, 0, 0, 2.5, 1, 3], np.float32)},
+     _layer("param", "Parameter", [], ["d"], "parameter_param { shape { dim: 4 dim: 3 dim: 2 } }")
+     + _layer("reindex", "BatchReindex", ["d", "p"], ["y"])
+     + _layer("scale", "Scale", ["y"], ["z"], "scale_param { axis: 1 num_axes: 2 } loss_weight: 1"),
+     [("param", "Parameter", [_normal((4, 3, 2), 29)]), ("scale", "Scale", [_normal((3, 2), 30)])]),
+    ("filter", {"s": np.array([[1], [0], [-2.5], [0], [1]], np.float32)},
+     _layer("param", "Parameter", [], ["d"], "parameter_param { shape { dim: 5 dim: 3 dim: 2 } }")
+     + _layer("filter", "Filter", ["d", "s"], ["y"])
+     + _layer("scale", "Scale", ["y"], ["z"], "scale_param { axis: 1 num_axes: 2 } loss_weight: 1"),
+     [("param", "Parameter", [_normal((5, 3, 2), 31)]), ("scale", "Scale", [_normal((3, 2), 32)])]),
+]
+
+
+@pytest.mark.parametrize("inputs,text,blobs", [pytest.param(i, t, b, id=n) for n, i, t, b in INDEX_BACKWARD])
+def test_index_layers_backward_matches_caffe(caffe_worker, tmp_path, inputs, text, blobs):
+    """Every parameter diff (the Embed table and bias, the gathered or filtered data) equal
+    to Caffe's: each is a copy or a sum of <= 3 products of the Scale's weights."""
+    prototxt = tmp_path / "net.prototxt"
+    prototxt.write_text(_inputs_text({k: v.shape for k, v in inputs.items()}) + text)
+    caffemodel = tmp_path / "net.caffemodel"
+    write_caffemodel(caffemodel, blobs)
+    caffe = caffe_worker.run_net(prototxt, caffemodel, inputs=inputs, params=True, net_backward=True)
+    net = load_caffe(prototxt, caffemodel)
+    out = net(**{k: torch.tensor(v) for k, v in inputs.items()})
+    np.testing.assert_array_equal(out["z"].detach().numpy(), caffe["blob/z/data"])
+    np.testing.assert_array_equal(caffe["blob/z/diff"], np.ones_like(caffe["blob/z/diff"]))  # the loss weight
+    out["z"].backward(torch.ones_like(out["z"]))
+    for layer, params in net.params.items():
+        for i, p in enumerate(params):
+            want = caffe[f"param/{layer}/{i}/diff"]
+            err = ref.rel_err(p.grad.numpy(), want)
+            ref.log_error("order", f"param diff {layer}/{i}", err)
+            assert err <= TOL["order"], f"param diff {layer}/{i}: rel err {err:.3g}"
+
+
 @pytest.mark.parametrize("type_,text,inputs", [
     ("Embed", _layer("embed", "Embed", ["i"], ["y"], "embed_param { num_output: 2 input_dim: 3 }"),
      {"i": np.array([0, 2], np.float32)}),
@@ -274,8 +321,8 @@ def test_filter_backward_scatters_and_empty_selection():
     ("Filter", _layer("f", "Filter", ["x", "i"], ["y"]), {"i": np.array([1, 0], np.float32)}),
 ])
 def test_caffe_refuses_to_backpropagate_to_indices(caffe_worker, tmp_path, type_, text, inputs):
-    """Why these layers' backward is not compared with Caffe's: run_net sets force_backward,
-    which asks Caffe to backpropagate to the index bottom, and Caffe aborts."""
+    """Under force_backward Caffe backpropagates to every bottom, the index one too, and these
+    layers abort; the port gives the index bottom no gradient."""
     from porting.legacy_worker import CaffeError
 
     inputs = {**inputs, "x": _normal((2, 3), 20)} if "x" in text else inputs
