@@ -120,5 +120,10 @@ class SPP(CaffeLayer):
     def work(self) -> int:
         return sum(p.work() for p in self.levels)
 
+    def workspace(self) -> int:
+        """Caffe's internal blobs besides the top: each level's pooled output (the Concat
+        copies them into the top; one level pools into the top itself), one sample's worth."""
+        return sum(count(p.top_shapes[0], 1) for p in self.levels) if self.height > 1 else 0
+
     def describe(self) -> str:
         return f"{self.method} {self.height} level(s)"
