@@ -331,14 +331,15 @@ class _Recurrent(CaffeLayer):
         None, cont (T, N), the initial states (detached: Caffe gives h_0 and c_0 no gradient)
         and the index of the next parameter blob."""
         x, cont = bottoms[0], bottoms[1].detach()  # cont gets no gradient in Caffe
-        xw = ops.linear(ops.wrap(x.reshape(self.T, self.N, self.D)), self.blobs[0], self.blobs[1])
+        T, N = x.shape[:2]  # N may differ from the declared one (Caffe reshapes; T it refuses to change)
+        xw = ops.linear(ops.wrap(x.reshape(T, N, -1)), self.blobs[0], self.blobs[1])
         static = None
         if self.static:
-            static = ops.linear(ops.wrap(bottoms[2].reshape(self.N, self.S)), self.blobs[2])
+            static = ops.linear(ops.wrap(bottoms[2].reshape(N, -1)), self.blobs[2])
         if self.expose:
             states = [ops.wrap(s.detach()) for s in bottoms[2 + self.static:]]
         else:
-            states = [ops.wrap(x.new_zeros((1, self.N, self.hidden))) for _ in range(self.n_states)]
+            states = [ops.wrap(x.new_zeros((1, N, self.hidden))) for _ in range(self.n_states)]
         return xw, static, cont, states, 2 + self.static
 
     def _run(self, bottoms, ops, trace=None):  # pragma: no cover
@@ -396,7 +397,7 @@ class LSTM(_Recurrent):
         xw, static, cont, (h, c), k = self._inputs(bottoms, ops)
         W_hc = self.blobs[k]
         hs = []
-        for t in range(self.T):
+        for t in range(cont.shape[0]):
             cont_t = cont[t:t + 1]  # (1, N)
             terms = [ops.linear(h * ops.wrap(cont_t.unsqueeze(-1)), W_hc), xw[t:t + 1]]
             gates = ops.sum(terms + ([static] if static is not None else []))
@@ -409,8 +410,8 @@ class LSTM(_Recurrent):
     def _backward_steps(self, d_out, trace):
         W_hc = self.blobs[2 + self.static].double()
         dh_rec = dc = _Err(torch.zeros_like(d_out.v[:1]))
-        d_steps = [None] * self.T
-        for t in reversed(range(self.T)):
+        d_steps = [None] * len(trace)
+        for t in reversed(range(len(trace))):
             c_prev, gates, c, cont_t = trace[t]
             dc, d_steps[t] = _unit_backward_err(c_prev, gates, cont_t, c, dc, d_out[t:t + 1] + dh_rec)
             dh_rec = _linear_backward(d_steps[t], W_hc) * _Err(cont_t.unsqueeze(-1))
@@ -436,7 +437,7 @@ class RNN(_Recurrent):
         xw, static, cont, (h,), k = self._inputs(bottoms, ops)
         W_hh, W_ho, b_o = self.blobs[k:k + 3]
         outs = []
-        for t in range(self.T):
+        for t in range(cont.shape[0]):
             terms = [ops.linear(h * ops.wrap(cont[t:t + 1].unsqueeze(-1)), W_hh), xw[t:t + 1]]
             h = ops.tanh(ops.sum(terms + ([static] if static is not None else [])))
             outs.append(ops.tanh(ops.linear(h, W_ho, b_o)))
@@ -449,8 +450,8 @@ class RNN(_Recurrent):
         k = 2 + self.static
         W_hh, W_ho = self.blobs[k].double(), self.blobs[k + 1].double()
         dh_rec = _Err(torch.zeros_like(d_out.v[:1]))
-        d_steps = [None] * self.T
-        for t in reversed(range(self.T)):
+        d_steps = [None] * len(trace)
+        for t in reversed(range(len(trace))):
             h, o, cont_t = trace[t]
             dh = _linear_backward(d_out[t:t + 1] * (o * o).one_minus(), W_ho) + dh_rec
             d_steps[t] = dh * (h * h).one_minus()
