@@ -330,3 +330,20 @@ def test_caffe_carries_state_across_forwards_the_port_does_not(caffe_worker, caf
     port = load_caffe(prototxt, caffemodel)(**{k: torch.tensor(v) for k, v in inputs.items()})["out"].detach().numpy()
     _check("top out (first forward)", port, first, "recurrent")
     assert ref.rel_err(second[0], first[0]) > 1e-2  # step 1 read the previous forward's state
+
+
+@pytest.mark.parametrize("kind,static,expose", [("LSTM", True, False), ("RNN", True, True)])
+def test_another_number_of_streams_at_run_time(caffe_worker, caffe_weights, tmp_path, kind, static, expose):
+    """Declared with N = 2, run with N = 3 (Caffe's Reshape takes a new N; T it refuses)."""
+    inputs, tops = _recurrent_case(kind, static, expose)
+    prototxt = tmp_path / f"{kind}-n.prototxt"
+    prototxt.write_text(_net(f'type: "{kind}" recurrent_param {{ num_output: {H} expose_hidden: {str(expose).lower()} }}',
+                             {k: v.shape for k, v in inputs.items()}, tops))
+    caffemodel = caffe_weights(prototxt, seed=6, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
+    more = {k: (np.concatenate([v, v[:, :1] * 0.5], axis=1) if k in ("x", "cont", "h_0", "c_0")
+                else np.concatenate([v, v[:1] * -1], axis=0)) for k, v in inputs.items()}
+    caffe = caffe_worker.run_net(prototxt, caffemodel, inputs=more, capture_tops=False)
+    out = load_caffe(prototxt, caffemodel)(**{k: torch.tensor(v) for k, v in more.items()})
+    for t in tops:
+        assert caffe[f"blob/{t}/data"].shape[1] == 3
+        _check(f"top {t} (N = 3)", out[t].detach().numpy(), caffe[f"blob/{t}/data"], "recurrent")
