@@ -3,10 +3,10 @@ MemoryData, WindowData, DummyData; --input-shape; a CaffeNet-style train_val in 
 against real Caffe; TRAIN Dropout seeded as Caffe's generator.
 
 Shapes follow Caffe 1.0's own arithmetic (src/caffe/layers/*data_layer.cpp and
-DataTransformer::InferBlobShape): DummyData runs in real Caffe here; the layers that read a
-source (Data, ImageData, HDF5Data, WindowData) and MemoryData (which needs Reset before a
-forward) are checked against that arithmetic, cited per case. No data source is ever
-written or read.
+DataTransformer::InferBlobShape): DummyData runs in real Caffe here, MemoryData is built by
+real Caffe (its set-up shapes are read from Caffe's log; a forward needs Reset); the layers
+that read a source (Data, ImageData, HDF5Data, WindowData) are checked against that
+arithmetic, cited per case. No data source is ever written or read.
 """
 import subprocess
 import sys
@@ -118,6 +118,27 @@ def test_dummy_data_shapes_against_caffe(caffe_worker, tmp_path):
         assert net.graph.blob_shapes[name] == ref[f"blob/{name}/data"].shape
     fed = {name: torch.from_numpy(ref[f"blob/{name}/data"]) for name in "abcd"}  # the fillers' values, fed
     assert np.array_equal(net(**fed)["r"].numpy(), ref["blob/r/data"])
+
+
+def test_memory_data_against_caffe_set_up(caffe_worker, tmp_path):
+    """Caffe builds MemoryData (its set-up logs the top shapes) but cannot run it without
+    Reset (set_input_arrays), and refuses a zero dim as the port does."""
+    from porting.legacy import CaffeError
+
+    text = ('name: "m"\nlayer {{ name: "x" type: "MemoryData" top: "a" top: "b" '
+            'memory_data_param {{ batch_size: 2 channels: {} height: 4 width: 5 }} }}\n')
+    path = tmp_path / "memory.prototxt"
+    path.write_text(text.format(3))
+    with pytest.raises(CaffeError, match="needs to be initialized by calling Reset") as err:
+        caffe_worker.run_net(path)
+    logged = [line.split("Top shape: ")[1] for line in err.value.log_tail.splitlines() if "Top shape: " in line]
+    assert logged[-2:] == ["2 3 4 5 (120)", "2 (2)"]  # set-up; Forward_cpu makes the label 2x1x1x1
+    assert load_caffe(path).inputs == {"a": (2, 3, 4, 5), "b": (2, 1, 1, 1)}
+    path.write_text(text.format(0))
+    with pytest.raises(CaffeError, match="must be specified and positive"):
+        caffe_worker.run_net(path)
+    with pytest.raises(PortingError, match="MemoryData needs batch_size, channels, height and width, all positive"):
+        load_caffe(path)
 
 
 # ------------------------------------------------------------------ --input-shape
