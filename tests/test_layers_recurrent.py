@@ -211,7 +211,8 @@ def _check_recurrent(caffe_worker, caffe_weights, tmp_path, kind, static, expose
     g64 = [torch.tensor(diffs[t], dtype=torch.float64) for t in tops]
     exact_grads = vjp(layer64, xs, g64)
     names = list(inputs)
-    for who, tops_f, got in (("caffe", [caffe[f"blob/{t}/data"] for t in tops], [caffe[f"blob/{b}/diff"] for b in names]),
+    for who, tops_f, got in (("caffe", [caffe[f"blob/{t}/data"] for t in tops],
+                              [caffe[f"blob/{b}/diff"] for b in names]),
                              ("port", [out[t].detach().numpy() for t in tops], [grads[b] for b in names])):
         bounds = layer64.backward_bound(xs, [torch.tensor(t, dtype=torch.float64) for t in tops_f], exact, g64)
         for name, g, e, b in zip(names, got, exact_grads, bounds):
@@ -337,8 +338,8 @@ def test_another_number_of_streams_at_run_time(caffe_worker, caffe_weights, tmp_
     """Declared with N = 2, run with N = 3 (Caffe's Reshape takes a new N; T it refuses)."""
     inputs, tops = _recurrent_case(kind, static, expose)
     prototxt = tmp_path / f"{kind}-n.prototxt"
-    prototxt.write_text(_net(f'type: "{kind}" recurrent_param {{ num_output: {H} expose_hidden: {str(expose).lower()} }}',
-                             {k: v.shape for k, v in inputs.items()}, tops))
+    text = f'type: "{kind}" recurrent_param {{ num_output: {H} expose_hidden: {str(expose).lower()} }}'
+    prototxt.write_text(_net(text, {k: v.shape for k, v in inputs.items()}, tops))
     caffemodel = caffe_weights(prototxt, seed=6, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
     more = {k: (np.concatenate([v, v[:, :1] * 0.5], axis=1) if k in ("x", "cont", "h_0", "c_0")
                 else np.concatenate([v, v[:1] * -1], axis=0)) for k, v in inputs.items()}
