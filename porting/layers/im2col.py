@@ -52,11 +52,13 @@ class Im2col(CaffeLayer):
         after = [max(p, (o - 1) * st + e - s - p) for s, p, o, st, e in zip(spatial, self.pad, out, self.stride, extent)]
         x = F.pad(x, [v for p, a in zip(reversed(self.pad), reversed(after)) for v in (p, a)])
         n = self.num_spatial
-        for i in range(n):  # windows of axis i: a new last axis of its `extent` cells
-            x = x.narrow(2 + i, 0, (out[i] - 1) * self.stride[i] + extent[i])
-            x = x.unfold(2 + i, extent[i], self.stride[i])[..., ::self.dilation[i]]
-        # (N, C, O1..Ok, K1..Kk) -> (N, C, K1..Kk, O1..Ok) -> (N, C * K, O1..Ok)
-        x = x.permute([0, 1] + [2 + n + i for i in range(n)] + [2 + i for i in range(n)])
+        for i in range(n):  # axis i becomes (kernel tap, output position): cell o * stride + t * dilation
+            cells = (torch.arange(self.kernel[i], device=x.device)[:, None] * self.dilation[i]
+                     + torch.arange(out[i], device=x.device)[None, :] * self.stride[i])
+            dim = 2 + 2 * i
+            x = x.index_select(dim, cells.reshape(-1)).unflatten(dim, (self.kernel[i], out[i]))
+        # (N, C, K1, O1, ..., Kk, Ok) -> (N, C, K1..Kk, O1..Ok) -> (N, C * K, O1..Ok)
+        x = x.permute([0, 1] + [2 + 2 * i for i in range(n)] + [3 + 2 * i for i in range(n)])
         return (x.reshape(batch + (channels * math.prod(self.kernel),) + tuple(out)),)
 
     def _overlap(self) -> int:
