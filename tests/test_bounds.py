@@ -72,6 +72,17 @@ def _w(*shape):
 # id, layer text, bottoms, blobs (or None), mutant (layer text with a parameter 1e-3 off, or None)
 CASES = [
     ("input", 'type: "Input" input_param { shape { dim: 2 dim: 3 } }', [], None, None),
+    # Data layers: their tops are the caller's arrays (an unknown dim is fed as 2 here).
+    ("data", 'type: "Data" data_param { batch_size: 2 } transform_param { crop_size: 3 mean_value: 1 '
+             'mean_value: 2 }', [], None, None),
+    ("image-data", 'type: "ImageData" image_data_param { batch_size: 2 new_height: 3 new_width: 4 }',
+     [], None, None),
+    ("window-data", 'type: "WindowData" window_data_param { batch_size: 2 } transform_param { crop_size: 3 }',
+     [], None, None),
+    ("memory-data", 'type: "MemoryData" memory_data_param { batch_size: 2 channels: 3 height: 2 width: 2 }',
+     [], None, None),
+    ("hdf5-data", 'type: "HDF5Data" hdf5_data_param { batch_size: 2 }', [], None, None),
+    ("dummy-data", 'type: "DummyData" dummy_data_param { shape { dim: 2 dim: 3 } }', [], None, None),
     ("conv-many-channels", 'type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 1 }',
      [wide((1, 64, 5, 5), 1, -3, 3)], [_w(4, 64, 3, 3), _w(4)], None),
     ("conv-groups", 'type: "Convolution" convolution_param { num_output: 4 kernel_size: 2 stride: 2 group: 2 }',
@@ -218,9 +229,15 @@ CASES = [
 ]
 
 
+def _fed(text) -> bool:
+    """An Input or data layer: its tops are the arrays it is fed."""
+    return LAYERS[re.match(r'type: "(\w+)"', text).group(1)].is_input
+
+
 def _build(text, bottoms, blobs):
-    if text.startswith('type: "Input"'):
-        return build_layer('top: "a" ' + text, [], None)
+    if _fed(text):
+        two = re.search(r'"(Data|ImageData|WindowData|MemoryData)"', text)
+        return build_layer(('top: "a" top: "b" ' if two else 'top: "a" ') + text, [], None)
     n_tops = 2 if re.search(r'"(Split|Slice|LSTMUnit)"', text) else 0 if re.search(r'"(Silence|HDF5Output)"', text) else 1
     tops = " ".join(f'top: "t{i}"' for i in range(n_tops))
     return build_layer(f"{tops} {text}", [b.shape for b in bottoms], blobs)
@@ -254,8 +271,10 @@ def ratio(got, want, bound) -> float:
 
 def _inputs(case):
     _, text, bottoms, blobs, _ = case
-    if text.startswith('type: "Input"'):
-        return [torch.tensor(normal((2, 3), 99))]
+    if _fed(text):
+        layer = _build(text, bottoms, blobs)
+        return [torch.tensor(normal(tuple(2 if d is None else d for d in s), 99 + i))
+                for i, s in enumerate(layer.top_shapes)]
     return [torch.tensor(b) for b in bottoms]
 
 
@@ -336,7 +355,7 @@ def test_parameter_off_by_1e_3_is_beyond_bound(case):
         assert check_backward(layer64, xs64, exact, exact, diffs, grads, exact_grads) > 1
 
 
-_NUMERIC = [c for c in CASES if c[0] not in ("input", "silence", "threshold", "argmax", "argmax-axis", "hdf5output")]
+_NUMERIC = [c for c in CASES if not _fed(c[1]) and c[0] not in ("silence", "threshold", "argmax", "argmax-axis", "hdf5output")]
 
 
 @pytest.mark.parametrize("case", _NUMERIC, ids=[c[0] for c in _NUMERIC])

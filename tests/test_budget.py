@@ -212,8 +212,9 @@ def test_inspect_of_a_trillion_parameters_allocates_nothing(tmp_path):
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)), timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 3 + 501 + 1
-    assert lines[-2].split()[-2:] == ["2,000,020,000", "yes"]  # fc499: 20000 x 100000 weights + 20000 biases
+    assert len(lines) == 3 + 501 + 2
+    assert lines[-3].split()[-2:] == ["2,000,020,000", "yes"]  # fc499: 20000 x 100000 weights + 20000 biases
+    assert lines[-2] == "input data (Input data): 1x100000, shape from input_param"
     assert lines[-1] == ("needs 3.6 TiB for parameters and activations at batch 1, "
                          "1e+12 multiply-adds per forward")
 

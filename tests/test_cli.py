@@ -38,15 +38,17 @@ def test_inspect_prints_table(small):
 
 
 def test_inspect_marks_unsupported_layers(tmp_path):
-    path = tmp_path / "lstm.prototxt"
-    path.write_text(NET + 'layer { name: "rnn" type: "LSTM" bottom: "fc" top: "rnn" }\n'
+    # Every type Caffe 1.0 registers is supported now: a fork's type (SSD's PriorBox) stands
+    # for an unsupported one.
+    path = tmp_path / "fork.prototxt"
+    path.write_text(NET + 'layer { name: "rnn" type: "PriorBox" bottom: "fc" top: "rnn" }\n'
                     'layer { name: "py" type: "Python" bottom: "fc" top: "py" }\n')
     out = run("inspect", path)
     assert out.returncode == 0
     assert [l.split()[-1] for l in out.stdout.splitlines() if l.startswith(("rnn", "py "))] == ["NO", "NO"]
     conv = run("convert", path, "-o", tmp_path / "x.safetensors")
     assert conv.returncode == 2
-    assert conv.stderr.count("\n") == 1 and "rnn (LSTM)" in conv.stderr and "py (Python" in conv.stderr
+    assert conv.stderr.count("\n") == 1 and "rnn (PriorBox)" in conv.stderr and "py (Python" in conv.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -265,13 +265,14 @@ def test_input_and_silence():
 
 
 def test_registry_covers_caffes_v1_names():
-    """Every V1 enum name of a supported computational layer maps to a registered type."""
+    """Every V1 enum name but NONE maps to a registered type."""
     names = caffe_pb2.V1LayerParameter.LayerType.keys()
     expected = {"ABSVAL", "ARGMAX", "BNLL", "CONCAT", "CONVOLUTION", "DECONVOLUTION", "DROPOUT", "ELTWISE", "EXP",
                 "FLATTEN", "INNER_PRODUCT", "LRN", "POOLING", "POWER", "RELU", "SIGMOID", "SILENCE", "SOFTMAX",
                 "SPLIT", "SLICE", "TANH", "THRESHOLD", "MVN", "IM2COL", "HDF5_OUTPUT",
                 "ACCURACY", "CONTRASTIVE_LOSS", "EUCLIDEAN_LOSS", "HINGE_LOSS", "INFOGAIN_LOSS",
-                "MULTINOMIAL_LOGISTIC_LOSS", "SIGMOID_CROSS_ENTROPY_LOSS", "SOFTMAX_LOSS"}
+                "MULTINOMIAL_LOGISTIC_LOSS", "SIGMOID_CROSS_ENTROPY_LOSS", "SOFTMAX_LOSS",
+                "DATA", "IMAGE_DATA", "WINDOW_DATA", "MEMORY_DATA", "HDF5_DATA", "DUMMY_DATA"}
     assert expected <= set(names) and set(V1_TYPES) == expected
     assert all(V1_TYPES[name] in LAYERS for name in expected)
     assert build_layer('type: "INNER_PRODUCT" inner_product_param { num_output: 2 }', [(1, 3)]).param_shapes == \
