@@ -6,10 +6,16 @@ float64 evaluation, optionally adds ONNX's reference evaluator as a third opinio
 writes DIR/report.{json,md,html}. Exit 0 when the port computes what Caffe computes
 (every layer of both within float32 rounding, see porting.verify.verdict; with --strict
 also every blob within its per-blob tolerance), 1 when not, 2 on bad input.
+
+`porting reference dump` runs Caffe once on the inputs and objective verify would use and
+stores its arrays in a golden file (porting.verify.reference); `porting verify
+--reference FILE` compares the port with them and needs no legacy stack.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +59,38 @@ def load_input_files(files, shape: tuple[int, ...], mean_bgr=IMAGENET_MEAN_BGR) 
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
-               tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False,
-               budget=None, phase="test", input_shapes=None, dropout_seed=None) -> dict:
-    """Verify a port against real Caffe and write the report; returns the report dict.
-    ``budget``: the porting.budget.Budget the net must fit (default: the machine's, at
-    ``batch`` with a backward). ``phase``: "test" or "train", both frameworks.
-    ``input_shapes``: top name -> shape (``--input-shape``), for data layers' tops.
-    ``dropout_seed``: TRAIN Dropout in both frameworks starts Caffe's generator there.
-    A net with data layers runs in Caffe as ``caffe_net_with_inputs`` rewrites it (each
-    data layer an Input layer of the same tops and shapes), fed the same arrays."""
+@dataclass
+class RunPlan:
+    """What Caffe and the port both run: the port ``net``, the ``objective``, the ``inputs``
+    (name -> float32 NCHW array), ``described`` (how they were made, for the report) and the
+    run's settings as given (``phase``, ``dropout_seed``, ``input_shapes``)."""
+
+    net: object
+    objective: object
+    inputs: dict
+    described: dict
+    phase: str = "test"
+    dropout_seed: int | None = None
+    input_shapes: dict | None = None
+
+    @property
+    def objective_seed(self) -> np.ndarray:
+        batch = int(next(iter(self.inputs.values())).shape[0])
+        shape = (batch,) + tuple(self.net.graph.blob_shapes[self.objective.blob][1:])
+        return self.objective.seed(shape)
+
+
+def plan_run(prototxt, caffemodel, input_files=(), batch=None, objective=None, seed=0, budget=None,
+             phase="test", input_shapes=None, dropout_seed=None) -> RunPlan:
+    """Load the port and make the inputs and objective of a verification (no Caffe yet).
+    Arguments as ``run_verify``'s."""
     from porting.budget import Budget
     from porting.net import load_caffe
-    from porting.export import onnx_opinion
-    from porting.layers import LAYERS
-    from porting.layers.data_layers import caffe_net_with_inputs, is_data_layer
-    from porting.legacy import Worker
-    from porting.report import build_report, read_synsets, top5_table, write_report
-    from porting.tolerances import parse_tolerances
-    from porting.verify import blob_key, parse_objective, random_inputs, verify_port
+    from porting.verify import parse_objective, random_inputs
     from porting.verify.run import label_classes
-    from porting.write import write_prototxt
 
     net = load_caffe(prototxt, caffemodel, phase=phase, budget=budget or Budget.default(batch=batch, backward=True),
                      input_shapes=input_shapes, dropout_seed=dropout_seed)
-    tolerances = parse_tolerances(tolerance, known_types=LAYERS)
     obj = parse_objective(objective, net.graph)
     names = list(net.graph.inputs)
     labels = [n for n in names if label_classes(net.graph, n)]
@@ -94,27 +107,108 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
         inputs = random_inputs(net.graph, batch, seed)
         described = {"kind": "random", "seed": seed, "distribution": "uniform [-128, 128)"}
     described["batch"] = int(next(iter(inputs.values())).shape[0])
-    obj_shape = (described["batch"],) + tuple(net.graph.blob_shapes[obj.blob][1:])
     described["phase"] = phase
+    return RunPlan(net, obj, inputs, described, phase, dropout_seed, dict(input_shapes or {}))
+
+
+def run_caffe(plan: RunPlan, prototxt, caffemodel, worker=None):
+    """Real Caffe's arrays for ``plan`` (a ``CaffeResult``), through ``worker`` or a fresh one.
+    A net with data layers runs as ``caffe_net_with_inputs`` rewrites it (each data layer an
+    Input layer of the same tops and shapes), fed the same arrays."""
+    from porting.layers.data_layers import caffe_net_with_inputs, is_data_layer
+    from porting.legacy import Worker
+    from porting.write import write_prototxt
+
     own_worker = worker is None
     worker = worker or Worker()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             caffe_prototxt = prototxt
-            if any(is_data_layer(s.type) for s in net.graph.layers):
+            if any(is_data_layer(s.type) for s in plan.net.graph.layers):
                 caffe_prototxt = Path(tmp) / "with_inputs.prototxt"
-                write_prototxt(caffe_prototxt, caffe_net_with_inputs(net.graph))
-            reference = worker.run_net(caffe_prototxt, caffemodel, inputs=inputs,
-                                       top_diffs={obj.blob: obj.seed(obj_shape)}, phase=phase, seed=dropout_seed)
+                write_prototxt(caffe_prototxt, caffe_net_with_inputs(plan.net.graph))
+            return worker.run_net(caffe_prototxt, caffemodel, inputs=plan.inputs,
+                                  top_diffs={plan.objective.blob: plan.objective_seed}, phase=plan.phase,
+                                  seed=plan.dropout_seed)
     finally:
         if own_worker:
             worker.close()
+
+
+def plan_from_golden(golden, prototxt, caffemodel, budget=None) -> RunPlan:
+    """The plan a golden file was dumped with (its inputs, objective and settings), checked
+    against ``prototxt``/``caffemodel`` (their sha256, the inputs' names and shapes, the
+    arrays every verify needs)."""
+    from porting.budget import Budget
+    from porting.net import load_caffe
+    from porting.verify import parse_objective
+
+    golden.check_model(prototxt, caffemodel)
+    if budget is not None:
+        budget = dataclasses.replace(budget, batch=golden.batch, backward=True)
+    run = golden.run
+    shapes = {k: tuple(v) for k, v in run["input_shapes"].items()}
+    net = load_caffe(prototxt, caffemodel, phase=run["phase"], input_shapes=shapes or None,
+                     budget=budget or Budget.default(batch=golden.batch, backward=True),
+                     dropout_seed=run["dropout_seed"])
+    golden.check_inputs(net.graph)
+    try:
+        obj = parse_objective(run["objective"], net.graph)
+    except PortingError as err:
+        raise PortingError(err.problem, golden.path, "provenance.json run.objective") from None
+    golden.check_required(net.graph, obj.blob)
+    described = dict(run["inputs"], batch=golden.batch, phase=run["phase"])
+    return RunPlan(net, obj, dict(golden.inputs), described, run["phase"], run["dropout_seed"], shapes)
+
+
+def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
+               tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False,
+               budget=None, phase="test", input_shapes=None, dropout_seed=None, reference=None) -> dict:
+    """Verify a port against real Caffe and write the report; returns the report dict.
+    ``budget``: the porting.budget.Budget the net must fit (default: the machine's, at
+    ``batch`` with a backward). ``phase``: "test" or "train", both frameworks.
+    ``input_shapes``: top name -> shape (``--input-shape``), for data layers' tops.
+    ``dropout_seed``: TRAIN Dropout in both frameworks starts Caffe's generator there.
+    A net with data layers runs in Caffe as ``caffe_net_with_inputs`` rewrites it (each
+    data layer an Input layer of the same tops and shapes), fed the same arrays.
+    ``reference``: a golden file (porting.verify.reference) holding Caffe's arrays, its
+    inputs, objective and settings; no worker is started and the arguments that make
+    inputs (``input_files``, ``batch``, ``seed``, ``objective``, ``phase``,
+    ``input_shapes``, ``dropout_seed``) are not used."""
+    from porting.tolerances import parse_tolerances
+    from porting.layers import LAYERS
+
+    tolerances = parse_tolerances(tolerance, known_types=LAYERS)
+    golden = None
+    if reference is not None:
+        from porting.verify.reference import read_golden
+
+        golden = read_golden(reference)
+        plan = plan_from_golden(golden, prototxt, caffemodel, budget)
+        caffe, provenance = golden.arrays, golden.provenance["caffe"]
+    else:
+        plan = plan_run(prototxt, caffemodel, input_files, batch, objective, seed, budget, phase,
+                        input_shapes, dropout_seed)
+        caffe = run_caffe(plan, prototxt, caffemodel, worker)
+        provenance = caffe.provenance
+    return _judge(plan, dict(caffe), provenance, prototxt, caffemodel, report_dir, tolerances, onnx, synsets,
+                  strict, golden)
+
+
+def _judge(plan: RunPlan, reference: dict, provenance: dict, prototxt, caffemodel, report_dir, tolerances,
+           onnx, synsets, strict, golden) -> dict:
+    """Compare the port with Caffe's arrays ``reference`` and write the report."""
+    from porting.export import onnx_opinion
+    from porting.report import build_report, read_synsets, top5_table, write_report
+    from porting.verify import blob_key, verify_port
+
+    net, inputs, described = plan.net, plan.inputs, dict(plan.described)
     others, onnx_summary = {}, None
     if onnx:
         with tempfile.TemporaryDirectory() as tmp:
             others["onnx"], onnx_summary = onnx_opinion(net, inputs, tmp)
             onnx_summary.pop("file", None)
-    verification, arrays = verify_port(net, dict(reference), inputs, obj, tolerances, others=others,
+    verification, arrays = verify_port(net, reference, inputs, plan.objective, tolerances, others=others,
                                        strict=strict)
     top5 = None
     prob = next((s.tops[0] for s in reversed(net.graph.layers) if s.type == "Softmax"), None)
@@ -125,9 +219,29 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
              "caffemodel": str(caffemodel), "caffemodel_sha256": file_digest(caffemodel)}
     if onnx_summary:
         about["onnx"] = onnx_summary
-    report = build_report(verification, net=about, inputs=described, provenance=reference.provenance, top5=top5)
+    if golden is not None:
+        from porting.verify.reference import describe
+
+        described["reference"] = describe(golden)
+    report = build_report(verification, net=about, inputs=described, provenance=provenance, top5=top5)
     write_report(report, report_dir)
     return report
+
+
+def dump_reference(prototxt, caffemodel, out, input_files=(), batch=None, objective=None, seed=0, worker=None,
+                   budget=None, phase="test", input_shapes=None, dropout_seed=None) -> dict:
+    """Run real Caffe once on the inputs and objective ``porting verify`` would use with the
+    same arguments and write a golden file (porting.verify.reference); returns its provenance."""
+    from porting.verify.reference import write_golden
+
+    plan = plan_run(prototxt, caffemodel, input_files, batch, objective, seed, budget, phase,
+                    input_shapes, dropout_seed)
+    caffe = run_caffe(plan, prototxt, caffemodel, worker)
+    run = {"phase": plan.phase, "objective": str(plan.objective), "dropout_seed": plan.dropout_seed,
+           "input_shapes": {k: [int(d) for d in v] for k, v in plan.input_shapes.items()},
+           "inputs": plan.described}
+    return write_golden(out, caffe, plan.inputs, caffe.provenance, run, prototxt, caffemodel,
+                        net_name=plan.net.graph.name)
 
 
 def _summary(report: dict, report_dir) -> str:
@@ -140,18 +254,42 @@ def _summary(report: dict, report_dir) -> str:
     return "\n".join(lines)
 
 
-def _verify_command(args) -> int:
-    from porting.budget import from_args
+# Options that make the inputs and objective: a golden file fixes them (--reference).
+_RUN_OPTIONS = (("input", "--input"), ("batch", "--batch"), ("seed", "--seed"), ("objective", "--objective"),
+                ("phase", "--phase"), ("dropout_seed", "--dropout-seed"), ("input_shape", "--input-shape"))
 
+
+def _run_arguments(args, backward: bool = True) -> dict:
+    from porting.budget import from_args
     from porting.layers.data_layers import input_shapes_from_args
 
-    report = run_verify(args.prototxt, args.caffemodel, args.report, args.input or (), args.batch,
-                        args.objective, args.tolerance, not args.no_onnx, args.synsets, args.seed,
-                        strict=args.strict, budget=from_args(args, batch=args.batch, backward=True),
-                        phase=args.phase, input_shapes=input_shapes_from_args(args),
-                        dropout_seed=args.dropout_seed)
+    return dict(input_files=args.input or (), batch=args.batch, objective=args.objective,
+                seed=0 if args.seed is None else args.seed, phase=args.phase or "test",
+                budget=from_args(args, batch=args.batch, backward=backward),
+                input_shapes=input_shapes_from_args(args), dropout_seed=args.dropout_seed)
+
+
+def _verify_command(args) -> int:
+    run = _run_arguments(args)
+    if args.reference is not None:
+        given = [option for field, option in _RUN_OPTIONS if getattr(args, field) is not None]
+        if given:
+            raise PortingError(f"{given[0]} is not taken with --reference: the golden file holds the inputs, "
+                               "objective and settings Caffe ran with", args.reference)
+    report = run_verify(args.prototxt, args.caffemodel, args.report, tolerance=args.tolerance,
+                        onnx=not args.no_onnx, synsets=args.synsets, strict=args.strict,
+                        reference=args.reference, **run)
     print(_summary(report, args.report))
     return int(report["exit_status"])
+
+
+def _dump_command(args) -> int:
+    provenance = dump_reference(args.prototxt, args.caffemodel, args.output, **_run_arguments(args))
+    arrays = provenance["arrays"]
+    size = sum(4 * int(np.prod(a["shape"])) for a in arrays.values())
+    print(f"wrote {args.output}: {len(arrays)} arrays ({size / 2**20:.1f} MiB), objective "
+          f"{provenance['run']['objective']}, Caffe {provenance['caffe'].get('versions', {}).get('caffe', '?')}")
+    return 0
 
 
 def _demo_command(args) -> int:
@@ -179,29 +317,43 @@ def _demo_command(args) -> int:
     return int(report["exit_status"])
 
 
-def add_parser(subparsers) -> None:
+def _add_run_options(p) -> None:
+    """The options that make a verification's inputs and objective (verify and reference dump)."""
     from porting.layers.data_layers import add_input_shape_option
 
-    p = subparsers.add_parser("verify", help="compare a port with real Caffe blob by blob and write a drift report")
     p.add_argument("prototxt")
     p.add_argument("caffemodel")
     p.add_argument("--input", nargs="+", metavar="FILE", help=".npy arrays (net preprocessing) or images")
     p.add_argument("--batch", type=int, help="batch size of the seeded random inputs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--seed", type=int, help="seed of the random inputs (default 0)")
     p.add_argument("--objective", metavar="LAYER:UNIT", help="unit whose input gradient is compared "
                    "(default: the layer before the Softmax, unit 0)")
+    p.add_argument("--phase", choices=["test", "train"], help="the net's phase, in both frameworks (default test)")
+    p.add_argument("--dropout-seed", type=int, metavar="S", help="TRAIN Dropout: both frameworks start Caffe's "
+                   "generator at S before the forward (caffe.set_random_seed), so their masks agree")
+    add_input_shape_option(p)
+    budget.add_options(p)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="compare a port with real Caffe blob by blob and write a drift report")
+    _add_run_options(p)
+    p.add_argument("--reference", metavar="GOLDEN.npz", help="Caffe's arrays from `porting reference dump` "
+                   "instead of a live Caffe run (no legacy stack needed; the file fixes inputs and objective)")
     p.add_argument("--tolerance", metavar="SPEC", help='e.g. "Convolution=1e-5,default=1e-4" or a JSON file')
     p.add_argument("--synsets", metavar="FILE", help="synset_words.txt for class names in the top-5 table")
     p.add_argument("--strict", action="store_true", help="fail also when a blob exceeds its per-blob tolerance "
                    "(depends on the CPU, the inputs and the weights: rounding amplified by the net)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
     p.add_argument("--report", required=True, metavar="DIR")
-    p.add_argument("--phase", default="test", choices=["test", "train"], help="the net's phase, in both frameworks")
-    p.add_argument("--dropout-seed", type=int, metavar="S", help="TRAIN Dropout: both frameworks start Caffe's "
-                   "generator at S before the forward (caffe.set_random_seed), so their masks agree")
-    add_input_shape_option(p)
-    budget.add_options(p)
     p.set_defaults(func=_verify_command)
+
+    p = subparsers.add_parser("reference", help="golden reference files: real Caffe's arrays, stored once")
+    sub = p.add_subparsers(dest="reference_command", required=True)
+    p = sub.add_parser("dump", help="run real Caffe once as `porting verify` would and store every array")
+    _add_run_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="GOLDEN.npz")
+    p.set_defaults(func=_dump_command)
 
     p = subparsers.add_parser("demo", help="convert CaffeNet with generated weights and verify it")
     p.add_argument("--out", default="out/demo", metavar="DIR")
