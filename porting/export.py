@@ -13,14 +13,20 @@ Every layer output is a graph output named ``top/<layer>/<i>`` (the pre-in-place
 the model's metadata ``caffe_blob_views`` maps each blob name to the output holding its
 final value, so ``onnx_arrays`` returns the same keys as the legacy worker
 (``top/<layer>/<i>/data``, ``blob/<name>/data``). Forward only. The exported shapes are
-those of the example inputs (batch included).
+those of the example inputs (batch included), and so is every Python decision a layer
+takes on its values: the run-time checks (a label or index outside its range is a
+PortingError in the port) are not in the graph, and a layer whose tops' first dim depends
+on the values (``first_dim_at_run_time``: Filter) is refused, naming it, since layers below
+it keep the traced example's shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +82,35 @@ def _avg_pool2d_symbolic(g, input, kernel_size, stride, padding, ceil_mode, coun
     return out
 
 
+@contextlib.contextmanager
+def _quiet_output():
+    """File descriptors 1 and 2 go to the null device: torch's exporter prints the whole
+    TorchScript graph (to stdout) when it fails, its ONNX log being switched on by the
+    exporter itself; the failure is reported as one PortingError line instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _refuse_untraceable(net, path) -> None:
+    from porting.errors import shown
+
+    for spec in net.graph.layers:
+        if getattr(spec.module, "first_dim_at_run_time", False):
+            raise PortingError(f"layer {shown(spec.name)} ({shown(spec.type)}) cannot be exported: its tops' first "
+                               "dim is decided by the values at run time, and a traced graph keeps the example's "
+                               "shapes below it", path, "ONNX export")
+
+
 def _output_names(net) -> tuple[list[str], dict[str, str]]:
     names, views = [], {}
     for spec in net.graph.layers:
@@ -97,9 +132,11 @@ def export_onnx(net, path: str | os.PathLike, inputs: Mapping[str, np.ndarray] |
 
     ``inputs`` fixes the traced shapes (default: the net's input shapes, ``batch`` replacing
     the first dimension). The file is written to a temporary name and renamed. A net the
-    exporter cannot trace is a PortingError naming the exporter's complaint.
+    exporter cannot trace is a PortingError naming the exporter's complaint (or the layer:
+    a check of the example inputs, a layer with a run-time first dim).
     """
     path = Path(path)
+    _refuse_untraceable(net, path)
     inputs = dict(inputs) if inputs is not None else example_inputs(net, batch)
     input_names = list(net.graph.inputs)
     missing = [n for n in input_names if n not in inputs]
@@ -110,7 +147,7 @@ def export_onnx(net, path: str | os.PathLike, inputs: Mapping[str, np.ndarray] |
     buf = io.BytesIO()
     kept = net.layer_outputs
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_output():
             warnings.simplefilter("ignore")
             torch.onnx.register_custom_op_symbolic("aten::avg_pool2d", _avg_pool2d_symbolic, opset)
             torch.onnx.export(_AllTops(net, input_names).eval(), args, buf, dynamo=False, opset_version=opset,

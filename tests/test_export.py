@@ -122,3 +122,120 @@ def test_export_command(net, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "onnx.checker: ok" in text and "largest relative difference" in text
     assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+TRAIN_NET = """
+name: "train_style"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 6 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.05 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.05 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+layer { name: "loss_ignoring" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss_ignoring"
+        loss_param { ignore_label: 3 } }
+layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" top: "per_class"
+        accuracy_param { top_k: 2 ignore_label: 1 } }
+"""
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "porting", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def train_prototxt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "train.prototxt"
+    path.write_text(TRAIN_NET)
+    return path
+
+
+def test_export_training_style_net_compare(train_prototxt, tmp_path):
+    """Labels are read by a cast (ONNX Cast), the VALID normalizer and Accuracy's counts
+    are graph arithmetic: the export runs, and its graph holds for labels other than the
+    traced example's (other ignored positions, other counts)."""
+    out = tmp_path / "train.onnx"
+    done = _cli("export", train_prototxt, "--onnx", out, "--compare")
+    assert done.returncode == 0, done.stderr
+    assert "onnx.checker: ok" in done.stdout and "Cast" in done.stdout
+    worst = float(done.stdout.split("largest relative difference ")[1].split()[0])
+    assert worst < 1e-5, done.stdout
+    net = load_caffe(train_prototxt)  # weights drawn here (the CLI's are zeros: no caffemodel)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for blobs in net.params.values():
+            blobs[0].copy_(torch.randn(blobs[0].shape, generator=gen) * 0.05)
+    export_onnx(net, out, random_inputs(net.graph, seed=0))
+    net64 = float64_twin(net)
+    for seed, labels in [(3, [3, 3, 3, 0, 4, 1]), (4, [0, 1, 2, 3, 4, 2]), (5, [1, 1, 1, 1, 1, 1])]:
+        inputs = random_inputs(net.graph, seed=seed)
+        inputs["label"] = np.asarray(labels, np.float32)
+        ours, theirs = port_arrays(net, inputs), onnx_arrays(out, inputs)
+        # Accuracy: counts and one float32 quotient each, the same in any arithmetic order
+        for key in ("top/acc/0/data", "top/acc/1/data"):
+            np.testing.assert_array_equal(theirs[key], ours[key])
+        v = verify_arrays(net64, ours, ours, others={"onnx": theirs})
+        beyond = {c.layer: c.error_ratio for c in v.checks if c.framework == "onnx" and c.within is not True
+                  and c.layer.startswith("loss")}
+        assert not beyond, f"seed {seed}: ONNX loss layers beyond their float32 bound: {beyond}"
+        if seed == 3:  # three labels ignored: the normalizer is 3, not the traced example's count
+            assert theirs["top/loss_ignoring/0/data"] != theirs["top/loss/0/data"]
+            np.testing.assert_allclose(theirs["top/loss_ignoring/0/data"], -np.log(np.take_along_axis(
+                _softmax(ours["top/fc/0/data"]), np.asarray(labels)[:, None], 1)[3:]).mean(), rtol=1e-5)
+        assert 0 < theirs["top/acc/0/data"] < 1 or seed == 5
+
+
+def _softmax(x):
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("layer", [
+    'layer { name: "emb" type: "Embed" bottom: "idx" top: "emb" embed_param { num_output: 3 input_dim: 5 } }',
+    'layer { name: "ri" type: "BatchReindex" bottom: "fc" bottom: "idx" top: "ri" }',
+    'layer { name: "hinge" type: "HingeLoss" bottom: "fc" bottom: "idx" top: "hinge" }',
+])
+def test_index_reading_layers_export(layer, tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 5 dim: 4 } } }\n'
+                    'layer { name: "idx" type: "Input" top: "idx" input_param { shape { dim: 5 } } }\n'
+                    'layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc" '
+                    'inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }\n' + layer)
+    done = _cli("export", path, "--onnx", tmp_path / "net.onnx", "--compare")
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split("largest relative difference ")[1].split()[0]) < 1e-5
+    net = load_caffe(path)
+    inputs = random_inputs(net.graph, seed=7)
+    inputs["idx"] = np.asarray([4.9, 0.0, 3.5, 2.0, 0.7], np.float32)  # truncated toward zero
+    theirs, ours = onnx_arrays(tmp_path / "net.onnx", inputs), port_arrays(net, inputs)
+    name = layer.split('"')[1]
+    if name != "hinge":  # copies: equal
+        np.testing.assert_array_equal(theirs[f"top/{name}/0/data"], ours[f"top/{name}/0/data"])
+    else:
+        np.testing.assert_allclose(theirs["top/hinge/0/data"], ours["top/hinge/0/data"], rtol=1e-5)
+
+
+def test_export_refuses_a_run_time_first_dim(tmp_path):
+    path = tmp_path / "filter.prototxt"
+    path.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 6 } } }\n'
+                    'layer { name: "sel" type: "Input" top: "sel" input_param { shape { dim: 4 } } }\n'
+                    'layer { name: "pick" type: "Filter" bottom: "x" bottom: "sel" top: "picked" }\n'
+                    'layer { name: "r" type: "Reshape" bottom: "picked" top: "r" '
+                    'reshape_param { shape { dim: -1 dim: 2 dim: 3 } } }\n')
+    done = _cli("export", path, "--onnx", tmp_path / "f.onnx")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "layer pick (Filter) cannot be exported" in done.stderr
+    assert not (tmp_path / "f.onnx").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_failed_export_is_one_line(train_prototxt, tmp_path):
+    """torch's exporter prints its whole TorchScript graph when it fails; porting export
+    says one line (here opset 7, which has no Where)."""
+    done = _cli("export", train_prototxt, "--onnx", tmp_path / "t.onnx", "--opset", "7")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "torch.onnx.export failed" in done.stderr

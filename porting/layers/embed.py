@@ -38,13 +38,15 @@ class Embed(CaffeLayer):
         self.top_shapes = [self.bottom_shapes[0] + (self.num_output,)]
 
     def forward(self, x):
-        index = torch.trunc(x.detach())
-        bad = ~((index >= 0) & (index < self.input_dim))
+        index = x.detach()
+        # static_cast<int>(x) in [0, input_dim) exactly where -1 < x < input_dim (NaN: never).
+        # The check runs in Python: an ONNX export (traced) does not carry it.
+        bad = ~((index > -1) & (index < self.input_dim))
         if bool(bad.any()):
             raise PortingError(f"Embed index {float(x.detach()[bad][0]):g} is outside the table [0, "
                                f"{self.input_dim}) (input_dim); Caffe would read outside its weights",
                                place=f"layer {self.name}")
-        y = F.embedding(index.to(torch.int64), self.blobs[0].to(x.dtype))
+        y = F.embedding(index.to(torch.int64), self.blobs[0].to(x.dtype))  # the cast truncates toward zero (ONNX Cast)
         if self.bias_term:
             y = y + self.blobs[1].to(x.dtype)
         return (y,)

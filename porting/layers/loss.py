@@ -68,6 +68,35 @@ def normalizer(mode: int, outer: int, inner: int, valid: int) -> float:
     return float(max(1, value))
 
 
+def run_normalizer(mode: int, outer: int, inner: int, keep: torch.Tensor):
+    """``normalizer`` with VALID's count taken from ``keep`` (the kept labels) in a forward.
+
+    While the net is traced for ONNX export (``torch.jit.is_tracing()``) a VALID count is a
+    tensor (Sum, Max with 1), so the exported graph counts each run's own kept labels instead
+    of keeping the traced example's count as a constant; the value is the same float."""
+    if mode == Mode.VALID and torch.jit.is_tracing():
+        return keep.sum().clamp(min=1).to(torch.float32)
+    return normalizer(mode, outer, inner, int(keep.sum()))
+
+
+def static_int(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, representable): a float tensor as Caffe's ``static_cast<int>`` reads it, and
+    where that is defined (finite, |t| < 2^31; elsewhere index is 0, and C++ is undefined).
+
+    A cast to int64 truncates toward zero as static_cast does, and exports to ONNX as Cast
+    (torch.trunc has no ONNX export)."""
+    t = t.detach()
+    representable = t.abs() < 2.0 ** 31  # False for NaN and inf
+    return torch.where(representable, t, torch.zeros_like(t)).to(torch.int64), representable
+
+
+def static_int_equals(t: torch.Tensor, value: int) -> torch.Tensor:
+    """Where ``static_cast<int>(t) == value`` (never where the cast is undefined: C++ gives
+    some int there, which this port does not guess)."""
+    index, representable = static_int(t)
+    return representable & (index == value)
+
+
 def legacy_dims(shape, what: str) -> tuple[int, int, int, int]:
     """Blob's num/channels/height/width (missing axes read 1); ValueError past 4 axes
     (Caffe's CHECK in LegacyShape)."""
@@ -136,16 +165,18 @@ class LossLayer(CaffeLayer):
         """(index, keep): the labels as Caffe's int, and where they are not ignore_label;
         PortingError (at run time, naming the layer) for a kept label outside [0, classes)
         or not finite: Caffe would read (or write) outside its blob."""
-        value = torch.trunc(label.detach())
-        keep = torch.ones_like(value, dtype=torch.bool) if self.ignore is None else value != self.ignore
-        bad = keep & ~((value >= 0) & (value < classes))
+        value, representable = static_int(label)
+        keep = torch.ones_like(value, dtype=torch.bool) if self.ignore is None else \
+            ~static_int_equals(label, self.ignore)
+        # The check runs in Python: an ONNX export (traced) does not carry it.
+        bad = keep & ~(representable & (value >= 0) & (value < classes))
         if bool(bad.any()):
             where = int(bad.reshape(-1).nonzero()[0, 0])
             raise PortingError(f"label {label.reshape(-1)[where].item():g} at index {where} is outside [0, {classes})"
                                + ("" if self.ignore is None else f" and is not ignore_label {self.ignore}")
                                + "; Caffe would read outside its blob",
                                place=f"layer {shown(self.name)} ({self.type_name})")
-        return torch.where(keep, value, torch.zeros_like(value)).long(), keep
+        return torch.where(keep, value, torch.zeros_like(value)), keep
 
     def work(self) -> int:
         return 4 * count(self.bottom_shapes[0])
@@ -226,7 +257,7 @@ class SoftmaxWithLoss(_SoftmaxBased):
         p = prob.reshape(self.outer, self.classes, self.inner)
         picked = p.gather(1, lab.unsqueeze(1)).squeeze(1)
         logs = torch.log(picked.clamp(min=FLT_MIN))
-        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        norm = run_normalizer(self.mode, self.outer, self.inner, keep)
         value = -torch.where(keep, logs, torch.zeros_like(logs)).sum() / norm
 
         def diff():
@@ -296,7 +327,7 @@ class InfogainLoss(_SoftmaxBased):
         rows = h.detach().reshape(self.classes, self.classes)[lab].permute(0, 2, 1)  # outer x classes x inner
         terms = rows * torch.log(p.clamp(min=LOG_THRESHOLD))
         kept = keep.unsqueeze(1)
-        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        norm = run_normalizer(self.mode, self.outer, self.inner, keep)
         value = -torch.where(kept, terms, torch.zeros_like(terms)).sum() / norm
 
         def diff():
@@ -391,16 +422,16 @@ class SigmoidCrossEntropyLoss(LossLayer):
 
     def forward(self, x, target):
         xd, t = x.detach(), target.detach().reshape(x.shape)
-        keep = torch.ones_like(t, dtype=torch.bool) if self.ignore is None else torch.trunc(t) != self.ignore
+        keep = torch.ones_like(t, dtype=torch.bool) if self.ignore is None else ~static_int_equals(t, self.ignore)
         pos = (xd >= 0).to(xd.dtype)
         terms = xd * (t - pos) - torch.log(1 + torch.exp(xd - 2 * xd * pos))
-        norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
+        norm = run_normalizer(self.mode, self.outer, self.inner, keep)
         value = -torch.where(keep, terms, torch.zeros_like(terms)).sum() / norm
         return (caffe_loss(value, norm, [(x, lambda: (torch.sigmoid(xd) - t) * keep)]),)
 
     def _bound_parts(self, x, target):
         t = target.reshape(x.shape)
-        keep = torch.ones_like(t, dtype=torch.bool) if self.ignore is None else torch.trunc(t) != self.ignore
+        keep = torch.ones_like(t, dtype=torch.bool) if self.ignore is None else ~static_int_equals(t, self.ignore)
         norm = normalizer(self.mode, self.outer, self.inner, int(keep.sum()))
         return t, keep.to(x.dtype), norm
 
@@ -573,7 +604,7 @@ class ContrastiveLoss(LossLayer):
     def _pairs(self, a, b, y):
         d = a.detach().reshape(self.num, self.channels) - b.detach().reshape(self.num, self.channels)
         dist_sq = (d * d).sum(dim=1)
-        similar = torch.trunc(y.detach().reshape(-1)[:self.num]) != 0
+        similar = ~(y.detach().reshape(-1)[:self.num].abs() < 1)  # static_cast<int>(y) != 0 (NaN too)
         return d, dist_sq, similar
 
     def forward(self, a, b, y):
@@ -697,12 +728,15 @@ class Accuracy(CaffeLayer):
     def forward(self, x, label):
         with torch.no_grad():
             lab, keep, correct, _, _ = self._correct(x, label)
-            kept = int(keep.sum())
-            value = correct.sum().to(x.dtype) / kept if kept else torch.zeros((), dtype=x.dtype)
+            # tensor arithmetic throughout (no Python branch on the counts), so an ONNX
+            # export computes each run's own counts; the same floats as Caffe's quotients
+            kept = keep.sum().to(x.dtype)
+            value = torch.where(kept > 0, correct.sum().to(x.dtype) / kept.clamp(min=1), torch.zeros_like(kept))
             if len(self.top_shapes) == 1:
                 return (value.reshape(()),)
-            nums = torch.bincount(lab[keep], minlength=self.classes).to(x.dtype)
-            hits = torch.bincount(lab[correct], minlength=self.classes).to(x.dtype)
+            per = lab.reshape(-1)
+            nums = torch.zeros(self.classes, dtype=x.dtype).scatter_add(0, per, keep.reshape(-1).to(x.dtype))
+            hits = torch.zeros(self.classes, dtype=x.dtype).scatter_add(0, per, correct.reshape(-1).to(x.dtype))
             per_class = torch.where(nums > 0, hits / nums.clamp(min=1), torch.zeros_like(hits))
             return value.reshape(()), per_class
 

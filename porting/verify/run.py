@@ -7,6 +7,7 @@ with the same float32 weights and float64 arithmetic, the stand-in for exact ari
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -93,15 +94,21 @@ LABEL_TAKERS = {"SoftmaxWithLoss": "softmax_param", "Accuracy": "accuracy_param"
 
 def label_classes(graph, name: str) -> int | None:
     """How many classes an input blob labels: the smallest class count of the layers that
-    read it as their label (LABEL_TAKERS); None when no layer does."""
+    read it as their label (LABEL_TAKERS; HingeLoss: the count per item) or as indices
+    (Embed: input_dim; BatchReindex: the data's first dim); None when no layer does."""
     counts = []
     for spec in graph.layers:
-        if spec.type in LABEL_TAKERS and len(spec.bottoms) > 1 and spec.bottoms[1] == name:
+        shape = graph.blob_shapes.get(spec.bottoms[0], ()) if spec.bottoms else ()
+        second = len(spec.bottoms) > 1 and spec.bottoms[1] == name
+        if spec.type in LABEL_TAKERS and second:
             field = LABEL_TAKERS[spec.type]
             axis = getattr(getattr(spec.param, field), "axis", 1) if field else 1
-            shape = graph.blob_shapes.get(spec.bottoms[0], ())
             if shape and -len(shape) <= axis < len(shape):
                 counts.append(int(shape[axis]))
+        elif spec.type in ("HingeLoss", "BatchReindex") and second and shape:
+            counts.append(math.prod(shape[1:]) if spec.type == "HingeLoss" else int(shape[0]))
+        elif spec.type == "Embed" and spec.bottoms and spec.bottoms[0] == name:
+            counts.append(int(spec.param.embed_param.input_dim))
     return min(counts) if counts else None
 
 
