@@ -147,6 +147,20 @@ layer { name: "filter" type: "Filter" bottom: "cols" bottom: "ones" top: "filter
 layer { name: "param" type: "Parameter" top: "par" parameter_param { shape { dim: 2 dim: 5 } } }
 layer { name: "join" type: "Eltwise" bottom: "ip" bottom: "par" top: "join" }
 layer { name: "h5" type: "HDF5Output" bottom: "data" bottom: "red" hdf5_output_param { file_name: "all_types.h5" } }
+layer { name: "hmat" type: "Parameter" top: "H" parameter_param { shape { dim: 5 dim: 5 } } }
+layer { name: "sm_loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "ones" top: "sm_loss" loss_param { ignore_label: 0 } }
+layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "ones" top: "acc" top: "acc_class" accuracy_param { top_k: 2 } }
+layer { name: "euc" type: "EuclideanLoss" bottom: "ip" bottom: "par" top: "euc" }
+layer { name: "sce" type: "SigmoidCrossEntropyLoss" bottom: "ip" bottom: "clip" top: "sce" }
+layer { name: "hinge" type: "HingeLoss" bottom: "ip" bottom: "ones" top: "hinge" hinge_loss_param { norm: L2 } }
+layer { name: "info" type: "InfogainLoss" bottom: "ip" bottom: "ones" bottom: "H" top: "info" }
+layer { name: "contr" type: "ContrastiveLoss" bottom: "ip" bottom: "par" bottom: "ones" top: "contr" }
+layer { name: "mlog" type: "MultinomialLogisticLoss" bottom: "prob" bottom: "ones" top: "mlog" }
+layer { name: "seq" type: "Reshape" bottom: "ip" top: "seq" reshape_param { shape { dim: 2 dim: 1 dim: 5 } } }
+layer { name: "cont" type: "Reshape" bottom: "ones" top: "cont" reshape_param { shape { dim: 2 dim: 1 } } }
+layer { name: "lstm" type: "LSTM" bottom: "seq" bottom: "cont" top: "lstm" recurrent_param { num_output: 3 } }
+layer { name: "rnn" type: "RNN" bottom: "seq" bottom: "cont" top: "rnn" recurrent_param { num_output: 2 } }
+layer { name: "dummy" type: "DummyData" top: "dummy" dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 0.5 } } }
 layer { name: "sil" type: "Silence" bottom: "arg" }
 """
 
@@ -270,7 +284,9 @@ TYPES = ["Input", "Convolution", "Deconvolution", "Pooling", "InnerProduct", "Re
          "Concat", "Slice", "Split", "Eltwise", "BatchNorm", "Scale", "Bias", "Flatten", "Reshape",
          "Crop", "ArgMax", "LRN", "PReLU", "ELU", "Dropout", "Power", "Exp", "Log", "Threshold",
          "Silence", "Clip", "Swish", "Tile", "Reduction", "SPP", "Im2col", "Parameter", "BatchReindex", "Filter",
-         "HDF5Output", "Python", "Data", "SoftmaxWithLoss", "MVN", "Embed", "", "convolution",
+         "HDF5Output", "Python", "Data", "SoftmaxWithLoss", "MVN", "Embed", "Accuracy", "EuclideanLoss",
+         "SigmoidCrossEntropyLoss", "HingeLoss", "InfogainLoss", "ContrastiveLoss", "MultinomialLogisticLoss",
+         "LSTM", "RNN", "LSTMUnit", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData", "", "convolution",
          "Convolution ", "CONVOLUTION", "\x00"]
 NUMBER_TOKENS = ["0", "-0", "1", "-1", "2", "3", "07", "0x10", "2147483647", "2147483648", "-2147483648",
                  "-2147483649", "4294967295", "4294967296", "9223372036854775807", "9223372036854775808",
