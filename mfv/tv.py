@@ -4,8 +4,11 @@ MFV calls ``skimage.restoration.denoise_tv_bregman(img, weight=w, max_iter=100,
 eps=1e-3)`` on a float64 RGB image, height x width x 3, values 0-255 (not 0-1:
 ``img_as_float`` leaves float64 input untouched).
 
-``denoise_tv_bregman_0131`` is our own NumPy implementation of scikit-image 0.13.1's
-algorithm (``skimage/restoration/_denoise_cy.pyx``, isotropic case). It exists because
+``denoise_tv_bregman_0131_batch`` is our own implementation of scikit-image 0.13.1's
+algorithm (``skimage/restoration/_denoise_cy.pyx``, isotropic case) in torch, batched
+over images, on the images' device and in their dtype; ``denoise_tv_bregman_0131`` is
+its one-image NumPy face, and ``denoise_tv_bregman_0131_numpy`` the plain NumPy
+version of the same sweep, kept as the reference the tests compare with. They exist because
 today's scikit-image differs: from 0.15 on, the ring of padding the Gauss-Seidel
 sweeps read holds ``image[-1]`` / ``image[:, -1]`` on the bottom and right edges,
 where 0.13.1 holds ``image[-2]`` / ``image[:, -2]`` (a mirror without the edge, as on
@@ -102,7 +105,7 @@ class _Wrapped(object):
         return stored[t, lo + 1:hi + 1].reshape(-1)
 
 
-def denoise_tv_bregman_0131(image, weight, max_iter=100, eps=1e-3, padding="reflect"):
+def denoise_tv_bregman_0131_numpy(image, weight, max_iter=100, eps=1e-3, padding="reflect"):
     """Isotropic split-Bregman TV denoising with scikit-image 0.13.1's semantics.
 
     image: (rows, cols) or (rows, cols, dims), any real dtype, used as float64 as is
@@ -201,6 +204,183 @@ def denoise_tv_bregman_0131(image, weight, max_iter=100, eps=1e-3, padding="refl
     return np.squeeze(layout.take(u)[1:-1, 1:-1])
 
 
+def _padded_torch(images, padding):
+    """(rows+2, cols+2, K) from (rows, cols, K): image inside, the ring, zero corners."""
+    rows, cols, k = images.shape
+    u = images.new_zeros((rows + 2, cols + 2, k))
+    u[1:-1, 1:-1] = images
+    u[0, 1:-1] = images[1, :]
+    u[1:-1, 0] = images[:, 1]
+    last = -2 if padding == "reflect" else -1
+    u[-1, 1:-1] = images[last, :]
+    u[1:-1, -1] = images[:, last]
+    return u
+
+
+def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, padding="reflect"):
+    """Split-Bregman TV of a batch of images at once, in torch: 0.13.1's algorithm.
+
+    images: tensor (N, rows, cols, dims), values as they are (0-255 in MFV); computed in
+    its own dtype (float64 for the faithful algorithm; float32 allowed; other dtypes are
+    taken as float64) and on its own device. weights: N positive numbers (a sequence or a
+    tensor), one per image. Each image is one 0.13.1 call: its dims channels share one
+    stopping test (root mean square change of a sweep over rows * cols * dims values at
+    most ``eps``, or ``max_iter`` sweeps), and an image that has stopped keeps its value
+    while the others sweep on (its u is restored after each later sweep; images never
+    mix). Returns (denoised tensor of the input's shape, sweeps: int64 tensor (N,), the
+    sweeps each image ran).
+
+    Same layout and arithmetic as the NumPy reference ``denoise_tv_bregman_0131_numpy``
+    (the module docstring): the N * dims channels are the last axis of the wrapped
+    anti-diagonal layout, so every operation of a sweep serves the whole batch and a
+    sweep costs ~25 whole-array operations plus 2 per anti-diagonal whatever N is.
+    """
+    import torch
+
+    if padding not in PADDINGS:
+        raise ValueError("padding must be one of %s, not %r" % (PADDINGS, padding))
+    if images.dim() != 4:
+        raise ValueError("images must be N x rows x cols x dims, got shape %s" % (tuple(images.shape),))
+    if not images.is_floating_point():
+        images = images.to(torch.float64)
+    n, rows, cols, dims = images.shape
+    if rows < 2 or cols < 2:
+        raise ValueError("image must be at least 2x2, got %dx%d" % (rows, cols))
+    dtype, device = images.dtype, images.device
+    weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1).to(device)
+    if weights.numel() != n:
+        raise ValueError("one weight per image: %d images, %d weights" % (n, weights.numel()))
+    if not bool((weights > 0).all()):
+        raise ValueError("weights must be positive (0.13.1 divides by them)")
+    k = n * dims
+    weight = weights.repeat_interleave(dims).to(dtype)     # (K,), channel j of image i at i * dims + j
+    lam = 2 * weight
+    norm = weight + 4 * lam
+    a = lam / norm                                         # 2/9 up to rounding, per image as in the reference
+    total = rows * cols * dims
+    h, w = rows + 2, cols + 2                              # the padded grid
+
+    r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    srows = ((r + c) % w + 1).reshape(-1)
+    scols = (r + 1).reshape(-1)
+
+    def empty():
+        return images.new_zeros((w + 2, h + 2, k))
+
+    def mirror(stored):
+        stored[0] = stored[w]
+        stored[w + 1] = stored[1]
+
+    def put(grid, into):
+        into[srows, scols] = grid.reshape(-1, k)
+        mirror(into)
+        return into
+
+    def core(s):
+        return s[1:w + 1, 1:h + 1]
+
+    def right(s):
+        return s[2:w + 2, 1:h + 1]
+
+    def down(s):
+        return s[2:w + 2, 2:h + 2]
+
+    def left(s):
+        return s[0:w, 1:h + 1]
+
+    def up(s):
+        return s[0:w, 0:h]
+
+    def diagonal(s, d, lo, hi):
+        return s[d % w + 1, lo + 1:hi + 1].reshape(-1)
+
+    flat = images.permute(1, 2, 0, 3).reshape(rows, cols, k)
+    u = put(_padded_torch(flat, padding), empty())
+    grid = images.new_zeros((h, w, k))
+    grid[1:-1, 1:-1] = weight * flat / norm
+    fidelity = core(put(grid, empty())).clone()
+    grid.zero_()
+    grid[1:-1, 1:-1] = 1.0
+    inside = core(put(grid, empty())).clone()
+    minus_two_inside = -2.0 * inside
+    ex, ey = empty(), empty()
+    shape = fidelity.shape
+    bx, by, before, tx, ty, s, p, rhs = (images.new_zeros(shape) for _ in range(8))
+    u_here, u_right, u_down = core(u), right(u), down(u)
+    ex_here, ey_here = core(ex), core(ey)
+    ex_left, ey_up = left(ex), up(ey)
+    rhs_full = empty()
+    rhs_here = core(rhs_full)
+    buf = images.new_empty(rows * k)
+    a_runs = a.repeat(rows)                                # a for every cell of the longest anti-diagonal
+    steps = []
+    for d in range(2, rows + cols + 1):
+        lo, hi = max(1, d - cols), min(rows, d - 1) + 1
+        steps.append((diagonal(u, d - 1, lo - 1, hi - 1), diagonal(u, d - 1, lo, hi),
+                      diagonal(rhs_full, d, lo, hi), diagonal(u, d, lo, hi),
+                      buf[: (hi - lo) * k], a_runs[: (hi - lo) * k]))
+
+    sweeps = torch.zeros(n, dtype=torch.int64, device=device)
+    rmse = torch.full((n,), float("inf"), dtype=dtype, device=device)
+    for _ in range(max_iter):
+        running = rmse > eps                               # (N,): 0.13.1's loop test, per image
+        if not bool(running.any()):
+            break
+        before.copy_(u_here)
+        torch.sub(u_right, u_here, out=tx)
+        tx += bx
+        torch.sub(u_down, u_here, out=ty)
+        ty += by
+        torch.mul(tx, tx, out=s)
+        torch.mul(ty, ty, out=p)
+        s += p
+        s.sqrt_()
+        s *= lam
+        s += 1.0
+        torch.reciprocal(s, out=p)
+        torch.mul(tx, p, out=bx)
+        torch.mul(ty, p, out=by)
+        p *= minus_two_inside
+        p += inside
+        torch.add(u_down, u_right, out=rhs)
+        rhs -= ex_here
+        rhs -= ey_here
+        torch.mul(tx, p, out=ex_here)
+        torch.mul(ty, p, out=ey_here)
+        mirror(ex)
+        mirror(ey)
+        rhs += ex_left
+        rhs += ey_up
+        rhs *= a
+        torch.add(rhs, fidelity, out=rhs_here)
+        for up_, left_, right_hand, cells, scratch, a_run in steps:
+            torch.add(up_, left_, out=scratch)
+            scratch *= a_run
+            torch.add(scratch, right_hand, out=cells)
+        if not bool(running.all()):                        # stopped images keep their u
+            keep = running.repeat_interleave(dims)
+            u_here.copy_(torch.where(keep, u_here, before))
+        mirror(u)
+        torch.sub(u_here, before, out=rhs)
+        rhs *= rhs
+        sums = rhs.sum(dim=(0, 1)).reshape(n, dims).sum(dim=1)
+        rmse = torch.where(running, torch.sqrt(sums / total), rmse)
+        sweeps += running.to(torch.int64)
+    out = core(u)[srows - 1, scols - 1].reshape(h, w, k)[1:-1, 1:-1]
+    return out.reshape(rows, cols, n, dims).permute(2, 0, 1, 3).contiguous(), sweeps
+
+
+def denoise_tv_bregman_0131(image, weight, max_iter=100, eps=1e-3, padding="reflect"):
+    """One image (rows, cols) or (rows, cols, dims), NumPy in and out, through the torch
+    batch version (a batch of one, float64, CPU). Same contract as the NumPy reference."""
+    import torch
+
+    image = np.atleast_3d(np.asarray(image, dtype=np.float64))
+    out, _ = denoise_tv_bregman_0131_batch(torch.from_numpy(image)[None], [float(weight)],
+                                           max_iter=max_iter, eps=eps, padding=padding)
+    return np.squeeze(out[0].numpy())
+
+
 def denoise_tv_bregman_modern(image, weight, max_iter=100, eps=1e-3):
     """Today's scikit-image, called as a naive port of the 2016 call would call it."""
     from skimage.restoration import denoise_tv_bregman
@@ -216,7 +396,7 @@ def denoise(image, weight, mode="faithful"):
     0.13.1's algorithm, our implementation) or "modern" (today's scikit-image).
     """
     if mode == "faithful":
-        return denoise_tv_bregman_0131(image, weight, max_iter=100, eps=1e-3)
+        return denoise_tv_bregman_0131_numpy(image, weight, max_iter=100, eps=1e-3)
     if mode == "modern":
         return denoise_tv_bregman_modern(image, weight, max_iter=100, eps=1e-3)
     raise ValueError("mode must be 'faithful' or 'modern', not %r" % (mode,))
