@@ -139,6 +139,46 @@ def test_small_net_seeded_bug_fails_against_golden(small, tmp_path, monkeypatch)
     assert _report(tmp_path / "golden")["departure"]["layer"] == "norm1"
 
 
+TRAIN_NET = """name: "tv"
+layer { name: "data" type: "Data" top: "data" top: "label"
+  data_param { source: "nowhere_lmdb" batch_size: 2 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "drop1" type: "Dropout" bottom: "conv1" top: "conv1" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_data_layers_train_phase_settings_travel_in_the_golden_file(caffe_weights, tmp_path):
+    """--input-shape, --phase train and --dropout-seed are stored and reused: the golden
+    verify of a net with a Data layer and TRAIN Dropout matches the live one."""
+    from porting.layers.data_layers import caffe_net_with_inputs
+    from porting.net import load_caffe
+    from porting.write import write_prototxt
+
+    prototxt = tmp_path / "tv.prototxt"
+    prototxt.write_text(TRAIN_NET)
+    twin = tmp_path / "with_inputs.prototxt"
+    write_prototxt(twin, caffe_net_with_inputs(load_caffe(prototxt, input_shapes={"data": (2, 3, 8, 8)}).graph))
+    weights = caffe_weights(twin, seed=6, filler="msra", bias_filler="gaussian", bias_std=0.1)
+    run = ["--input-shape", "data=2,3,8,8", "--phase", "train", "--dropout-seed", "11"]
+    golden = tmp_path / "tv.npz"
+    assert main(["reference", "dump", str(prototxt), str(weights), *run, "-o", str(golden)]) == 0
+    stored = read_golden(golden)
+    assert stored.run["input_shapes"] == {"data": [2, 3, 8, 8]} and stored.run["dropout_seed"] == 11
+    assert stored.arrays["blob/loss/data"].shape == ()  # Caffe's loss top has no axes; so does its copy
+    labels = stored.inputs["label"]
+    assert labels.shape == (2,) and set(labels) <= set(range(5))
+    assert main(["verify", str(prototxt), str(weights), *run, "--no-onnx", "--report", str(tmp_path / "live")]) == 0
+    done = _verify_caffeless(prototxt, weights, golden, tmp_path / "golden", "--no-onnx")
+    assert done.returncode == 0, done.stderr
+    _same_verdict(tmp_path / "live", tmp_path / "golden")
+    dropped = stored.arrays["top/drop1/0/data"]
+    assert 0 < np.count_nonzero(dropped) < np.count_nonzero(stored.arrays["top/relu1/0/data"])
+
+
 # ---------------------------------------------------------------------------- hostile files
 
 def _members(path) -> dict:

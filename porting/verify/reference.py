@@ -124,11 +124,11 @@ def write_golden(path, arrays, inputs, caffe_provenance: dict, run: dict, protot
 
     members = {}
     for name, arr in inputs.items():
-        members[INPUT_PREFIX + name] = np.ascontiguousarray(arr, dtype=FLOAT)
+        members[INPUT_PREFIX + name] = np.asarray(arr, dtype=FLOAT, order="C")
     for key, arr in arrays.items():
         if parse_key(key) is None:
             raise ValueError(f"not an array key of porting.verify.keys: {key!r}")
-        members[key] = np.ascontiguousarray(arr, dtype=FLOAT)
+        members[key] = np.asarray(arr, dtype=FLOAT, order="C")  # 0-d stays 0-d (a loss)
     provenance = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -217,6 +217,8 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, ke
         want = np.dtype(np.uint8) if key == PROVENANCE else FLOAT
         if dtype != want:
             raise PortingError(f"dtype {dtype.str}, expected {want.str}", path, place)
+        if any(int(d) < 0 for d in shape):
+            raise PortingError(f"negative dimension in shape {shape}", path, place)
         count = 1
         for d in shape:
             count *= int(d)
@@ -226,7 +228,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, ke
         if len(data) != count * dtype.itemsize:
             raise PortingError("truncated member", path, place)
     arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    return np.ascontiguousarray(arr).copy() if fortran else arr.copy()
+    return np.array(arr, order="C")
 
 
 def _parse_provenance(raw: np.ndarray, path: Path) -> dict:
