@@ -224,7 +224,17 @@ HOSTILE = {
     "foreign-npz": (lambda m: {"blob/fc/data": m["blob/fc/data"]}, "no provenance.json member"),
     "float64": (lambda m: {**m, "blob/fc/data": m["blob/fc/data"].astype(np.float64)}, "dtype <f8, expected <f4"),
     "bad-shape": (lambda m: {**m, "blob/fc/data": m["blob/fc/data"][:1]}, "shape 1x5, the manifest says 3x5"),
+    "not-zip": (lambda m: b"golden\n", "cannot read: not an intact npz archive"),
+    "compressed": (lambda m: _saved(m, np.savez_compressed), "compressed member"),
+    "no-run": (lambda m: _with_provenance(m, {k: v for k, v in _provenance(m).items() if k != "run"}),
+               "provenance.json run: missing or not a JSON object"),
 }
+
+
+def _saved(members, save=np.savez) -> bytes:
+    buf = io.BytesIO()
+    save(buf, **members)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
@@ -236,9 +246,8 @@ def test_hostile_golden_file_exit_2_one_line(small, tmp_path, monkeypatch, capsy
         data = golden.read_bytes()
         bad.write_bytes(data[: len(data) * 2 // 3])
     else:
-        buf = io.BytesIO()
-        np.savez(buf, **change(_members(golden)))
-        bad.write_bytes(buf.getvalue())
+        changed = change(_members(golden))
+        bad.write_bytes(changed if isinstance(changed, bytes) else _saved(changed))
     for name, value in _CAFFELESS.items():
         monkeypatch.setenv(name, value)
     assert main(["verify", str(prototxt), str(weights), "--reference", str(bad), "--report", str(tmp_path / "r")]) == 2

@@ -222,10 +222,11 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, ke
         count = 1
         for d in shape:
             count *= int(d)
-        if count * dtype.itemsize > min(info.file_size, size_on_disk) or (key == PROVENANCE and count > MAX_PROVENANCE_BYTES):
+        nbytes = count * dtype.itemsize
+        if nbytes > min(info.file_size, size_on_disk) or (key == PROVENANCE and nbytes > MAX_PROVENANCE_BYTES):
             raise PortingError(f"declares shape {_dims(shape)}, more than the member holds", path, place)
-        data = f.read(count * dtype.itemsize)
-        if len(data) != count * dtype.itemsize:
+        data = f.read(nbytes)
+        if len(data) != nbytes:
             raise PortingError("truncated member", path, place)
     arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return np.array(arr, order="C")
@@ -248,7 +249,8 @@ def _parse_provenance(raw: np.ndarray, path: Path) -> dict:
                            "(dump the file again with this harness)", path, f"{PROVENANCE} schema_version")
     for field, kind in (("net", dict), ("caffe", dict), ("run", dict), ("arrays", dict), ("created", str)):
         if not isinstance(prov.get(field), kind):
-            raise PortingError(f"missing or not a {kind.__name__}", path, f"{PROVENANCE} {field}")
+            raise PortingError(f"missing or not a JSON {'object' if kind is dict else 'string'}", path,
+                               f"{PROVENANCE} {field}")
     for field in ("prototxt_sha256", "caffemodel_sha256", "prototxt", "caffemodel"):
         if not isinstance(prov["net"].get(field), str):
             raise PortingError("missing or not a string", path, f"{PROVENANCE} net.{field}")
