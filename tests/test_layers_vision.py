@@ -244,6 +244,22 @@ def test_batch_reindex_backward_accumulates():
     assert p.grad is None
 
 
+def test_batch_reindex_refuses_an_index_that_requires_grad_without_a_warning():
+    """Found by the fuzzer (an input fed with requires_grad): the refusal of an index outside
+    [0, N) read the value with float() of a tensor requiring grad, a UserWarning."""
+    import warnings
+
+    from porting.layers import build_layer
+
+    layer = build_layer('top: "y" type: "BatchReindex"', [(4, 3), (2,)])
+    x = torch.zeros((4, 3), requires_grad=True)
+    p = torch.tensor([1.0, 4.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(PortingError, match="index 4 is outside"):
+            layer(x, p)
+
+
 def test_filter_forward_matches_caffe(caffe_worker, tmp_path):
     text = _inputs_text({"x": (5, 3, 2), "z": (5, 2), "s": (5, 1)}) + \
         _layer("filter", "Filter", ["x", "z", "s"], ["fx", "fz"])

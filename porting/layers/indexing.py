@@ -36,12 +36,13 @@ class BatchReindex(_Moving):
         self.top_shapes = [(index[0],) + data[1:]]
 
     def forward(self, x, permut):
+        permut = permut.detach()  # never differentiated (and float() of a grad tensor warns)
         bad = ~((permut >= 0) & (permut < x.shape[0]))
         if bool(bad.any()):
             value = float(permut[bad][0])
             raise PortingError(f"BatchReindex index {value:g} is outside the data's first axis "
                                f"[0, {x.shape[0]}) (Caffe aborts: Check failed)", place=f"layer {self.name}")
-        return (x.index_select(0, permut.detach().to(torch.int64)),)
+        return (x.index_select(0, permut.to(torch.int64)),)
 
     def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
         # Each data item's diff is the sum of the diffs of every i that read it.
