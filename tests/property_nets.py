@@ -45,8 +45,13 @@ OLD_KINDS = ("conv", "deconv", "pool", "lrn", "eltwise", "batchnorm", "crop", "s
 # net focused on a newer kind picks its later steps from every kind. Embed, BatchReindex
 # and Filter are left out: under the force_backward the comparison runs Caffe with, Caffe
 # aborts in their backward (they refuse to backpropagate to their index bottom).
-NEW_KINDS = ("clip", "swish", "tile", "reduction", "mvn", "spp", "im2col", "parameter")
-KINDS = OLD_KINDS + NEW_KINDS
+NEW_KINDS = ("clip", "swish", "tile", "reduction", "mvn", "spp", "im2col", "parameter", "recurrent")
+# A loss is terminal: a net focused on "loss" draws its other steps first (as a newer
+# kind's would) and ends in the loss, whose scalar top takes the random top diff (Caffe's
+# backward scales its own diff formula by it). Its label or target bottom is a net input fed
+# valid values, which Caffe's LossLayer::AllowForceBackward keeps out of the backward.
+TERMINAL_KINDS = ("loss",)
+KINDS = OLD_KINDS + NEW_KINDS + TERMINAL_KINDS
 MAX_DEPTH = 4
 
 # Layer families: "exact" layers (data movement, ReLU, MAX pooling, Eltwise MAX) must give
@@ -726,10 +731,79 @@ def step_parameter(b: _Builder, x: str) -> str:
                  mag=b.mag[x] + 1 if op != "PROD" else b.mag[x])[0]
 
 
+def new_label_input(b: _Builder, shape, values: np.ndarray, prefix: str = "label") -> str:
+    """An input blob fed ``values`` (labels, targets, cont: not standard normal draws)."""
+    name = b.new_input(shape, prefix=prefix)
+    b.inputs[name] = np.asarray(values, np.float32).reshape(shape)
+    return name
+
+
+def step_recurrent(b: _Builder, x: str) -> str:
+    """LSTM or RNN over x reshaped to T x N x D (T N = x's N C, D = H W), with a cont input of
+    0/1 (0 at t = 0: each stream starts a sequence there, so Caffe's state carried from an
+    earlier forward is multiplied away), then a Reshape of the T x N x num_output top back to
+    4 axes. Caffe's RecurrentLayer::AllowForceBackward keeps cont out of the backward."""
+    n, c, h, w = b.shapes[x]
+    t = b.pick([d for d in range(1, n * c + 1) if n * c % d == 0])
+    streams, d = n * c // t, h * w
+    seq = b.add("seq", "Reshape", [x], "exact", f"reshape_param {{ shape {{ dim: {t} dim: {streams} dim: {d} }} }}",
+                [(t, streams, d)], shares=True)[0]
+    cont = (b.rng.rand(t, streams) < 0.7).astype(np.float32)
+    cont[0] = 0
+    cont_blob = new_label_input(b, (t, streams), cont, "cont")
+    hidden = b.rand(1, 4)
+    kind = b.pick(["LSTM", "RNN"])
+    if kind == "LSTM":
+        blobs = [b.normal((4 * hidden, d), 1 / math.sqrt(d)), b.normal((4 * hidden,), 0.5),
+                 b.normal((4 * hidden, hidden), 1 / math.sqrt(hidden))]
+    else:
+        blobs = [b.normal((hidden, d), 1 / math.sqrt(d)), b.normal((hidden,), 0.5),
+                 b.normal((hidden, hidden), 1 / math.sqrt(hidden)), b.normal((hidden, hidden), 1 / math.sqrt(hidden)),
+                 b.normal((hidden,), 0.5)]
+    b.features.append(kind + (":one-step" if t == 1 else ""))
+    y = b.add("rec", kind, [seq, cont_blob], "transcendental", f"recurrent_param {{ num_output: {hidden} }}",
+              [(t, streams, hidden)], blobs=blobs, mag=1.0)[0]
+    return _to_4d(b, y, "reshape")
+
+
+def step_loss(b: _Builder, x: str) -> str:
+    """The terminal loss: SoftmaxWithLoss over the channels (labels in [0, C), ignore_label
+    sometimes, a normalization drawn), EuclideanLoss against a second input, or
+    SigmoidCrossEntropyLoss with targets in [0, 1] (-1 ignored sometimes)."""
+    n, c, h, w = b.shapes[x]
+    kind = b.pick(["SoftmaxWithLoss", "EuclideanLoss", "SigmoidCrossEntropyLoss"])
+    parts = []
+    if kind == "SoftmaxWithLoss":
+        shape = b.pick([(n, h, w), (n, 1, h, w)])
+        labels = b.rng.randint(0, c, size=shape)
+        if b.chance(0.5):
+            ignore = b.rand(0, c - 1)
+            parts.append(f"ignore_label: {ignore}")
+            b.features.append("SoftmaxWithLoss:ignore_label")
+        if b.chance(0.5):
+            parts.append(f"normalization: {b.pick(['FULL', 'VALID', 'BATCH_SIZE', 'NONE'])}")
+        other = new_label_input(b, shape, labels)
+    elif kind == "EuclideanLoss":
+        other = b.new_input((n, c, h, w))
+        b.inputs[other] = b.inputs[other] * np.float32(b.mag[x])
+    else:
+        targets = b.rng.rand(n, c, h, w) if b.chance(0.5) else (b.rng.rand(n, c, h, w) < 0.5).astype(np.float64)
+        if b.chance(0.4):
+            targets[b.rng.rand(n, c, h, w) < 0.3] = -1
+            parts.append("ignore_label: -1")
+            b.features.append("SigmoidCrossEntropyLoss:ignore_label")
+        other = new_label_input(b, (n, c, h, w), targets)
+    b.features.append(kind)
+    body = f"loss_param {{ {' '.join(parts)} }}" if parts else ""
+    bottoms = [x, other] if kind != "EuclideanLoss" or b.chance(0.5) else [other, x]
+    return b.add("loss", kind, bottoms, "sum" if kind == "EuclideanLoss" else "transcendental", body, [()])[0]
+
+
 STEPS = {"conv": step_conv, "deconv": step_deconv, "pool": step_pool, "lrn": step_lrn, "eltwise": step_eltwise,
          "batchnorm": step_batchnorm, "crop": step_crop, "slice_concat": step_slice_concat,
          "clip": step_clip, "swish": step_swish, "tile": step_tile, "reduction": step_reduction, "mvn": step_mvn,
-         "spp": step_spp, "im2col": step_im2col, "parameter": step_parameter}
+         "spp": step_spp, "im2col": step_im2col, "parameter": step_parameter, "recurrent": step_recurrent,
+         "loss": step_loss}
 FOLLOW = OLD_KINDS + ("relu", "relu", "dropout", "split")
 FILLERS = {"relu": step_relu, "dropout": step_dropout, "split": step_split}
 
@@ -749,14 +823,17 @@ def make_example(seed: int, depth: int, focus: str | int, aliasing: bool = False
     head = b.new_input((b.rand(1, 2), b.rand(1, 6), b.rand(1, 12), b.rand(1, 12)))
     follow = FOLLOW if focus in OLD_KINDS else FOLLOW + NEW_KINDS
     for step in range(depth):
-        kind = focus if step == 0 else b.pick(follow)
+        if focus in TERMINAL_KINDS:
+            kind = focus if step == depth - 1 else b.pick(follow)
+        else:
+            kind = focus if step == 0 else b.pick(follow)
         if kind == "deconv" and max(b.shapes[head][2:]) > 12:
             kind = "pool"
         if kind in ("conv", "deconv", "im2col", "tile") and b.shapes[head][1] > 12:
             kind = "slice_concat"
         head = (STEPS.get(kind) or FILLERS[kind])(b, head)
     text = f'name: "property_{seed}_{depth}_{focus}"\n' + "\n".join(b.input_lines + b.lines) + "\n"
-    diff = b.normal(b.shapes[head])
+    diff = np.asarray(b.normal(b.shapes[head]), np.float32)  # a 0-axis array for a loss top
     return Example(seed, depth, focus, text, b.weights, b.inputs, head, diff, b.families,
                    b.upstream, b.writer, aliasing, sorted(set(b.features)))
 
