@@ -12,8 +12,14 @@ hypothesis draws (seed, depth, focus); the net (1-4 building steps: convolution 
 groups, dilation and asymmetric geometry, deconvolution, MAX/AVE pooling at ceil-rounding
 and pad-clip geometries, LRN in both regions, Eltwise SUM with coefficients, PROD and MAX,
 BatchNorm + Scale, Crop, Slice + Concat, ReLU, Dropout, Split, in place or not; Clip,
-Swish, Tile, Reduction, MVN, SPP, Im2col and a Parameter joined by an Eltwise), its
-weights, inputs and top diff are a pure function of those three values. Every array
+Swish, Tile, Reduction, MVN, SPP, Im2col, a Parameter joined by an Eltwise, LSTM or RNN
+over the blob reshaped to T x N x D with a 0/1 cont input; a terminal SoftmaxWithLoss,
+EuclideanLoss or SigmoidCrossEntropyLoss whose label or target input holds valid values
+and, as in Caffe's LossLayer::AllowForceBackward, gets no gradient), its weights, inputs
+and top diff are a pure function of those three values. The new layers keep the existing
+families: the recurrent layers and the softmax and sigmoid losses are "transcendental",
+EuclideanLoss "sum"; each has its own float32 bound in porting, so the local checks judge
+them by that bound, not by LAYER_TOL. Every array
 Caffe returns (each blob and each layer top, data and diff, after a forward and a backward
 from the random diff at the last layer's top) is compared with the port's array of the
 same key (``porting.verify.port_arrays``). All examples share the session's Caffe worker.
