@@ -59,8 +59,8 @@ def small(tmp_path_factory, caffe_weights):
     return prototxt, weights, golden
 
 
-def _verify_caffeless(prototxt, caffemodel, golden, report, *extra) -> subprocess.CompletedProcess:
-    env = {**os.environ, **_CAFFELESS}
+def _verify_caffeless(prototxt, caffemodel, golden, report, *extra, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), **_CAFFELESS}
     return subprocess.run([sys.executable, "-m", "porting", "verify", str(prototxt), str(caffemodel),
                            "--reference", str(golden), "--report", str(report), *extra],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -110,6 +110,28 @@ def test_small_net_same_verdict_without_caffe(small, tmp_path):
     assert "legacy Caffe" not in done.stderr  # no backend was even looked for
     _same_verdict(tmp_path / "live", tmp_path / "golden")
     assert _report(tmp_path / "golden")["inputs"]["reference"]["schema_version"] == SCHEMA_VERSION
+
+
+def test_golden_file_travels_to_other_kernels(small, tmp_path):
+    """Dumped with OpenBLAS forced to its SSE3 (Prescott) kernels, verified with PyTorch's
+    default (no AVX) kernels: the verdict rests on rounding bounds, not on the machine."""
+    prototxt, weights, _ = small
+    golden = tmp_path / "prescott.npz"
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "porting", "reference", "dump", str(prototxt), str(weights),
+                           "--batch", "3", "--seed", "5", "--objective", "fc:2", "-o", str(golden)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    machine = read_golden(golden).provenance["machine"]
+    assert machine["blas_environment"]["OPENBLAS_CORETYPE"] == "Prescott"
+    assert main(["verify", str(prototxt), str(weights), "--batch", "3", "--seed", "5", "--objective", "fc:2",
+                 "--no-onnx", "--report", str(tmp_path / "live")]) == 0
+    done = _verify_caffeless(prototxt, weights, golden, tmp_path / "golden", "--no-onnx",
+                             env={"ATEN_CPU_CAPABILITY": "default"})
+    assert done.returncode == 0, done.stderr
+    live, moved = _report(tmp_path / "live"), _report(tmp_path / "golden")
+    assert (live["passed"], live["departure"]) == (moved["passed"], moved["departure"]) == (True, None)
+    assert [r["key"] for r in live["rows"]] == [r["key"] for r in moved["rows"]]
 
 
 def _seed_bug(monkeypatch, mutate, layer):

@@ -12,7 +12,8 @@ little-endian float32 array (``<f4``, C order, NCHW, the net's own units) except
   ``created`` (UTC, ISO 8601), ``harness`` (this package's and its libraries' versions),
   ``net`` (name; prototxt and caffemodel file names and sha256 of their bytes),
   ``caffe`` (the worker's provenance: Caffe, BLAS, Debian package versions, sha256 of
-  every array it was fed), ``run`` (``phase``, ``objective`` "LAYER:UNIT",
+  every array it was fed), ``machine`` (CPU model, the OPENBLAS_* variables Caffe ran
+  with), ``run`` (``phase``, ``objective`` "LAYER:UNIT",
   ``dropout_seed``, ``input_shapes`` (top -> dims, from ``--input-shape``; may be empty),
   ``inputs`` (how the inputs were made, as the verify report says it)) and ``arrays``
   (every other member's key -> ``{"shape": [...], "dtype": "<f4"}``: the manifest);
@@ -136,6 +137,7 @@ def write_golden(path, arrays, inputs, caffe_provenance: dict, run: dict, protot
         "net": {"name": net_name, "prototxt": Path(prototxt).name, "prototxt_sha256": file_digest(prototxt),
                 "caffemodel": Path(caffemodel).name, "caffemodel_sha256": file_digest(caffemodel)},
         "caffe": dict(caffe_provenance or {}),
+        "machine": _machine(),
         "run": dict(run),
         "arrays": {k: {"shape": list(a.shape), "dtype": FLOAT.str} for k, a in members.items()},
     }
@@ -144,6 +146,20 @@ def write_golden(path, arrays, inputs, caffe_provenance: dict, run: dict, protot
     with atomic_open(path, "wb") as f:
         np.savez(f, **members)
     return provenance
+
+
+def _machine() -> dict:
+    """Where Caffe ran: the CPU model and the OpenBLAS variables the worker inherits
+    (``OPENBLAS_CORETYPE`` picks the kernels, so the rounding)."""
+    from porting.legacy_worker import _passed_through
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu, "blas_environment": {k: v for k, v in sorted(os.environ.items()) if _passed_through(k)}}
 
 
 def read_golden(path) -> Golden:
