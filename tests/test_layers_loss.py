@@ -142,6 +142,13 @@ def _cases():
         add(f"contrastive-legacy-{legacy}", f'"ContrastiveLoss" contrastive_loss_param {{ margin: 1.5 '
             f'legacy_version: {legacy} }}', [a, b, sim])
     add("contrastive-net", '"ContrastiveLoss" loss_weight: 0.7', [a, b, sim], mode="net")
+    # labels read by static_cast<int> (the port: a cast to int64, exported as ONNX Cast):
+    # -0.5 and 0.99 are class 0, 4.9 class 4, -1.7 is ignore_label -1
+    fractional = np.array([-0.5, 4.9, 2.5, -1.7, 0.99, 3], np.float32)
+    add("softmax-fractional-labels", '"SoftmaxWithLoss" loss_param { ignore_label: -1 }',
+        [_normal((6, 5), 40), fractional])
+    add("softmax-fractional-labels-net", '"SoftmaxWithLoss" loss_param { ignore_label: -1 normalization: FULL }',
+        [_normal((6, 5), 41), fractional], mode="net")
     return c
 
 
