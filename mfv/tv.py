@@ -331,17 +331,13 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
         tx += bx
         torch.sub(u_down, u_here, out=ty)
         ty += by
-        torch.mul(tx, tx, out=s)
-        torch.mul(ty, ty, out=p)
-        s += p
-        s.sqrt_()
+        torch.hypot(tx, ty, out=s)                         # s (to 1 ulp of sqrt(tx^2 + ty^2))
         s *= lam
         s += 1.0
-        torch.reciprocal(s, out=p)
+        torch.reciprocal(s, out=p)                         # 1 - q
         torch.mul(tx, p, out=bx)
         torch.mul(ty, p, out=by)
-        p *= minus_two_inside
-        p += inside
+        torch.addcmul(inside, p, minus_two_inside, out=p)  # 2q - 1, 0 on the ring
         torch.add(u_down, u_right, out=rhs)
         rhs -= ex_here
         rhs -= ey_here
@@ -351,12 +347,10 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
         mirror(ey)
         rhs += ex_left
         rhs += ey_up
-        rhs *= a
-        torch.add(rhs, fidelity, out=rhs_here)
+        torch.addcmul(fidelity, rhs, a, out=rhs_here)
         for up_, left_, right_hand, cells, scratch, a_run in steps:
             torch.add(up_, left_, out=scratch)
-            scratch *= a_run
-            torch.add(scratch, right_hand, out=cells)
+            torch.addcmul(right_hand, scratch, a_run, out=cells)
         if not bool(running.all()):                        # stopped images keep their u
             keep = running.repeat_interleave(dims)
             u_here.copy_(torch.where(keep, u_here, before))
