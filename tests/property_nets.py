@@ -744,7 +744,10 @@ def step_recurrent(b: _Builder, x: str) -> str:
     earlier forward is multiplied away), then a Reshape of the T x N x num_output top back to
     4 axes. Caffe's RecurrentLayer::AllowForceBackward keeps cont out of the backward."""
     n, c, h, w = b.shapes[x]
-    t = b.pick([d for d in range(1, n * c + 1) if n * c % d == 0])
+    if not b.may_share_diff(x):  # the Reshape would share the diff an in-place layer's backward rewrites
+        x = b.add("drop", "Dropout", [x], "exact", "", [(n, c, h, w)])[0]
+    steps = [d for d in range(1, n * c + 1) if n * c % d == 0]
+    t = b.pick(steps[1:] if len(steps) > 1 and b.chance(0.8) else steps)  # mostly several time steps
     streams, d = n * c // t, h * w
     seq = b.add("seq", "Reshape", [x], "exact", f"reshape_param {{ shape {{ dim: {t} dim: {streams} dim: {d} }} }}",
                 [(t, streams, d)], shares=True)[0]
@@ -832,6 +835,8 @@ def make_example(seed: int, depth: int, focus: str | int, aliasing: bool = False
         if kind in ("conv", "deconv", "im2col", "tile") and b.shapes[head][1] > 12:
             kind = "slice_concat"
         head = (STEPS.get(kind) or FILLERS[kind])(b, head)
+    if focus in NEW_KINDS and b.chance(0.25):  # a newer kind's net sometimes ends in a loss too
+        head = step_loss(b, head)
     text = f'name: "property_{seed}_{depth}_{focus}"\n' + "\n".join(b.input_lines + b.lines) + "\n"
     diff = np.asarray(b.normal(b.shapes[head]), np.float32)  # a 0-axis array for a loss top
     return Example(seed, depth, focus, text, b.weights, b.inputs, head, diff, b.families,
