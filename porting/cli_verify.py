@@ -14,6 +14,7 @@ stores its arrays in a golden file (porting.verify.reference); `porting verify
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,26 @@ def _demo_command(args) -> int:
     return int(report["exit_status"])
 
 
+def _show_command(args) -> int:
+    from porting.errors import escaped
+    from porting.verify.reference import read_golden
+
+    golden = read_golden(args.golden)
+    prov, run = golden.provenance, golden.run
+    caffe = prov["caffe"].get("versions")
+    caffe = caffe if isinstance(caffe, dict) else {}
+    lines = [f"{args.golden}: {prov['schema']} version {prov['schema_version']}, created {prov['created']}"]
+    lines += [f"{what}: {prov['net'][what]} (sha256 {prov['net'][what + '_sha256']})"
+              for what in ("prototxt", "caffemodel")]
+    lines.append(f"caffe {caffe.get('caffe', '?')}, blas {caffe.get('blas', '?')}, "
+                 f"machine {json.dumps(prov.get('machine', {}), sort_keys=True)}")
+    lines.append(f"run: phase {run['phase']}, objective {run['objective']}, batch {golden.batch}, "
+                 f"inputs {json.dumps(run['inputs'], sort_keys=True)}")
+    lines.append(f"{len(golden.arrays)} arrays of Caffe, {len(golden.inputs)} input(s)")
+    print("\n".join(escaped(line) for line in lines))  # names from the file: no terminal escapes
+    return 0
+
+
 def _add_run_options(p) -> None:
     """The options that make a verification's inputs and objective (verify and reference dump)."""
     from porting.layers.data_layers import add_input_shape_option
@@ -354,6 +375,9 @@ def add_parser(subparsers) -> None:
     _add_run_options(p)
     p.add_argument("-o", "--output", required=True, metavar="GOLDEN.npz")
     p.set_defaults(func=_dump_command)
+    p = sub.add_parser("show", help="check a golden file and print where it comes from")
+    p.add_argument("golden", metavar="GOLDEN.npz")
+    p.set_defaults(func=_show_command)
 
     p = subparsers.add_parser("demo", help="convert CaffeNet with generated weights and verify it")
     p.add_argument("--out", default="out/demo", metavar="DIR")

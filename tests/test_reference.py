@@ -84,7 +84,7 @@ def _same_verdict(live, golden) -> None:
     assert a["inputs"]["batch"] == b["inputs"]["batch"] and a["objective"] == b["objective"]
 
 
-def test_golden_file_contents(small):
+def test_golden_file_contents(small, capsys):
     prototxt, weights, path = small
     golden = read_golden(path)
     prov = golden.provenance
@@ -99,6 +99,9 @@ def test_golden_file_contents(small):
     seed = golden.arrays["blob/fc/diff"]
     assert seed.shape == (3, 5) and np.array_equal(seed, np.eye(5, dtype=np.float32)[[2, 2, 2]])
     golden.check_model(prototxt, weights)
+    assert main(["reference", "show", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "porting-golden version 1" in shown and "caffe 1.0.0" in shown and "objective fc:2, batch 3" in shown
 
 
 def test_small_net_same_verdict_without_caffe(small, tmp_path):
