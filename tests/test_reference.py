@@ -249,6 +249,8 @@ HOSTILE = {
     "foreign-npz": (lambda m: {"blob/fc/data": m["blob/fc/data"]}, "no provenance.json member"),
     "float64": (lambda m: {**m, "blob/fc/data": m["blob/fc/data"].astype(np.float64)}, "dtype <f8, expected <f4"),
     "bad-shape": (lambda m: {**m, "blob/fc/data": m["blob/fc/data"][:1]}, "shape 1x5, the manifest says 3x5"),
+    "worker-npz": (lambda m: _with_provenance(m, _provenance(m)["caffe"]),  # the worker's own result file
+                   "schema None, not porting-golden: not a golden reference file"),
     "not-zip": (lambda m: b"golden\n", "cannot read: not an intact npz archive"),
     "compressed": (lambda m: _saved(m, np.savez_compressed), "compressed member"),
     "no-run": (lambda m: _with_provenance(m, {k: v for k, v in _provenance(m).items() if k != "run"}),

@@ -8,7 +8,8 @@ One idea per module:
 * ``metrics``: per-blob metrics and the comparison rows;
 * ``attribution``: each layer's own error in each framework against its float32 rounding
   bound, the point of departure, decision flips and their kind;
-* ``verdict``: the pass/fail rule (invariant to float32 rounding) and its prose.
+* ``verdict``: the pass/fail rule (invariant to float32 rounding) and its prose;
+* ``reference``: golden files, Caffe's arrays of one run stored to verify without Caffe.
 
 Arrays are float32 (float64 for the exact evaluation), NCHW, in the net's own units.
 The backward pass seeds ``objective.seed(shape)`` (one-hot on the objective unit, for
