@@ -228,6 +228,16 @@ def _drop(members, key, from_manifest=False):
     return out
 
 
+def _replace(members, key, new_key, value):
+    """``key`` becomes ``new_key`` holding ``value``, in the members and the manifest alike."""
+    out = {k: v for k, v in members.items() if k != key}
+    prov = _provenance(out)
+    del prov["arrays"][key]
+    prov["arrays"][new_key] = {"shape": list(value.shape), "dtype": "<f4"}
+    out[new_key] = value
+    return _with_provenance(out, prov)
+
+
 def _schema(members, version):
     prov = _provenance(members)
     prov["schema_version"] = version
@@ -249,6 +259,10 @@ HOSTILE = {
     "foreign-npz": (lambda m: {"blob/fc/data": m["blob/fc/data"]}, "no provenance.json member"),
     "float64": (lambda m: {**m, "blob/fc/data": m["blob/fc/data"].astype(np.float64)}, "dtype <f8, expected <f4"),
     "bad-shape": (lambda m: {**m, "blob/fc/data": m["blob/fc/data"][:1]}, "shape 1x5, the manifest says 3x5"),
+    "input-shape": (lambda m: _replace(m, "input/data", "input/data", np.zeros((3, 3, 10, 10), np.float32)),
+                    "input/data: shape 3x3x10x10 does not fit the input 3x12x12 (per item)"),
+    "input-renamed": (lambda m: _replace(m, "input/data", "input/pixels", m["input/data"]),
+                      "input/data: inputs pixels do not match the net's (data)"),
     "worker-npz": (lambda m: _with_provenance(m, _provenance(m)["caffe"]),  # the worker's own result file
                    "schema None, not porting-golden: not a golden reference file"),
     "not-zip": (lambda m: b"golden\n", "cannot read: not an intact npz archive"),

@@ -47,7 +47,7 @@ import numpy as np
 
 from porting.errors import PortingError, shown
 from porting.files import atomic_open, file_digest
-from porting.verify.keys import parse_key
+from porting.verify.keys import blob_key, parse_key
 
 SCHEMA = "porting-golden"
 SCHEMA_VERSION = 1
@@ -93,17 +93,15 @@ class Golden:
             extra, missing = sorted(names - mine), sorted(mine - names)
             raise PortingError(f"inputs {', '.join(map(shown, sorted(names)))} do not match the net's "
                                f"({', '.join(map(shown, sorted(mine)))})", self.path,
-                               INPUT_PREFIX + (missing or extra)[0])
+                               shown(INPUT_PREFIX + (missing or extra)[0]))
         for name, arr in self.inputs.items():
             want = tuple(graph.inputs[name])
             if arr.ndim != len(want) or arr.shape[1:] != want[1:] or arr.shape[0] != self.batch:
                 raise PortingError(f"shape {_dims(arr.shape)} does not fit the input {_dims(want[1:])} "
-                                   f"(per item) at batch {self.batch}", self.path, INPUT_PREFIX + name)
+                                   f"(per item) at batch {self.batch}", self.path, shown(INPUT_PREFIX + name))
 
     def check_required(self, graph, objective_blob: str) -> None:
         """Caffe's forward value of every blob and the objective blob's gradient must be there."""
-        from porting.verify.keys import blob_key
-
         needed = [blob_key(b, "data") for b in graph.blob_shapes] + [blob_key(objective_blob, "diff")]
         for key in needed:
             if key not in self.arrays:
