@@ -387,10 +387,11 @@ def denoise(image, weight, mode="faithful"):
     """MFV's denoising call (max_iter=100, eps=1e-3) in the given mode.
 
     image: float64 RGB, height x width x 3, 0-255. mode: "faithful" (scikit-image
-    0.13.1's algorithm, our implementation) or "modern" (today's scikit-image).
+    0.13.1's algorithm, our torch implementation, float64 on the CPU) or "modern"
+    (today's scikit-image).
     """
     if mode == "faithful":
-        return denoise_tv_bregman_0131_numpy(image, weight, max_iter=100, eps=1e-3)
+        return denoise_tv_bregman_0131(image, weight, max_iter=100, eps=1e-3)
     if mode == "modern":
         return denoise_tv_bregman_modern(image, weight, max_iter=100, eps=1e-3)
     raise ValueError("mode must be 'faithful' or 'modern', not %r" % (mode,))
