@@ -239,3 +239,44 @@ def test_failed_export_is_one_line(train_prototxt, tmp_path):
     done = _cli("export", train_prototxt, "--onnx", tmp_path / "t.onnx", "--opset", "7")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "torch.onnx.export failed" in done.stderr
+
+
+NEW_TYPES_NET = """
+name: "new_types"
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 3 dim: 2 dim: 4 } } }
+layer { name: "cont" type: "Input" top: "cont" input_param { shape { dim: 3 dim: 2 } } }
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "h" recurrent_param { num_output: 5 } }
+layer { name: "rnn" type: "RNN" bottom: "x" bottom: "cont" top: "r" recurrent_param { num_output: 3 } }
+layer { name: "mvn" type: "MVN" bottom: "data" top: "mvn" }
+layer { name: "spp" type: "SPP" bottom: "mvn" top: "spp" spp_param { pyramid_height: 2 pool: AVE } }
+layer { name: "cols" type: "Im2col" bottom: "data" top: "cols" convolution_param { kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "par" type: "Parameter" top: "p" parameter_param { shape { dim: 2 dim: 15 } } }
+layer { name: "dummy" type: "DummyData" top: "dummy" dummy_data_param { shape { dim: 2 dim: 15 } } }
+layer { name: "join" type: "Eltwise" bottom: "spp" bottom: "p" bottom: "dummy" top: "join" }
+"""
+
+
+def test_new_layer_types_export_within_their_bounds(tmp_path):
+    """LSTM, RNN, MVN, SPP, Im2col, Parameter and DummyData (an input) through ONNX: each
+    ONNX layer, given its own inputs, within the layer's float32 bound of the exact layer."""
+    path = tmp_path / "new.prototxt"
+    path.write_text(NEW_TYPES_NET)
+    net = load_caffe(path)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for blobs in net.params.values():
+            for blob in blobs:
+                blob.copy_(torch.randn(blob.shape, generator=gen) * 0.5)
+    inputs = random_inputs(net.graph, seed=4)
+    inputs["x"] = inputs["x"] / 64
+    inputs["cont"] = np.array([[0, 0], [1, 0], [1, 1]], np.float32)
+    out = export_onnx(net, tmp_path / "new.onnx", inputs)
+    assert {"Sigmoid", "Tanh", "Gather"} <= set(check_onnx(out)["ops"])
+    inputs["cont"] = np.array([[0, 0], [0, 1], [1, 1]], np.float32)  # other sequence starts than traced
+    theirs, ours = onnx_arrays(out, inputs), port_arrays(net, inputs)
+    v = verify_arrays(float64_twin(net), ours, ours, others={"onnx": theirs})
+    checks = {c.layer: c for c in v.checks if c.framework == "onnx"}
+    assert {"lstm", "rnn", "mvn", "spp", "cols"} <= set(checks)
+    beyond = {name: c.error_ratio for name, c in checks.items() if c.within is not True}
+    assert not beyond, f"ONNX layers beyond their float32 rounding bound (error / bound): {beyond}"
