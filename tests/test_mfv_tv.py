@@ -1,8 +1,10 @@
 """Faithful TV-Bregman (mfv/tv.py) against scikit-image 0.13.1's algorithm and today's library.
 
-Two implementations of the same vectorised sweep: the torch one, batched over images
-(``denoise_tv_bregman_0131_batch``; ``denoise_tv_bregman_0131`` is its one-image NumPy
-face), and the plain NumPy reference (``denoise_tv_bregman_0131_numpy``). References: a
+The torch version, batched over images (``denoise_tv_bregman_0131_batch``;
+``denoise_tv_bregman_0131`` is its one-image NumPy face) with its two sweeps: the plain
+torch one (``fused=False``, vectorised by anti-diagonals) and the compiled C one (0.13.1's
+loop itself, bit for bit); and the plain NumPy reference of the vectorised sweep
+(``denoise_tv_bregman_0131_numpy``). References: a
 line-by-line transcription of 0.13.1's Cython loop (below, slow, small images only);
 today's compiled scikit-image, whose only change is the padding ring (checked on
 full-size images with ``padding="edge"``); real 0.13.1 in the legacy stack.
@@ -16,7 +18,17 @@ from skimage.restoration import denoise_tv_bregman
 
 from mfv.tv import denoise, denoise_tv_bregman_0131, denoise_tv_bregman_0131_batch, denoise_tv_bregman_0131_numpy
 
-IMPLEMENTATIONS = [denoise_tv_bregman_0131, denoise_tv_bregman_0131_numpy]
+from mfv.tv import fused_sweep
+
+
+def plain_torch(image, weight, **options):
+    return denoise_tv_bregman_0131(image, weight, fused=False, **options)
+
+
+# the default face (the fused C sweep where a compiler is at hand), the plain torch sweep, NumPy
+IMPLEMENTATIONS = [denoise_tv_bregman_0131, plain_torch, denoise_tv_bregman_0131_numpy]
+needs_compiler = pytest.mark.skipif(fused_sweep() is None, reason="no C compiler for the fused sweep")
+FUSED = [pytest.param(False, id="plain"), pytest.param(True, id="fused", marks=needs_compiler)]
 
 # Our sweep adds the same terms as 0.13.1 in another order. Largest difference measured
 # (values 0-255): against the transcription below on these inputs 2.3e-13; against
@@ -128,6 +140,8 @@ def test_batch_rejects_bad_shapes_and_weights():
         denoise_tv_bregman_0131_batch(torch.zeros(2, 4, 5, 3), [0.1])       # one weight for two images
     with pytest.raises(ValueError):
         denoise_tv_bregman_0131_batch(torch.zeros(2, 4, 5, 3), [0.1, -1.0])
+    with pytest.raises(ValueError):
+        denoise_tv_bregman_0131_batch(torch.zeros(1, 4, 5, 3), [0.1], fused=True)   # float32: torch sweep only
 
 
 def batch_of_three(shape, seed):
@@ -137,13 +151,15 @@ def batch_of_three(shape, seed):
 
 
 # weights that make the three images of batch_of_three(shape, 7) stop after different
-# numbers of sweeps (measured: 227x227x3 33, 87, 100; 13x9x3 28, 92, 100; asserted below)
+# numbers of sweeps (measured: 227x227x3 33, 87, 100; 13x9x3 28, 92, 100; 9x13x1 with
+# weights 2, 0.02, 0.003: 100, 59, 33; asserted below)
 FULL = ((227, 227, 3), (0.01, 0.05, 0.4))
 SMALL = ((13, 9, 3), (0.01, 0.1, 1.0))
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("shape, weights", [FULL, SMALL, ((9, 13, 1), (2.0, 0.02, 0.003))])
-def test_batch_equals_single_runs(shape, weights):
+def test_batch_equals_single_runs(shape, weights, fused):
     """Each image of a batch as if run alone (the NumPy face runs a batch of one).
 
     Not bitwise by construction: the same operations run on a wider last axis, so
@@ -152,14 +168,21 @@ def test_batch_equals_single_runs(shape, weights):
     rounding of one operation (~1e-14 on 0-255 values), damped by the contraction of
     the sweep, which is why the bound is 1e-12 (measured here: 1.4e-14 at most, mostly
     bitwise equal). The sweep counts must agree exactly
-    (a stopping test flipped by rounding would need an rmse within ~1e-16 of eps)."""
+    (a stopping test flipped by rounding would need an rmse within ~1e-16 of eps).
+
+    The fused sweep is bitwise: each plane's arithmetic is the same IEEE operations
+    whatever the planes beside it (no fused multiply-add; SIMD sqrt and division are
+    correctly rounded), and the batch is split between threads by whole images."""
     images = batch_of_three(shape, 11)
-    got, sweeps = denoise_tv_bregman_0131_batch(torch.from_numpy(images), weights)
+    got, sweeps = denoise_tv_bregman_0131_batch(torch.from_numpy(images), weights, fused=fused)
     assert got.dtype == torch.float64 and got.shape == images.shape
     for image, weight, out, count in zip(images, weights, got.numpy(), sweeps.tolist()):
-        alone, alone_sweeps = denoise_tv_bregman_0131_batch(torch.from_numpy(image)[None], [weight])
+        alone, alone_sweeps = denoise_tv_bregman_0131_batch(torch.from_numpy(image)[None], [weight], fused=fused)
         assert alone_sweeps.tolist() == [count]
-        np.testing.assert_allclose(out, alone[0].numpy(), rtol=0, atol=1e-12)
+        if fused:
+            np.testing.assert_array_equal(out, alone[0].numpy())
+        else:
+            np.testing.assert_allclose(out, alone[0].numpy(), rtol=0, atol=1e-12)
         reference = denoise_tv_bregman_0131_numpy(image, weight).reshape(out.shape)   # it squeezes
         np.testing.assert_allclose(out, reference, rtol=0, atol=ROUNDING)
 
@@ -176,7 +199,7 @@ def test_float32_within_its_rounding_of_float64():
     so no stopping test can flip between the two precisions (asserted)."""
     images = batch_of_three((227, 227, 3), 12)
     weights = (0.4, 0.4, 1.0)
-    double, sweeps64 = denoise_tv_bregman_0131_batch(torch.from_numpy(images), weights, padding="edge")
+    double, sweeps64 = denoise_tv_bregman_0131_batch(torch.from_numpy(images), weights, padding="edge", fused=False)
     single, sweeps32 = denoise_tv_bregman_0131_batch(torch.from_numpy(images).float(), weights, padding="edge")
     assert single.dtype == torch.float32
     assert sweeps64.tolist() == sweeps32.tolist() == [100, 100, 100]
@@ -190,7 +213,7 @@ def test_cuda_equals_cpu():
     kernels, possibly fused multiply-add: rounding only), same sweep counts."""
     images = torch.from_numpy(batch_of_three((227, 227, 3), 13))
     weights = (0.01, 0.05, 0.4)
-    cpu, cpu_sweeps = denoise_tv_bregman_0131_batch(images, weights)
+    cpu, cpu_sweeps = denoise_tv_bregman_0131_batch(images, weights, fused=False)
     gpu, gpu_sweeps = denoise_tv_bregman_0131_batch(images.cuda(), weights)
     assert gpu.is_cuda and gpu.dtype == torch.float64
     assert gpu_sweeps.cpu().tolist() == cpu_sweeps.tolist()
@@ -208,16 +231,21 @@ def test_matches_scikit_image_0131_in_the_legacy_stack(caffe_worker):
 
 
 @pytest.mark.caffe
-@pytest.mark.parametrize("shape, weights", [FULL, SMALL])
-def test_batch_matches_scikit_image_0131_in_the_legacy_stack(caffe_worker, shape, weights):
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("shape, weights", [FULL, SMALL, ((9, 13, 1), (2.0, 0.02, 0.003))])
+def test_batch_matches_scikit_image_0131_in_the_legacy_stack(caffe_worker, shape, weights, fused):
     """Three different images with their own weights in one batch, each against its own
     call of the real 0.13.1: they stop after different numbers of sweeps (a stopped
-    image must stay put while the others sweep on). Bound ROUNDING (2e-12, tighter than
-    the 1e-10 asked of the port); measured 5.1e-13 (227x227x3), 2.8e-13 (13x9x3)."""
+    image must stay put while the others sweep on). Plain torch sweep: bound ROUNDING
+    (2e-12, tighter than the 1e-10 asked of the port); measured 5.1e-13 (227x227x3),
+    2.8e-13 (13x9x3). Fused sweep: bit for bit (measured: every value equal)."""
     images = batch_of_three(shape, 7)
-    got, sweeps = denoise_tv_bregman_0131_batch(torch.from_numpy(images), weights)
+    got, sweeps = denoise_tv_bregman_0131_batch(torch.from_numpy(images), weights, fused=fused)
     assert len(set(sweeps.tolist())) == 3, sweeps
     for image, weight, out in zip(images, weights, got.numpy()):
         expected = caffe_worker.py2("denoise_tv_bregman", image=image, weight=weight,
-                                    max_iter=100, eps=1e-3)["output"]
-        np.testing.assert_allclose(out, expected, rtol=0, atol=ROUNDING)
+                                    max_iter=100, eps=1e-3)["output"].reshape(out.shape)
+        if fused:
+            np.testing.assert_array_equal(out, expected)
+        else:
+            np.testing.assert_allclose(out, expected, rtol=0, atol=ROUNDING)
