@@ -160,6 +160,10 @@ layer { name: "seq" type: "Reshape" bottom: "ip" top: "seq" reshape_param { shap
 layer { name: "cont" type: "Reshape" bottom: "ones" top: "cont" reshape_param { shape { dim: 2 dim: 1 } } }
 layer { name: "lstm" type: "LSTM" bottom: "seq" bottom: "cont" top: "lstm" recurrent_param { num_output: 3 } }
 layer { name: "rnn" type: "RNN" bottom: "seq" bottom: "cont" top: "rnn" recurrent_param { num_output: 2 } }
+layer { name: "gates" type: "Parameter" top: "gates" parameter_param { shape { dim: 1 dim: 2 dim: 20 } } }
+layer { name: "c_prev" type: "Reshape" bottom: "par" top: "c_prev" reshape_param { shape { dim: 1 dim: 2 dim: 5 } } }
+layer { name: "cont1" type: "Reshape" bottom: "ones" top: "cont1" reshape_param { shape { dim: 1 dim: 2 } } }
+layer { name: "unit" type: "LSTMUnit" bottom: "c_prev" bottom: "gates" bottom: "cont1" top: "c_t" top: "h_t" }
 layer { name: "dummy" type: "DummyData" top: "dummy"
         dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 0.5 } } }
 layer { name: "sil" type: "Silence" bottom: "arg" }
