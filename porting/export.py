@@ -161,6 +161,10 @@ def export_onnx(net, path: str | os.PathLike, inputs: Mapping[str, np.ndarray] |
     import onnx
 
     model = onnx.load_from_string(buf.getvalue())
+    for out, name in zip(model.graph.output, output_names):
+        if out.name != name:  # a weight returned as it is (a Parameter layer's top) keeps its initializer name
+            model.graph.node.append(onnx.helper.make_node("Identity", [out.name], [name]))
+            out.name = name
     entry = model.metadata_props.add()
     entry.key, entry.value = BLOB_VIEWS_KEY, json.dumps(views)
     data = model.SerializeToString()

@@ -277,6 +277,8 @@ def test_new_layer_types_export_within_their_bounds(tmp_path):
     theirs, ours = onnx_arrays(out, inputs), port_arrays(net, inputs)
     v = verify_arrays(float64_twin(net), ours, ours, others={"onnx": theirs})
     checks = {c.layer: c for c in v.checks if c.framework == "onnx"}
-    assert {"lstm", "rnn", "mvn", "spp", "cols"} <= set(checks)
+    assert {f"top/{s.name}/0/data" for s in net.graph.layers} <= set(theirs)  # the Parameter's top too
+    assert {"lstm", "rnn", "mvn", "spp", "cols", "join"} <= set(checks)
+    np.testing.assert_array_equal(theirs["top/par/0/data"], net.params["par"][0].detach().numpy())
     beyond = {name: c.error_ratio for name, c in checks.items() if c.within is not True}
     assert not beyond, f"ONNX layers beyond their float32 rounding bound (error / bound): {beyond}"
