@@ -156,7 +156,7 @@ def test_inspect_table_escapes_names(tmp_path):
     out = run("inspect", proto)
     assert out.returncode == 0, out.stderr
     assert all(line.isprintable() for line in out.stdout.splitlines())
-    assert len(out.stdout.splitlines()) == 6  # title, header, rule, a row per layer, the needs
+    assert len(out.stdout.splitlines()) == 7  # title, header, rule, a row per layer, the input, the needs
 
 
 # --------------------------------------------------------------------------- output paths
