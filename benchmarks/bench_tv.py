@@ -5,9 +5,12 @@ Times, in one run on one machine, scikit-image 0.13.1's algorithm (faithful padd
 227x227x3 float64 images, values 0-255:
 
 * numpy:          ``mfv.tv.denoise_tv_bregman_0131_numpy``, one image per call
-* torch single:   ``mfv.tv.denoise_tv_bregman_0131_batch`` on a batch of one
+* torch single:   ``mfv.tv.denoise_tv_bregman_0131_batch`` on a batch of one, with the
+                  plain torch sweep (``fused=False``) and with the fused C sweep
 * torch batch:    the same on a batch of ``--batch`` images (seconds per image)
-* torch float32:  the batch in float32 (what modern mode may run; not faithful)
+* torch float32:  the batch in float32, torch sweep (what modern mode may run; not faithful)
+
+The fused sweep splits a batch between torch's intra-op threads by whole images.
 
 The variants run round-robin, ``--repeats`` rounds, so a busy machine slows them alike;
 the table gives each one's median seconds per image and its ratio to the NumPy median.
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from mfv.tv import denoise_tv_bregman_0131_batch, denoise_tv_bregman_0131_numpy
+    from mfv.tv import denoise_tv_bregman_0131_batch, denoise_tv_bregman_0131_numpy, fused_sweep
 
     device = torch.device(args.device)
     images = np.random.RandomState(0).normal(128, 40, (args.batch, 227, 227, 3))
@@ -50,18 +53,23 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def torch_run(x, w):
+    def torch_run(x, w, fused):
         def run():
-            denoise_tv_bregman_0131_batch(x, w)
+            denoise_tv_bregman_0131_batch(x, w, fused=fused)
             sync()
         return run
 
     variants = [
         ("numpy 0.13.1-faithful, one image", 1, lambda: denoise_tv_bregman_0131_numpy(images[0], 0.4)),
-        ("torch faithful (float64), one image", 1, torch_run(single, weights[:1])),
-        (f"torch faithful (float64), batch of {args.batch}", args.batch, torch_run(batch, weights)),
-        (f"torch float32, batch of {args.batch}", args.batch, torch_run(batch32, weights)),
+        ("torch faithful, torch sweep, one image", 1, torch_run(single, weights[:1], False)),
+        (f"torch faithful, torch sweep, batch of {args.batch}", args.batch, torch_run(batch, weights, False)),
+        (f"torch float32, torch sweep, batch of {args.batch}", args.batch, torch_run(batch32, weights, False)),
     ]
+    if device.type == "cpu" and fused_sweep() is not None:
+        variants[1:1] = [
+            ("torch faithful, fused C sweep, one image", 1, torch_run(single, weights[:1], True)),
+            (f"torch faithful, fused C sweep, batch of {args.batch}", args.batch, torch_run(batch, weights, True)),
+        ]
     for _, _, run in variants:   # warm-up
         run()
     seconds = {name: [] for name, _, _ in variants}

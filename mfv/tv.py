@@ -224,6 +224,9 @@ def _padded_torch(images, padding):
 # sqrt and division are correctly rounded too): the sweep is bit for bit 0.13.1's.
 _SWEEP_C = r"""
 #include <math.h>
+#ifdef MFV_CLONES
+__attribute__((target_clones("avx2", "default")))   /* AVX2 where the CPU has it: 4 doubles a step */
+#endif
 void tv_sweep(double *restrict u, double *restrict dx, double *restrict dy,
               double *restrict bx, double *restrict by, const double *restrict image,
               const double *restrict lam, const double *restrict weight,
@@ -265,6 +268,8 @@ void tv_sweep(double *restrict u, double *restrict dx, double *restrict dy,
 }
 """
 _SWEEP_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+# tried in this order: with AVX2 clones (GCC and Clang on glibc), then plain
+_SWEEP_OPTIONS = (["-DMFV_CLONES"], [])
 _sweep = []   # [the ctypes function, or None where no C compiler works], filled on first use
 
 
@@ -288,32 +293,35 @@ def _build_sweep():
     import tempfile
 
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256((_SWEEP_C + " ".join([cc] + _SWEEP_FLAGS)).encode("utf-8")).hexdigest()[:16]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mfv")
-    target = os.path.join(cache, "tv_sweep_%s.so" % key)
-    try:
-        if not os.path.exists(target):
-            if not os.path.isdir(cache):
-                os.makedirs(cache)
-            work = tempfile.mkdtemp(dir=cache)
-            try:
-                source = os.path.join(work, "tv_sweep.c")
-                with open(source, "w") as f:
-                    f.write(_SWEEP_C)
-                built = os.path.join(work, "tv_sweep.so")
-                subprocess.check_call([cc] + _SWEEP_FLAGS + ["-o", built, source],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                os.replace(built, target)
-            finally:
-                for name in os.listdir(work):
-                    os.remove(os.path.join(work, name))
-                os.rmdir(work)
-        function = ctypes.CDLL(target).tv_sweep
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    function.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 5
-    function.restype = None
-    return function
+    for options in _SWEEP_OPTIONS:
+        command = [cc] + _SWEEP_FLAGS + options
+        key = hashlib.sha256((_SWEEP_C + " ".join(command)).encode("utf-8")).hexdigest()[:16]
+        target = os.path.join(cache, "tv_sweep_%s.so" % key)
+        try:
+            if not os.path.exists(target):
+                if not os.path.isdir(cache):
+                    os.makedirs(cache)
+                work = tempfile.mkdtemp(dir=cache)
+                try:
+                    source = os.path.join(work, "tv_sweep.c")
+                    with open(source, "w") as f:
+                        f.write(_SWEEP_C)
+                    built = os.path.join(work, "tv_sweep.so")
+                    subprocess.check_call(command + ["-o", built, source],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    os.replace(built, target)
+                finally:
+                    for name in os.listdir(work):
+                        os.remove(os.path.join(work, name))
+                    os.rmdir(work)
+            function = ctypes.CDLL(target).tv_sweep
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        function.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 5
+        function.restype = None
+        return function
+    return None
 
 
 def _denoise_fused(flat, weight, n, dims, max_iter, eps, padding, sweep):
