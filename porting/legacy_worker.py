@@ -103,13 +103,17 @@ class Worker:
     ``root`` is given, or the first that works. ``timeout``: seconds a job may take before the worker is killed (CaffeTimeout).
     Calls from several threads are served one at a time.
     ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: the host's, else OpenBLAS's default, all cores);
-    recorded in every result's provenance. Use as a context manager, or call ``close()``.
+    recorded in every result's provenance. ``env``: more variables inside, over the host's
+    OPENBLAS_* ones (e.g. {"OPENBLAS_CORETYPE": "Prescott"}: another BLAS kernel path, so
+    Caffe's own float32 rounding can be varied; ``openblas_core()`` names the kernel in use).
+    Use as a context manager, or call ``close()``.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, timeout: float = 600.0,
                  start_timeout: float = 120.0, blas_threads: int | None = None, start: bool = True,
-                 backend: str | Backend | None = None):
+                 backend: str | Backend | None = None, env: dict | None = None):
         self.backend = get_backend(backend, root)
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
         self.backend.require_ready()
         self.timeout, self.start_timeout, self.blas_threads = timeout, start_timeout, blas_threads
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -137,13 +141,10 @@ class Worker:
         """Start the worker process (a no-op when it runs) and wait for it to be ready."""
         if self._proc is not None and self._proc.poll() is None:
             return
-        env = dict(PYTHONPATH="/opt/porting", PYTHONDONTWRITEBYTECODE="1", GLOG_logtostderr="1")
-        env.update({k: v for k, v in os.environ.items() if _passed_through(k)})
-        if self.blas_threads is not None:
-            env["OPENBLAS_NUM_THREADS"] = str(int(self.blas_threads))
         argv, env = self.backend.launch(
             ["/bin/sh", "-c", 'cd /opt/porting && exec python3 -m reference.worker "$0"', self._inside],
-            [(REFERENCE_DIR, INSIDE_REFERENCE, "ro"), (self.jobdir, INSIDE_JOBS, "rw")], env, name=self.name)
+            [(REFERENCE_DIR, INSIDE_REFERENCE, "ro"), (self.jobdir, INSIDE_JOBS, "rw")], self.inside_env(),
+            name=self.name)
         self._log.clear()
         self._log_count = self._log_mark = 0
         self._buffer = b""
@@ -155,6 +156,28 @@ class Worker:
         self._sent = time.monotonic()
         ready = self._read_reply(time.monotonic() + self.start_timeout, "start")
         self.versions_python3 = ready["versions"]
+
+    def inside_env(self) -> dict:
+        """The variables the worker runs with inside the stack (besides the backend's own)."""
+        env = dict(PYTHONPATH="/opt/porting", PYTHONDONTWRITEBYTECODE="1", GLOG_logtostderr="1")
+        env.update({k: v for k, v in os.environ.items() if _passed_through(k)})
+        env.update(self.env)
+        if self.blas_threads is not None:
+            env["OPENBLAS_NUM_THREADS"] = str(int(self.blas_threads))
+        return env
+
+    def openblas_core(self, timeout: float = 120.0) -> str:
+        """OpenBLAS's name for the kernel path Caffe uses in this worker's environment
+        (``openblas_get_corename()`` of the stack's libblas.so.3, e.g. "Zen", "Sandybridge";
+        OpenBLAS picks it from the CPU unless OPENBLAS_CORETYPE says otherwise)."""
+        code = ("import ctypes; lib = ctypes.CDLL('/usr/lib/x86_64-linux-gnu/libblas.so.3'); "
+                "lib.openblas_get_corename.restype = ctypes.c_char_p; print(lib.openblas_get_corename().decode())")
+        argv, env = self.backend.launch(["python3", "-c", code], [], self.inside_env())
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0 or not done.stdout.strip():
+            raise CaffeError(f"cannot ask OpenBLAS for its kernel: {done.stderr.strip()[-300:]}")
+        return done.stdout.strip().splitlines()[-1]
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
         for raw in proc.stderr:
