@@ -5,7 +5,8 @@ random weights (the cost does not depend on the values) and times, over ``--repe
 runs (medians), the pieces of one iteration on a 227x227 crop:
 
 * step:     forward to fc8, one-hot backward to the input, normalise, clip
-* tv:       TV-Bregman, 100 sweeps at most, faithful (our NumPy version of 0.13.1)
+* tv:       TV-Bregman, 100 sweeps at most, faithful (mfv.tv: 0.13.1's loop as the fused
+            C sweep where it builds; benchmarks/bench_tv.py times its variants)
 * tv-today: the same call on today's compiled scikit-image (what modern mode runs)
 * zoom:     one octave zoom of a 3x227x227 float32 image by 1.2
 
@@ -102,7 +103,7 @@ def side_by_side(iterations: int) -> None:
          statistics.median(torch_iteration)),
         ("  net: forward + backward (+ step)", statistics.median(r["seconds_net"] for r in records),
          statistics.median(t - v for t, v in zip(torch_iteration, tv_seconds))),
-        ("  TV (0.13.1 compiled | our NumPy)", statistics.median(r["seconds_tv"] for r in records),
+        ("  TV (0.13.1 compiled | mfv.tv faithful)", statistics.median(r["seconds_tv"] for r in records),
          statistics.median(tv_seconds)),
         ("seconds per iteration, wall (mean)", caffe_wall, sum(torch_iteration) / len(torch_iteration)),
     ]
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     gradient_step(net, x, "fc8", 1, 1.0)  # warm-up
     rows = [
         ("step (fwd fc8 + bwd + normalise + clip)", median_seconds(lambda: gradient_step(net, x, "fc8", 1, 1.0), args.repeats)),
-        ("tv faithful (NumPy, 0.13.1 algorithm)", median_seconds(lambda: tv.denoise(rgb, 0.4, "faithful"), args.repeats)),
+        ("tv faithful (mfv.tv, 0.13.1 algorithm)", median_seconds(lambda: tv.denoise(rgb, 0.4, "faithful"), args.repeats)),
         ("tv today (compiled scikit-image)", median_seconds(lambda: tv.denoise(rgb, 0.4, "modern"), args.repeats)),
         ("zoom 3x227x227 float32 by 1.2", median_seconds(lambda: zoom_octave(x, 1.2), args.repeats)),
     ]
