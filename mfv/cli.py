@@ -119,7 +119,7 @@ def _compare(args) -> int:
                                    start=start, layer=args.layer, xy=args.xy, mean=args.mean, sync=args.sync,
                                    iterations=args.iterations, every=args.every, modern=not args.no_modern,
                                    sources=not args.no_sources, progress=not args.no_progress, net=net,
-                                   keep=args.keep_arrays, log=say)
+                                   keep=args.keep_arrays, log=say, floor=not args.no_floor)
     paths = write_report(comparison, args.out)
 
     def g(value) -> str:
@@ -135,6 +135,13 @@ def _compare(args) -> int:
               f"{g(s['objective_max_rel'])}, after-step max |diff| {g(s['after_step_max_abs'])} grey levels "
               f"({s['gradient_departures']} iterations with a departing gradient), first beyond float32 rounding: "
               f"{first['iteration'] if first else 'never'}, final SSIM {g(final.get('ssim'))}")
+    floor = comparison.floor
+    if floor and floor.get("verdict"):
+        d = floor["caffe_vs_caffe"]
+        print(f"Caffe vs Caffe (OpenBLAS {floor['kernels']['other']['core']} against "
+              f"{floor['kernels']['reference']['core']}): final SSIM {g(d['ssim'])}, max |diff| {g(d['max_abs'])}, "
+              f"mean |diff| {g(d['mean_abs'])} grey levels")
+        print(floor["verdict"]["sentence"])
     print(f"wrote {paths['html']} and {paths['json']}")
     return 0
 
@@ -191,6 +198,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-modern", action="store_true", help="skip the torch run in modern mode")
     p.add_argument("--no-sources", action="store_true",
                    help="skip the drift-source runs (one free-running torch run per source)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip Caffe's own noise floor (a second Caffe run under another OpenBLAS kernel path; "
+                        "free-running only)")
     p.add_argument("--keep-arrays", metavar="DIR",
                    help="keep the Caffe side's per-iteration arrays (.npy) in DIR (default: temporary)")
     p.set_defaults(func=_compare)

@@ -592,6 +592,116 @@ def chaotic(sources: list[dict]) -> bool:
 
 
 # --------------------------------------------------------------------------------------
+# Caffe's own noise floor
+# --------------------------------------------------------------------------------------
+
+# OpenBLAS kernel paths tried for the second Caffe run, in order: the first whose name differs
+# from the default's. Sandybridge (AVX, no fused multiply-add) differs from the FMA kernels
+# (Haswell, Zen, SkylakeX) most CPUs pick today; Prescott (SSE3) where Sandybridge is the default.
+OTHER_CORES = ("SandyBridge", "Prescott")
+FLOOR_TILES = 8           # the spread of a final-image measure: its mean over an 8 x 8 grid of tiles
+FLOOR_SIGMAS = 2.0        # the margin: this many combined standard errors of those tile means
+FLOOR_RULE = (
+    "The port is within Caffe's own noise floor when its final image is no further from the Caffe side's "
+    "than a second Caffe run under another OpenBLAS kernel path (and thread count) is, up to a margin, in "
+    "both SSIM (port's >= Caffe-vs-Caffe's - margin) and mean |diff| (port's <= Caffe-vs-Caffe's + "
+    "margin). Each margin is 2 combined standard errors, sqrt(se_port^2 + se_caffe^2), of the measure "
+    "taken per tile over an 8 x 8 grid of tiles (the spatial spread of the difference; a single pair of "
+    "chaotic runs gives no run-to-run spread, so this is the spread the data offer). Max |diff| is "
+    "reported but does not decide: it is the extreme of one pixel and swings by tens of grey levels "
+    "between pairs of runs as far apart as these.")
+
+
+def _tile_means(values: np.ndarray, tiles: int = FLOOR_TILES) -> np.ndarray:
+    rows = np.array_split(np.arange(values.shape[0]), tiles)
+    cols = np.array_split(np.arange(values.shape[1]), tiles)
+    return np.array([values[np.ix_(r, c)].mean() for r in rows for c in cols if r.size and c.size])
+
+
+def distance(candidate_rgb: np.ndarray, reference_rgb: np.ndarray) -> dict:
+    """Final-image distance for the noise floor: ``final_difference`` plus mean |diff| (grey
+    levels, over pixels and channels) and the standard errors of SSIM and mean |diff| over an
+    8 x 8 grid of tiles (``ssim_se``, ``mean_abs_se``: std of the tile means / sqrt(tiles))."""
+    from skimage.metrics import structural_similarity
+
+    c = np.asarray(candidate_rgb, np.float64)
+    r = np.asarray(reference_rgb, np.float64)
+    out = final_difference(c, r)
+    a = np.abs(c - r)
+    out["mean_abs"] = float(a.mean())
+    _, smap = structural_similarity(c, r, channel_axis=2, data_range=255.0, full=True)
+    pad = 3                                   # (7 - 1) // 2: the border skimage leaves out of the mean
+    smap = smap[pad:-pad, pad:-pad] if min(smap.shape[:2]) > 2 * pad else smap
+    for key, values in (("ssim_se", smap.mean(axis=2)), ("mean_abs_se", a.mean(axis=2))):
+        tiles = _tile_means(values)
+        out[key] = float(tiles.std(ddof=1) / np.sqrt(tiles.size)) if tiles.size > 1 else 0.0
+    return out
+
+
+def floor_verdict(port: dict, caffe: dict, sigmas: float = FLOOR_SIGMAS) -> dict:
+    """FLOOR_RULE on two ``distance`` dicts (port vs Caffe, Caffe vs Caffe under another kernel).
+    Returns {"within", "ssim": {...}, "mean_abs": {...}, "sentence"}; each measure has the two
+    values, the margin and whether the port is within it."""
+    ssim_margin = sigmas * float(np.hypot(port.get("ssim_se", 0.0), caffe.get("ssim_se", 0.0)))
+    mean_margin = sigmas * float(np.hypot(port.get("mean_abs_se", 0.0), caffe.get("mean_abs_se", 0.0)))
+    by = {"ssim": {"port": port["ssim"], "caffe": caffe["ssim"], "margin": ssim_margin,
+                   "within": port["ssim"] >= caffe["ssim"] - ssim_margin},
+          "mean_abs": {"port": port["mean_abs"], "caffe": caffe["mean_abs"], "margin": mean_margin,
+                       "within": port["mean_abs"] <= caffe["mean_abs"] + mean_margin}}
+    within = all(m["within"] for m in by.values())
+    sentence = (f"The port is {'within' if within else 'beyond'} Caffe's own noise floor: final image SSIM "
+                f"{port['ssim']:.6f} against Caffe's {caffe['ssim']:.6f} with itself (margin {ssim_margin:.3g}), "
+                f"mean |diff| {port['mean_abs']:.3g} against {caffe['mean_abs']:.3g} grey levels (margin "
+                f"{mean_margin:.3g}), max |diff| {port['max_abs']:.4g} against {caffe['max_abs']:.4g}.")
+    return {"within": bool(within), **by, "sentence": sentence}
+
+
+def other_core(default: str) -> str:
+    """The first of OTHER_CORES that is not ``default`` (OpenBLAS's names, case aside)."""
+    return next(c for c in OTHER_CORES if c.lower() != default.lower())
+
+
+def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.ndarray | None,
+                mean=(104.0, 117.0, 123.0), progress: bool = True, folder=None) -> dict:
+    """Run the Caffe side of ``caffe`` a second time in a fresh worker under another OpenBLAS
+    kernel path (``other_core`` of ``worker``'s) and another thread count (1, or 2 where the
+    first ran 1), and measure Caffe against itself beside the port against Caffe.
+
+    Returns {"kernels": {"reference": {"core", "threads"}, "other": {"core", "coretype",
+    "threads"}}, "caffe_vs_caffe", "port_vs_caffe" (``distance`` of the final images),
+    "bitwise_equal" (the two Caffe finals), "objective": {"other": [per iteration], "max_rel",
+    "first_differs"}, "verdict" (``floor_verdict``)}."""
+    from porting.legacy import Worker
+
+    reference = worker.openblas()
+    coretype = other_core(reference["core"])
+    threads = 2 if reference["threads"] == 1 else 1
+    with Worker(backend=worker.backend, env={"OPENBLAS_CORETYPE": coretype}, blas_threads=threads,
+                timeout=worker.timeout) as second:
+        other = dict(second.openblas(), coretype=coretype)
+        again = run_caffe_side(second, prototxt, caffemodel, caffe.unit, caffe.seed, caffe.octaves, start=caffe.start,
+                               layer=caffe.layer, xy=caffe.xy, mean=mean, iterations=len(caffe.records),
+                               folder=folder, progress=progress)
+    try:
+        ours = [r["objective"] for r in caffe.records]
+        theirs = [r["objective"] for r in again.records]
+        rel = [abs(a - b) / (abs(a) or 1.0) for a, b in zip(theirs, ours)]
+        floor = distance(again.final, caffe.final)
+        port = distance(port_final, caffe.final) if port_final is not None and \
+            np.shape(port_final) == np.shape(caffe.final) else None
+        return {
+            "kernels": {"reference": reference, "other": other},
+            "caffe_vs_caffe": floor, "port_vs_caffe": port,
+            "bitwise_equal": bool(np.array_equal(again.final, caffe.final)),
+            "objective": {"other": theirs, "max_rel": max(rel, default=None),
+                          "first_differs": next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)},
+            "verdict": None if port is None else floor_verdict(port, floor),
+        }
+    finally:
+        again.cleanup()
+
+
+# --------------------------------------------------------------------------------------
 # everything
 # --------------------------------------------------------------------------------------
 
@@ -606,13 +716,15 @@ class Comparison:
     versions: dict
     diagnosis: dict | None = None     # diagnose_gradient at the worst replayed iteration, if any
     caffe_snapshots: dict = field(default_factory=dict)   # iteration -> {input, gradient, after_step, after_denoise}
+    floor: dict | None = None         # caffe_floor: Caffe against itself under another BLAS kernel path
 
 
 def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES,
                   start: np.ndarray | None = None, layer: str = "fc8", xy: int = 0, mean=(104.0, 117.0, 123.0),
                   sync: bool = False, iterations: int | None = None, every: int = 10, modern: bool = True,
                   sources: bool = True, progress: bool = True, net: FacetNet | None = None,
-                  keep: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Comparison:
+                  keep: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+                  floor: bool = True) -> Comparison:
     """Run the Caffe side once, then the torch side (faithful, and modern unless told not
     to) in the chosen mode, the operation replays every ``every`` iterations and, with
     ``sources``, one torch run per source of drift in the same mode. Both sides' arrays
@@ -620,7 +732,9 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
     iterations, the first and the last.
 
     net: the torch side (default: porting's CaffeNet of prototxt/caffemodel). keep: a
-    folder to keep the Caffe side's per-iteration arrays in (default: temporary)."""
+    folder to keep the Caffe side's per-iteration arrays in (default: temporary). floor:
+    free-running only, run the Caffe side again under another BLAS kernel path
+    (``caffe_floor``) and judge the faithful run against that floor (FLOOR_RULE)."""
     from porting.net import load_caffe
 
     say = log or (lambda _text: None)
@@ -646,6 +760,11 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
         if sources:
             say(f"drift sources, one {'synchronised' if sync else 'free-running'} torch run each")
             found = drift_sources(net, caffe, runs["faithful"], runs.get("modern"), progress=progress)
+        measured_floor = None
+        if floor and not sync:
+            say("Caffe's own noise floor: the Caffe side again under another OpenBLAS kernel path")
+            measured_floor = caffe_floor(worker, prototxt, caffemodel, caffe, runs["faithful"].result.image,
+                                         mean=mean, progress=progress)
         versions = {"caffe_side": {"python2": caffe.provenance.get("python2")}}
         settings = {"prototxt": str(prototxt), "caffemodel": None if caffemodel is None else str(caffemodel),
                     "unit": int(unit), "seed": int(seed), "variant": variant_of(octaves) or "custom",
@@ -655,7 +774,7 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
                     "sync": bool(sync), "iterations": len(caffe.records), "every": int(every)}
         snapshots = {n: {what: caffe.array(n, what) for what in ("input", "gradient", "after_step", "after_denoise")}
                      for n in sampled(len(caffe.records), every)}
-        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis, snapshots)
+        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis, snapshots, measured_floor)
     finally:
         if keep is None:
             caffe.cleanup()

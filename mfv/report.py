@@ -8,8 +8,12 @@ JSON (``schema`` = "caffe-port-harness/mfv-compare", ``schema_version`` = 1):
   crop after the step and after denoising: max_abs in grey levels, rel_l2, bound),
   attribution (our operations replayed on the Caffe side's inputs), diagnosis, sources
   (the drift-source table: each switched run's final image against the faithful torch
-  run's and the Caffe side's: max_abs, rel_l2, SSIM). Non-finite numbers are written as
-  the strings "inf", "-inf", "nan".
+  run's and the Caffe side's: max_abs, rel_l2, SSIM), floor (free-running runs unless
+  --no-floor; else null: ``mfv.compare.caffe_floor``: the OpenBLAS kernel paths and thread
+  counts of both Caffe runs, caffe_vs_caffe and port_vs_caffe final-image distances (ssim,
+  max_abs, mean_abs in grey levels, rel_l2, and the tile standard errors), bitwise_equal,
+  the second run's objective per iteration, and the verdict by floor_rule). Non-finite
+  numbers are written as the strings "inf", "-inf", "nan".
 
 The HTML page embeds its plots and images as data: URIs and links nothing outside itself.
 Images in the page are 8-bit with the 2016 code's truncating cast; the difference images
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfv.compare import GRADIENT_AGREES, IMAGE_TOLERANCE, Comparison, TorchRun, chaotic, summarize
+from mfv.compare import FLOOR_RULE, GRADIENT_AGREES, IMAGE_TOLERANCE, Comparison, TorchRun, chaotic, summarize
 from mfv.files import _atomic, save_npy, save_npz, truncating_uint8
 from porting.report import jsonable
 
@@ -115,6 +119,12 @@ def verdict(comparison: Comparison) -> str:
                      f"faithful torch run) moves the final image by {_g(framework['rel_l2'], 2)} relative L2 "
                      f"(SSIM {framework['ssim']:.3f}), as far as the legacy quirks do; the synchronised per-step "
                      f"costs (--sync) tell the sources apart.")
+    floor = comparison.floor
+    if floor and floor.get("verdict"):
+        k = floor["kernels"]
+        parts.append(f"Caffe's own noise floor (the Caffe side again with OpenBLAS's {k['other']['core']} kernels "
+                     f"and {k['other']['threads']} thread(s) instead of {k['reference']['core']} and "
+                     f"{k['reference']['threads']}): " + floor["verdict"]["sentence"])
     diagnosis = comparison.diagnosis
     if diagnosis and diagnosis.get("verdict"):
         notes = "; ".join(diagnosis.get("decision_notes") or []) or "none counted"
@@ -140,6 +150,8 @@ def build_report(comparison: Comparison) -> dict:
         "attribution": comparison.attribution,
         "diagnosis": comparison.diagnosis,
         "sources": comparison.sources,
+        "floor_rule": FLOOR_RULE,
+        "floor": comparison.floor,
     })
 
 
@@ -187,6 +199,11 @@ def plot_trajectories(report: dict) -> bytes:
     records = report["caffe"]["records"]
     axes[0].plot([r["iteration"] for r in records], [r["objective"] for r in records], color="#1f77b4", lw=2.2,
                  label="Caffe side")
+
+    floor = report.get("floor")
+    if floor:
+        axes[0].plot([r["iteration"] for r in records], floor["objective"]["other"], "--", color="#9467bd", lw=1.2,
+                     label=f"Caffe side, OpenBLAS {floor['kernels']['other']['core']}")
 
     def series(rows, what, key):
         return [(r["iteration"], max(r[what][key], ZERO_FLOOR)) for r in rows
@@ -337,6 +354,26 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
               ("final image, SSIM", lambda s, r: _d(s["final"], "ssim"))]
     rows = [[label] + [f(report["runs"][n]["summary"], report["runs"][n]) for n in names] for label, f in checks]
     parts.append(_table(["check"] + [f"torch {n}" for n in names], rows))
+
+    floor = report.get("floor")
+    if floor:
+        k = floor["kernels"]
+        parts.append("<h2>Caffe's own noise floor</h2><p class=\"small\">The Caffe side run a second time with "
+                     f"OpenBLAS forced to another kernel path ({_esc(k['other']['core'])}, "
+                     f"{_esc(k['other']['threads'])} thread(s); the first run: {_esc(k['reference']['core'])}, "
+                     f"{_esc(k['reference']['threads'])}). Final images; grey levels 0-255. "
+                     f"{_esc(report['floor_rule'])}</p>")
+        pairs = [(f"Caffe vs Caffe (other BLAS kernel: {k['other']['core']})", floor["caffe_vs_caffe"]),
+                 ("port (faithful) vs Caffe", floor["port_vs_caffe"])]
+        parts.append(_table(["pair", "SSIM", "SSIM tile s.e.", "max |diff|", "mean |diff|", "mean tile s.e.",
+                             "relative L2"],
+                            [[label, _d(d, "ssim"), _d(d, "ssim_se"), _d(d, "max_abs"), _d(d, "mean_abs"),
+                              _d(d, "mean_abs_se"), _d(d, "rel_l2")] for label, d in pairs]))
+        parts.append(f"<p class=\"small\">The two Caffe runs are {'bitwise equal' if floor['bitwise_equal'] else 'not bitwise equal'}; "
+                     f"their objectives first differ at iteration {_esc(_g(floor['objective']['first_differs']))} "
+                     f"(max relative difference {_esc(_g(floor['objective']['max_rel']))}).</p>")
+        if floor.get("verdict"):
+            parts.append(f"<p class=\"verdict\">{_esc(floor['verdict']['sentence'])}</p>")
 
     if plot:
         parts.append("<h2>Trajectories</h2><img alt=\"objective and differences per iteration\" src=\""

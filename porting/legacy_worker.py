@@ -105,7 +105,7 @@ class Worker:
     ``blas_threads``: OPENBLAS_NUM_THREADS inside (None: the host's, else OpenBLAS's default, all cores);
     recorded in every result's provenance. ``env``: more variables inside, over the host's
     OPENBLAS_* ones (e.g. {"OPENBLAS_CORETYPE": "Prescott"}: another BLAS kernel path, so
-    Caffe's own float32 rounding can be varied; ``openblas_core()`` names the kernel in use).
+    Caffe's own float32 rounding can be varied; ``openblas()`` names the kernel in use).
     Use as a context manager, or call ``close()``.
     """
 
@@ -166,18 +166,22 @@ class Worker:
             env["OPENBLAS_NUM_THREADS"] = str(int(self.blas_threads))
         return env
 
-    def openblas_core(self, timeout: float = 120.0) -> str:
-        """OpenBLAS's name for the kernel path Caffe uses in this worker's environment
-        (``openblas_get_corename()`` of the stack's libblas.so.3, e.g. "Zen", "Sandybridge";
-        OpenBLAS picks it from the CPU unless OPENBLAS_CORETYPE says otherwise)."""
+    def openblas(self, timeout: float = 120.0) -> dict:
+        """{"core", "threads"}: OpenBLAS's name for the kernel path Caffe uses in this worker's
+        environment and its thread count (``openblas_get_corename()`` and
+        ``openblas_get_num_threads()`` of the stack's libblas.so.3 in a process started with
+        ``inside_env()``; OpenBLAS picks the kernel from the CPU unless OPENBLAS_CORETYPE says
+        otherwise, e.g. "Zen", "Sandybridge", "Prescott")."""
         code = ("import ctypes; lib = ctypes.CDLL('/usr/lib/x86_64-linux-gnu/libblas.so.3'); "
-                "lib.openblas_get_corename.restype = ctypes.c_char_p; print(lib.openblas_get_corename().decode())")
+                "lib.openblas_get_corename.restype = ctypes.c_char_p; "
+                "print(lib.openblas_get_corename().decode(), lib.openblas_get_num_threads())")
         argv, env = self.backend.launch(["python3", "-c", code], [], self.inside_env())
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
-        if done.returncode != 0 or not done.stdout.strip():
+        words = done.stdout.split()
+        if done.returncode != 0 or len(words) != 2:
             raise CaffeError(f"cannot ask OpenBLAS for its kernel: {done.stderr.strip()[-300:]}")
-        return done.stdout.strip().splitlines()[-1]
+        return {"core": words[0], "threads": int(words[1])}
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
         for raw in proc.stderr:
