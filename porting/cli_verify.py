@@ -164,7 +164,8 @@ def plan_from_golden(golden, prototxt, caffemodel, budget=None) -> RunPlan:
 
 def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, objective=None,
                tolerance=None, onnx=True, synsets=None, seed=0, worker=None, strict=False,
-               budget=None, phase="test", input_shapes=None, dropout_seed=None, reference=None) -> dict:
+               budget=None, phase="test", input_shapes=None, dropout_seed=None, reference=None,
+               foreign=None) -> dict:
     """Verify a port against real Caffe and write the report; returns the report dict.
     ``budget``: the porting.budget.Budget the net must fit (default: the machine's, at
     ``batch`` with a backward). ``phase``: "test" or "train", both frameworks.
@@ -175,7 +176,9 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
     ``reference``: a golden file (porting.verify.reference) holding Caffe's arrays, its
     inputs, objective and settings; no worker is started and the arguments that make
     inputs (``input_files``, ``batch``, ``seed``, ``objective``, ``phase``,
-    ``input_shapes``, ``dropout_seed``) are not used."""
+    ``input_shapes``, ``dropout_seed``) are not used.
+    ``foreign``: a ``Foreign`` (someone else's PyTorch module, porting.verify.foreign) to
+    verify in place of the port; the port then only supplies the float64 reading."""
     from porting.tolerances import parse_tolerances
     from porting.layers import LAYERS
 
@@ -193,39 +196,51 @@ def run_verify(prototxt, caffemodel, report_dir, input_files=(), batch=None, obj
         caffe = run_caffe(plan, prototxt, caffemodel, worker)
         provenance = caffe.provenance
     return _judge(plan, dict(caffe), provenance, prototxt, caffemodel, report_dir, tolerances, onnx, synsets,
-                  strict, golden)
+                  strict, golden, foreign)
 
 
 def _judge(plan: RunPlan, reference: dict, provenance: dict, prototxt, caffemodel, report_dir, tolerances,
-           onnx, synsets, strict, golden) -> dict:
-    """Compare the port with Caffe's arrays ``reference`` and write the report."""
+           onnx, synsets, strict, golden, foreign=None) -> dict:
+    """Compare the port (or the ``foreign`` module) with Caffe's arrays ``reference`` and write the report."""
     from porting.export import onnx_opinion
     from porting.report import build_report, read_synsets, top5_table, write_report
     from porting.verify import blob_key, verify_port
 
     net, inputs, described = plan.net, plan.inputs, dict(plan.described)
-    others, onnx_summary = {}, None
-    if onnx:
-        with tempfile.TemporaryDirectory() as tmp:
-            others["onnx"], onnx_summary = onnx_opinion(net, inputs, tmp)
-            onnx_summary.pop("file", None)
-    verification, arrays = verify_port(net, reference, inputs, plan.objective, tolerances, others=others,
-                                       strict=strict)
+    others, onnx_summary, mapping = {}, None, None
+    if foreign is not None:
+        verification, candidate, mapping = foreign.verify(net, reference, inputs, plan.objective, tolerances,
+                                                          strict)
+    else:
+        if onnx:
+            with tempfile.TemporaryDirectory() as tmp:
+                others["onnx"], onnx_summary = onnx_opinion(net, inputs, tmp)
+                onnx_summary.pop("file", None)
+        verification, arrays = verify_port(net, reference, inputs, plan.objective, tolerances, others=others,
+                                           strict=strict)
+        candidate = arrays["port"]
     top5 = None
     prob = next((s.tops[0] for s in reversed(net.graph.layers) if s.type == "Softmax"), None)
-    if prob and blob_key(prob, "data") in reference:
-        top5 = top5_table(reference[blob_key(prob, "data")], arrays["port"][blob_key(prob, "data")],
-                          labels=described.get("files"), synsets=read_synsets(synsets) if synsets else None)
+    if prob and blob_key(prob, "data") in reference and blob_key(prob, "data") in candidate:
+        top5 = top5_table(reference[blob_key(prob, "data")], candidate[blob_key(prob, "data")],
+                          labels=described.get("files"), synsets=read_synsets(synsets) if synsets else None,
+                          names=(verification.reference, verification.candidate))
     about = {"name": net.graph.name, "prototxt": str(prototxt), "prototxt_sha256": file_digest(prototxt),
              "caffemodel": str(caffemodel), "caffemodel_sha256": file_digest(caffemodel)}
     if onnx_summary:
         about["onnx"] = onnx_summary
+    if mapping is not None:
+        about["torch"] = mapping
     if golden is not None:
         from porting.verify.reference import describe
 
         described["reference"] = describe(golden)
     report = build_report(verification, net=about, inputs=described, provenance=provenance, top5=top5)
     write_report(report, report_dir)
+    if mapping is not None:  # the correspondence used, in --map's format (reusable as it is)
+        from porting.files import write_atomic
+
+        write_atomic(Path(report_dir) / "mapping.json", json.dumps(mapping["map"], indent=1).encode() + b"\n")
     return report
 
 
@@ -251,6 +266,11 @@ def _summary(report: dict, report_dir) -> str:
     lines = [report.get("summary") or ("PASS" if report["passed"] else "FAIL"),
              f"{len(rows) - len(failed)}/{len(rows)} compared arrays within their per-blob tolerance"
              + ("" if report.get("strict") else " (decides only with --strict)")]
+    torch_map = report.get("net", {}).get("torch")
+    if torch_map:
+        missing = torch_map["no_counterpart"]
+        lines.append(f"mapping: {len(torch_map['map'])} Caffe outputs to module outputs "
+                     f"(mapping.json); no counterpart: {', '.join(missing) if missing else 'none'}")
     lines.append(f"report: {Path(report_dir) / 'report.html'}")
     return "\n".join(lines)
 
@@ -279,9 +299,31 @@ def _verify_command(args) -> int:
                                "objective and settings Caffe ran with", args.reference)
     report = run_verify(args.prototxt, args.caffemodel, args.report, tolerance=args.tolerance,
                         onnx=not args.no_onnx, synsets=args.synsets, strict=args.strict,
-                        reference=args.reference, **run)
+                        reference=args.reference, foreign=_foreign_from_args(args), **run)
     print(_summary(report, args.report))
     return int(report["exit_status"])
+
+
+def _foreign_from_args(args):
+    """The --torch module and its options (a porting.verify.foreign.Foreign), or None."""
+    from porting.verify.foreign import Foreign, InputConvention, parse_triple, read_map
+
+    if args.torch is None:
+        given = [o for o, v in (("--map", args.map), ("--torch-input", args.torch_input),
+                                ("--torch-mean", args.torch_mean), ("--torch-std", args.torch_std),
+                                ("--caffe-mean", args.caffe_mean)) if v is not None]
+        if given:
+            raise PortingError(f"{given[0]} is taken only with --torch")
+        return None
+    kind = args.torch_input or "bgr255"
+    if kind == "bgr255" and any(v is not None for v in (args.torch_mean, args.torch_std, args.caffe_mean)):
+        raise PortingError("--torch-mean, --torch-std and --caffe-mean are taken only with --torch-input rgb01")
+    convention = InputConvention(kind) if kind == "bgr255" else InputConvention(
+        kind, parse_triple(args.torch_mean or "0,0,0", "--torch-mean"),
+        parse_triple(args.torch_std or "1,1,1", "--torch-std", positive=True),
+        parse_triple(args.caffe_mean, "--caffe-mean") if args.caffe_mean else IMAGENET_MEAN_BGR)
+    map_data = read_map(args.map) if args.map is not None else None
+    return Foreign(args.torch, convention, map_data, args.map)
 
 
 def _dump_command(args) -> int:
@@ -366,6 +408,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--strict", action="store_true", help="fail also when a blob exceeds its per-blob tolerance "
                    "(depends on the CPU, the inputs and the weights: rounding amplified by the net)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
+    p.add_argument("--torch", metavar="FILE.py:FACTORY", help="verify someone else's PyTorch port instead of "
+                   "ours: FACTORY() (in FILE.py or package.module) returns an nn.Module with its weights "
+                   "loaded. This RUNS THAT CODE (your own port); the prototxt and caffemodel stay untrusted")
+    p.add_argument("--map", metavar="MAP.json", help="with --torch: Caffe layer or blob name -> module path "
+                   '("features.0", ["features.0", 0] or {"module", "output", "call"}); default: found by '
+                   "running both on the same input (the report's mapping.json)")
+    p.add_argument("--torch-input", choices=["bgr255", "rgb01"], help="with --torch: what the module takes: "
+                   "Caffe's input (bgr255, the default) or RGB in [0, 1] minus --torch-mean over --torch-std")
+    p.add_argument("--torch-mean", metavar="R,G,B", help="rgb01: the mean subtracted (default 0,0,0)")
+    p.add_argument("--torch-std", metavar="R,G,B", help="rgb01: the std divided by (default 1,1,1)")
+    p.add_argument("--caffe-mean", metavar="B,G,R", help="rgb01: the mean Caffe's input has had subtracted "
+                   "(0-255 units; default 104,117,123): the picture is the input plus it")
     p.add_argument("--report", required=True, metavar="DIR")
     p.set_defaults(func=_verify_command)
 
