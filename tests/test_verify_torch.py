@@ -7,7 +7,9 @@ Caffe runs once (`porting reference dump`); every verify reads that golden file,
 verifies live. The port passes with the correspondence found automatically and with an
 explicit --map; torchvision's input convention (RGB in [0, 1], mean/std) passes for the
 module written for it; two seeded bugs (pooling size rounded down, RGB fed to BGR
-weights) fail with exit 1 at the layer where they are; a bad map is exit 2, one line.
+weights, LRN's alpha divided by its size twice) fail with exit 1 at the layer where they
+are; a bad map or module is exit 2, one line. torch's LocalResponseNorm needs no rewrite:
+it scales by alpha / size as Caffe does, which the passing port shows.
 """
 from __future__ import annotations
 
@@ -148,10 +150,21 @@ def test_rgb_fed_to_bgr_weights_fails_at_conv1(small, port, tmp_path):
     assert status == 1
     departure = report["departure"]
     assert (departure["layer"], departure["direction"], departure["frameworks"]) == ("conv1", "forward", ["torch"])
-    assert report["summary"].startswith("FAIL at the forward of layer conv1 (Convolution)"), report["summary"]
+    assert report["summary"] == ("FAIL at the forward of layer conv1 (Convolution): torch computes conv1 "
+                                 "differently from caffe, which is within rounding of the port's float64 reading "
+                                 "there (a semantic difference).")
     data = [c for c in report["checks"] if c["framework"] == "torch" and c["layer"] == "input"]
     assert [c["within"] for c in data] == [True]  # the input was what it was given: conv1 is at fault
     assert _mapped(report)["conv1"] == "0" and report["net"]["torch"]["matched_by"]["conv1"] == "type"
+
+
+def test_lrn_alpha_divided_twice_fails_at_norm1(small, port, tmp_path):
+    port("lrn_alpha")
+    status, report = _verify(small, tmp_path / "r")
+    assert status == 1
+    assert (report["departure"]["layer"], report["departure"]["direction"]) == ("norm1", "forward")
+    assert report["summary"].startswith("FAIL at the forward of layer norm1 (LRN): torch computes norm1 "
+                                        "differently from caffe"), report["summary"]
 
 
 def test_torchvision_convention_passes(small, port, tmp_path):

@@ -119,11 +119,13 @@ def load_module(spec: str) -> torch.nn.Module:
             unique = f"_porting_foreign_{abs(hash(str(path.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(unique, path)
             code = importlib.util.module_from_spec(module_spec)
-            sys.path.insert(0, str(path.resolve().parent))  # the port's sibling files
+            folder = str(path.resolve().parent)
+            sys.path.insert(0, folder)  # the port's sibling files
             try:
                 module_spec.loader.exec_module(code)
             finally:
-                sys.path.remove(str(path.resolve().parent))
+                if folder in sys.path:
+                    sys.path.remove(folder)
         else:
             code = importlib.import_module(source)
         factory = getattr(code, name, None)
@@ -434,5 +436,5 @@ class Foreign:
         net64 = float64_twin(net)
         exact = port_arrays(net64, inputs, objective)
         verification = verify_arrays(net64, reference, candidate, tolerances, objective, exact,
-                                     names=("caffe", self.name), inputs=inputs, strict=strict)
+                                     names=("caffe", self.name), inputs=inputs, strict=strict, foreign=True)
         return verification, candidate, mapping

@@ -74,7 +74,7 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
                   objective: Objective | None = None, exact: Mapping | None = None,
                   others: Mapping[str, Mapping] | None = None, names: tuple[str, str] = ("caffe", "port"),
                   inputs: Mapping[str, np.ndarray] | None = None, pinned: Mapping | None = None,
-                  strict: bool = False) -> Verification:
+                  strict: bool = False, foreign: bool = False) -> Verification:
     """Compare ``candidate`` with ``reference`` (keyed arrays) and give the verdict.
 
     ``graph_or_net64``: the port in float64 (enables the local checks the verdict rests on)
@@ -82,6 +82,8 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     tolerances). ``exact`` is ``port_arrays(net64, inputs, objective)``; ``others`` more
     candidates (name -> arrays) reported apart; ``inputs`` the arrays both were fed (judges
     the Input layers); ``pinned`` the candidate run at the reference's forward point.
+    ``foreign``: the candidate is not the port (someone else's module,
+    porting.verify.foreign), so where it alone departs it computes another function.
     """
     tolerances = tolerances or Tolerances()
     net64 = graph_or_net64 if hasattr(graph_or_net64, "graph") else None
@@ -117,7 +119,7 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
                     f"path (export or evaluator), not of {names[0]} or {names[1]}.")
     return Verification(names[0], names[1], objective, tolerances, rows, checks, departure, verdict, passed,
                         missing_in_reference, not_in_candidate, frameworks, other_departures,
-                        summarise(passed, problems, departure, rows, main_checks, flips, names, strict),
+                        summarise(passed, problems, departure, rows, main_checks, flips, names, strict, foreign),
                         strict, flips, problems)
 
 
@@ -176,7 +178,8 @@ def first_beyond_tolerance(rows: list[Row], framework: str) -> Row | None:
 
 
 def summarise(passed: bool, problems: list[str], departure: Departure | None, rows: list[Row],
-              checks: list[LocalCheck], flips: list[DecisionFlips], names: tuple[str, str], strict: bool) -> str:
+              checks: list[LocalCheck], flips: list[DecisionFlips], names: tuple[str, str], strict: bool,
+              foreign: bool = False) -> str:
     """One line for people: PASS or FAIL, where it departs, the likely cause."""
     reference, candidate = names
     if passed:
@@ -201,6 +204,9 @@ def summarise(passed: bool, problems: list[str], departure: Departure | None, ro
         elif reference in departure.frameworks and candidate not in departure.frameworks:
             cause = (f"the port implements {departure.layer} differently from {reference} "
                      f"(a semantic difference)")
+        elif candidate in departure.frameworks and reference not in departure.frameworks and foreign:
+            cause = (f"{candidate} computes {departure.layer} differently from {reference}, which is within "
+                     f"rounding of the port's float64 reading there (a semantic difference)")
         elif candidate in departure.frameworks and reference not in departure.frameworks:
             cause = f"{candidate}'s float32 arithmetic at {departure.layer} is beyond rounding (precision or kernel)"
         else:
