@@ -595,10 +595,13 @@ def chaotic(sources: list[dict]) -> bool:
 # Caffe's own noise floor
 # --------------------------------------------------------------------------------------
 
-# OpenBLAS kernel paths tried for the second Caffe run, in order: the first whose name differs
-# from the default's. Sandybridge (AVX, no fused multiply-add) differs from the FMA kernels
-# (Haswell, Zen, SkylakeX) most CPUs pick today; Prescott (SSE3) where Sandybridge is the default.
-OTHER_CORES = ("SandyBridge", "Prescott")
+# OpenBLAS kernel paths (OPENBLAS_CORETYPE) for the second Caffe run: one on the other side of
+# fused multiply-add from the default's, so the sgemm sums round differently (kernels on the same
+# side may share their accumulation order: measured here, Sandybridge and Prescott give the same
+# bits on a small net). FMA_CORES: OpenBLAS's kernels that use FMA (lower case).
+FMA_CORES = frozenset({"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids", "piledriver",
+                       "steamroller", "excavator"})
+OTHER_CORES = ("SandyBridge", "Haswell", "Prescott")
 FLOOR_TILES = 8           # the spread of a final-image measure: its mean over an 8 x 8 grid of tiles
 FLOOR_SIGMAS = 2.0        # the margin: this many combined standard errors of those tile means
 FLOOR_RULE = (
@@ -656,9 +659,31 @@ def floor_verdict(port: dict, caffe: dict, sigmas: float = FLOOR_SIGMAS) -> dict
     return {"within": bool(within), **by, "sentence": sentence}
 
 
-def other_core(default: str) -> str:
-    """The first of OTHER_CORES that is not ``default`` (OpenBLAS's names, case aside)."""
-    return next(c for c in OTHER_CORES if c.lower() != default.lower())
+def cpu_flags() -> set:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def other_core(default: str, flags=None) -> str:
+    """The OPENBLAS_CORETYPE for the second Caffe run: SandyBridge (AVX, no FMA) where the
+    default kernel uses fused multiply-add; Haswell (FMA) where it does not and the CPU has
+    AVX2 and FMA; else Prescott (SSE3), or SandyBridge where Prescott is the default (then
+    both sides lack FMA and may round alike: ``differs_in_fma`` says which case holds)."""
+    flags = cpu_flags() if flags is None else set(flags)
+    if default.lower() in FMA_CORES:
+        return "SandyBridge"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return "Prescott" if default.lower() != "prescott" else "SandyBridge"
+
+
+def differs_in_fma(core: str, other: str) -> bool:
+    """Whether one of two OpenBLAS kernels uses fused multiply-add and the other does not."""
+    return (core.lower() in FMA_CORES) != (other.lower() in FMA_CORES)
 
 
 def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.ndarray | None,
@@ -668,7 +693,7 @@ def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.nd
     first ran 1), and measure Caffe against itself beside the port against Caffe.
 
     Returns {"kernels": {"reference": {"core", "threads"}, "other": {"core", "coretype",
-    "threads"}}, "caffe_vs_caffe", "port_vs_caffe" (``distance`` of the final images),
+    "threads", "differs_in_fma"}}, "caffe_vs_caffe", "port_vs_caffe" (``distance`` of the final images),
     "bitwise_equal" (the two Caffe finals), "objective": {"other": [per iteration], "max_rel",
     "first_differs"}, "verdict" (``floor_verdict``)}."""
     from porting.legacy import Worker
@@ -679,6 +704,7 @@ def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.nd
     with Worker(backend=worker.backend, env={"OPENBLAS_CORETYPE": coretype}, blas_threads=threads,
                 timeout=worker.timeout) as second:
         other = dict(second.openblas(), coretype=coretype)
+        other["differs_in_fma"] = differs_in_fma(reference["core"], other["core"])
         again = run_caffe_side(second, prototxt, caffemodel, caffe.unit, caffe.seed, caffe.octaves, start=caffe.start,
                                layer=caffe.layer, xy=caffe.xy, mean=mean, iterations=len(caffe.records),
                                folder=folder, progress=progress)
