@@ -27,6 +27,11 @@ synchronised, on the final image always. Free-running, the loop is chaotic: a si
 flipped max-pooling winner sends the trajectory elsewhere, and after a few hundred
 iterations every source moves the final image about as far as any other (``chaotic``);
 the synchronised per-step costs are what tells the sources apart.
+``caffe_floor`` measures Caffe's own noise floor: free-running, the Caffe side again in a
+fresh worker with OpenBLAS forced to a kernel path on the other side of fused multiply-add
+(OPENBLAS_CORETYPE) and another thread count, its final image against the first run's
+beside the port's (``distance``: SSIM, max and mean |diff| in grey levels), judged by
+FLOOR_RULE (``floor_verdict``).
 ``compare_facet`` does all of it and returns the report (``mfv.report`` writes it).
 
 "Beyond float32 rounding": a difference larger than one float32 ulp of the reference
