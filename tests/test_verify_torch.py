@@ -111,6 +111,15 @@ def test_auto_map_passes(small, port, tmp_path):
     assert {"blob/data/diff", "top/fc8/0/diff", "blob/prob/data", "top/pool1/0/data"} <= keys
 
 
+def test_nested_module_flattened_output_passes(small, port, tmp_path):
+    status, report = _verify(small, tmp_path / "r", "caffenet_nested")
+    assert status == 0, report["summary"]
+    assert _mapped(report) == {k: ("features." if k in ("conv1", "relu1", "pool1", "norm1", "conv2", "relu2",
+                                                       "pool2") else "classifier.") + k for k in EXPECTED}
+    pool2 = next(r for r in report["rows"] if r["key"] == "top/pool2/0/data")
+    assert pool2["shape"] == [2, 12, 2, 2] and pool2["passed"]  # N x 48 taken back to Caffe's layout
+
+
 def test_explicit_map_passes_and_is_used(small, port, tmp_path):
     given = {"conv1": ["0", 0], "pool1": "2", "norm1": {"module": "3"}, "fc8": {"module": "11", "output": 0}}
     (tmp_path / "map.json").write_text(json.dumps(given))
