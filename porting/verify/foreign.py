@@ -216,9 +216,8 @@ def fit(tensor: torch.Tensor, shape) -> torch.Tensor | None:
     return None
 
 
-def _agrees(a: torch.Tensor, ref: np.ndarray) -> bool:
-    r = torch.as_tensor(np.asarray(ref, np.float64))
-    scale = float(r.abs().max()) if r.numel() else 0.0
+def _agrees(a: torch.Tensor, r: torch.Tensor, scale: float) -> bool:
+    """max |a - r| <= LOOSE * scale (``r`` float64, ``scale`` its largest magnitude)."""
     return bool(torch.isfinite(a).all()) and float((a.detach().double() - r).abs().max()) <= LOOSE * scale
 
 
@@ -250,9 +249,11 @@ def auto_map(values: NetValues, caffe: Mapping, outputs: list[Output]) -> list[M
         if ref is None:
             continue
         found = how = None
+        r = torch.as_tensor(np.asarray(ref, np.float64))
+        scale = float(r.abs().max()) if r.numel() else 0.0
         for j in range(cursor + 1, len(outputs)):
             fitted = fit(outputs[j].tensor, np.shape(ref))
-            if fitted is not None and _agrees(fitted, ref):
+            if fitted is not None and _agrees(fitted, r, scale):
                 found, how = j, "value"
                 break
         if found is None:
