@@ -410,7 +410,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
     p.add_argument("--torch", metavar="FILE.py:FACTORY", help="verify someone else's PyTorch port instead of "
                    "ours: FACTORY() (in FILE.py or package.module) returns an nn.Module with its weights "
-                   "loaded. This RUNS THAT CODE (your own port); the prototxt and caffemodel stay untrusted")
+                   "loaded, or FILE.pt2 (torch.export.save). This RUNS THAT CODE (your own port); the "
+                   "prototxt and caffemodel stay untrusted")
     p.add_argument("--map", metavar="MAP.json", help="with --torch: Caffe layer or blob name -> module path "
                    '("features.0", ["features.0", 0] or {"module", "output", "call"}); default: found by '
                    "running both on the same input (the report's mapping.json)")

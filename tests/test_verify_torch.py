@@ -80,12 +80,25 @@ def port(small, monkeypatch):
     return set_bug
 
 
-def _verify(small, report, factory="caffenet", *extra, live=False) -> tuple[int, dict]:
+def _verify(small, report, factory="caffenet", *extra, live=False, factory_path=None) -> tuple[int, dict]:
     prototxt, caffemodel, golden, _ = small
-    args = ["verify", str(prototxt), str(caffemodel), "--torch", f"{FIXTURE}:{factory}", "--report", str(report)]
+    spec = str(factory_path) if factory_path else f"{FIXTURE}:{factory}"
+    args = ["verify", str(prototxt), str(caffemodel), "--torch", spec, "--report", str(report)]
     args += ["--batch", "2", "--seed", "4", "--objective", "fc8:3"] if live else ["--reference", str(golden)]
     status = main(args + list(extra))
     return status, json.loads((Path(report) / "report.json").read_text())
+
+
+def _exported(tmp_path) -> Path:
+    """The fixture's port (as the environment sets it) through torch.export, saved as .pt2."""
+    import torch
+
+    from porting.verify.foreign import load_module
+
+    module = load_module(f"{FIXTURE}:caffenet")
+    path = tmp_path / "port.pt2"
+    torch.export.save(torch.export.export(module, (torch.zeros(2, 3, 21, 21),)), path)
+    return path
 
 
 def _mapped(report: dict) -> dict:
@@ -118,6 +131,17 @@ def test_nested_module_flattened_output_passes(small, port, tmp_path):
                                                        "pool2") else "classifier.") + k for k in EXPECTED}
     pool2 = next(r for r in report["rows"] if r["key"] == "top/pool2/0/data")
     assert pool2["shape"] == [2, 12, 2, 2] and pool2["passed"]  # N x 48 taken back to Caffe's layout
+
+
+def test_exported_program_passes_and_its_bug_fails(small, port, tmp_path):
+    status, report = _verify(small, tmp_path / "r", "", factory_path=_exported(tmp_path))
+    assert status == 0, report["summary"]
+    assert _mapped(report) == {"conv1": "conv2d", "relu1": "relu_", "pool1": "max_pool2d", "norm1": "div",
+                               "conv2": "conv2d_1", "relu2": "relu__1", "pool2": "max_pool2d_1", "fc6": "linear",
+                               "relu6": "relu__2", "drop6": "dropout", "fc8": "linear_1", "prob": "softmax"}
+    port("floor_pool")
+    status, report = _verify(small, tmp_path / "bug", "", factory_path=_exported(tmp_path))
+    assert status == 1 and report["summary"].startswith("FAIL at layer pool1 (Pooling)"), report["summary"]
 
 
 def test_explicit_map_passes_and_is_used(small, port, tmp_path):
@@ -218,10 +242,13 @@ def test_bad_map_or_options_exit_2(small, port, tmp_path, capsys, content, extra
     ("porting.no_such_module:net", "loading the module failed: ModuleNotFoundError"),
     ("numpy:zeros", "loading the module failed: TypeError"),
     ("numpy:array", "loading the module failed: TypeError"),
+    ("missing.pt2", "missing.pt2: no such file"),
+    ("{tmp}/bad.pt2", "bad.pt2: cannot load the exported program"),
 ])
 def test_bad_module_exit_2(small, port, tmp_path, capsys, spec, expected):
     prototxt, caffemodel, golden, _ = small
+    (tmp_path / "bad.pt2").write_bytes(b"PK not an exported program")
     status = main(["verify", str(prototxt), str(caffemodel), "--reference", str(golden), "--torch",
-                   spec.format(fixture=FIXTURE), "--report", str(tmp_path / "r")])
+                   spec.format(fixture=FIXTURE, tmp=tmp_path), "--report", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and expected in err, err

@@ -1,7 +1,9 @@
 """Someone else's PyTorch port as the candidate: its arrays under Caffe's keys.
 
 ``porting verify --torch FILE.py:FACTORY`` (or ``package.module:FACTORY``) loads a
-callable that returns an ``nn.Module`` with its weights loaded. Loading it runs that code:
+callable that returns an ``nn.Module`` with its weights loaded; ``--torch FILE.pt2`` an
+ExportedProgram (``torch.export.save``), whose graph nodes are recorded in place of
+submodules. Loading either runs that code:
 it is the user's own port, named on their command line (the prototxt and caffemodel stay
 untrusted files as everywhere).
 
@@ -102,11 +104,22 @@ def parse_triple(text: str, option: str, positive: bool = False) -> tuple[float,
 # --------------------------------------------------------------------------------------
 
 def load_module(spec: str) -> torch.nn.Module:
-    """``FILE.py:FACTORY`` or ``package.module:FACTORY`` -> ``FACTORY()``, an nn.Module in eval mode.
+    """``FILE.py:FACTORY`` or ``package.module:FACTORY`` -> ``FACTORY()``, an nn.Module in eval
+    mode; ``FILE.pt2`` (``torch.export.save``) -> its program's module (a GraphModule, in
+    the mode it was exported in).
 
     Runs the user's code (their own port, named by them). Anything that goes wrong while
     importing or calling it is a PortingError naming ``spec``.
     """
+    if str(spec).endswith(".pt2"):
+        path = Path(spec)
+        if not path.is_file():
+            raise PortingError("no such file", path)
+        try:
+            return torch.export.load(path).module()
+        except Exception as err:  # the user's own file, of torch's format
+            raise PortingError(f"cannot load the exported program: {type(err).__name__}: {shown(err, 200)}",
+                               path) from None
     source, _, name = str(spec).rpartition(":")
     if not source or not name.isidentifier():
         raise PortingError("expected FILE.py:FACTORY or package.module:FACTORY", place=f"--torch {shown(spec)}")
@@ -192,6 +205,8 @@ def run_hooked(module: torch.nn.Module, x: torch.Tensor) -> list[Output]:
             return type(result)(copies)
         return None
 
+    if isinstance(module, torch.fx.GraphModule):
+        return _run_graph(module, x)
     handles = [m.register_forward_hook(lambda m, i, o, p=path: hook(p, m, i, o))
                for path, m in module.named_modules()]
     try:
@@ -202,6 +217,42 @@ def run_hooked(module: torch.nn.Module, x: torch.Tensor) -> list[Output]:
     finally:
         for h in handles:
             h.remove()
+    return outputs
+
+
+def _run_graph(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> list[Output]:
+    """run_hooked for a graph (an exported program's module): every call_function node's
+    tensor output, the node's name as its path. The last node a source module produced
+    (``nn_module_stack``) carries that module's class name, for auto_map's type hints."""
+    last_of: dict[str, str] = {}
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack:
+            where, kind = list(stack.values())[-1]
+            last_of[where] = (node.name, str(getattr(kind, "__name__", kind)).rsplit(".", 1)[-1])
+    kinds = dict(last_of.values())
+    outputs: list[Output] = []
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.op != "call_function":
+                return result
+            items = [result] if isinstance(result, torch.Tensor) else list(result) if type(result) in (
+                tuple, list) else []
+            copies = []
+            for i, item in enumerate(items):
+                if isinstance(item, torch.Tensor):
+                    outputs.append(Output(node.name, 0, i, kinds.get(node.name, ""), item))
+                    item = item.clone()  # an in-place node after it (relu_) leaves the record alone
+                copies.append(item)
+            return copies[0] if isinstance(result, torch.Tensor) else type(result)(copies) if items else result
+
+    try:
+        Recorder(graph_module).run(x)
+    except Exception as err:
+        raise PortingError(f"the exported program failed: {type(err).__name__}: {shown(err, 200)}",
+                           place="--torch") from None
     return outputs
 
 
@@ -287,7 +338,7 @@ def given_map(values: NetValues, data: Mapping, outputs: list[Output], module: t
               path) -> list[Match]:
     """Resolve a read_map dict. A key is a Caffe layer name (its first output, before any
     in-place layer) or a blob name (its last value); any bad entry is a PortingError."""
-    paths = dict(module.named_modules())
+    paths = set(dict(module.named_modules())) | {o.path for o in outputs}  # graph nodes for a .pt2
     by_name = {(o.path, o.call, o.index): o for o in outputs}
     matches = []
     for key, entry in data.items():
