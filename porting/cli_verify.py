@@ -306,7 +306,7 @@ def _verify_command(args) -> int:
 
 def _foreign_from_args(args):
     """The --torch module and its options (a porting.verify.foreign.Foreign), or None."""
-    from porting.verify.foreign import Foreign, InputConvention, parse_triple, read_map
+    from porting.verify.foreign import Foreign, InputConvention, load_module, parse_triple, read_map
 
     if args.torch is None:
         given = [o for o, v in (("--map", args.map), ("--torch-input", args.torch_input),
@@ -323,7 +323,7 @@ def _foreign_from_args(args):
         parse_triple(args.torch_std or "1,1,1", "--torch-std", positive=True),
         parse_triple(args.caffe_mean, "--caffe-mean") if args.caffe_mean else IMAGENET_MEAN_BGR)
     map_data = read_map(args.map) if args.map is not None else None
-    return Foreign(args.torch, convention, map_data, args.map)
+    return Foreign(args.torch, convention, map_data, args.map, module=load_module(args.torch))  # before Caffe runs
 
 
 def _dump_command(args) -> int:

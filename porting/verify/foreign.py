@@ -463,14 +463,16 @@ def _is_label(graph, name: str) -> bool:
 
 @dataclass
 class Foreign:
-    """Someone else's module to verify (``spec`` as load_module takes it), its input
-    ``convention`` and the correspondence ``map_data`` (read_map; None: auto_map)."""
+    """Someone else's module to verify (``spec`` as load_module takes it; ``module``, when
+    given, is what it loaded), its input ``convention`` and the correspondence
+    ``map_data`` (read_map; None: auto_map)."""
 
     spec: str
     convention: InputConvention = InputConvention()
     map_data: dict | None = None
     map_path: object = None
     name: str = "torch"
+    module: torch.nn.Module | None = None
 
     def verify(self, net, reference: Mapping, inputs: Mapping[str, np.ndarray], objective=None,
                tolerances=None, strict: bool = False):
@@ -480,7 +482,7 @@ class Foreign:
         from porting.verify.run import float64_twin, port_arrays
         from porting.verify.verdict import verify_arrays
 
-        module = load_module(self.spec)
+        module = self.module if self.module is not None else load_module(self.spec)
         candidate, mapping = foreign_arrays(module, net.graph, reference, inputs, objective, self.convention,
                                             self.map_data, self.map_path)
         mapping = {"module": str(self.spec), "input": self.convention.describe(),
