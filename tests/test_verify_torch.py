@@ -128,7 +128,10 @@ def test_nested_module_flattened_output_passes(small, port, tmp_path):
     status, report = _verify(small, tmp_path / "r", "caffenet_nested")
     assert status == 0, report["summary"]
     assert _mapped(report) == {k: ("features." if k in ("conv1", "relu1", "pool1", "norm1", "conv2", "relu2",
-                                                       "pool2") else "classifier.") + k for k in EXPECTED}
+                                                       "pool2") else "classifier.") + k
+                               for k in EXPECTED if k != "drop6"}
+    assert report["net"]["torch"]["no_counterpart"] == ["drop6"]
+    assert "top/drop6/0/data" not in {r["key"] for r in report["rows"]}  # listed, not compared, not failed
     pool2 = next(r for r in report["rows"] if r["key"] == "top/pool2/0/data")
     assert pool2["shape"] == [2, 12, 2, 2] and pool2["passed"]  # N x 48 taken back to Caffe's layout
 
