@@ -608,16 +608,17 @@ FMA_CORES = frozenset({"haswell", "zen", "skylakex", "cooperlake", "sapphirerapi
                        "steamroller", "excavator"})
 OTHER_CORES = ("SandyBridge", "Haswell", "Prescott")
 FLOOR_TILES = 8           # the spread of a final-image measure: its mean over an 8 x 8 grid of tiles
-FLOOR_SIGMAS = 2.0        # the margin: this many combined standard errors of those tile means
+FLOOR_SIGMAS = 2.0        # the margin: this many standard errors of the tile-by-tile difference
 FLOOR_RULE = (
     "The port is within Caffe's own noise floor when its final image is no further from the Caffe side's "
     "than a second Caffe run under another OpenBLAS kernel path (and thread count) is, up to a margin, in "
     "both SSIM (port's >= Caffe-vs-Caffe's - margin) and mean |diff| (port's <= Caffe-vs-Caffe's + "
-    "margin). Each margin is 2 combined standard errors, sqrt(se_port^2 + se_caffe^2), of the measure "
-    "taken per tile over an 8 x 8 grid of tiles (the spatial spread of the difference; a single pair of "
-    "chaotic runs gives no run-to-run spread, so this is the spread the data offer). Max |diff| is "
-    "reported but does not decide: it is the extreme of one pixel and swings by tens of grey levels "
-    "between pairs of runs as far apart as these.")
+    "margin). Both pairs are measured against the same Caffe image, tile by tile over an 8 x 8 grid; each "
+    "margin is 2 standard errors of the mean of the 64 tile-by-tile differences (port's tile minus "
+    "Caffe-vs-Caffe's tile), the spread the data offer: one pair of chaotic runs gives no run-to-run "
+    "spread, and the pairing removes what both owe to the image (its busy regions drift most in both). "
+    "Max |diff| is reported but does not decide: it is the extreme of one pixel and swings by tens of grey "
+    "levels between pairs of runs as far apart as these.")
 
 
 def _tile_means(values: np.ndarray, tiles: int = FLOOR_TILES) -> np.ndarray:
@@ -626,10 +627,16 @@ def _tile_means(values: np.ndarray, tiles: int = FLOOR_TILES) -> np.ndarray:
     return np.array([values[np.ix_(r, c)].mean() for r in rows for c in cols if r.size and c.size])
 
 
+def _se(values) -> float:
+    values = np.asarray(values, np.float64)
+    return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+
+
 def distance(candidate_rgb: np.ndarray, reference_rgb: np.ndarray) -> dict:
     """Final-image distance for the noise floor: ``final_difference`` plus mean |diff| (grey
-    levels, over pixels and channels) and the standard errors of SSIM and mean |diff| over an
-    8 x 8 grid of tiles (``ssim_se``, ``mean_abs_se``: std of the tile means / sqrt(tiles))."""
+    levels, over pixels and channels), the SSIM map's and |diff|'s means over an 8 x 8 grid of
+    tiles (``ssim_tiles``, ``mean_abs_tiles``, row by row) and their standard errors (``ssim_se``,
+    ``mean_abs_se``: std of the tile means / sqrt(tiles))."""
     from skimage.metrics import structural_similarity
 
     c = np.asarray(candidate_rgb, np.float64)
@@ -640,22 +647,32 @@ def distance(candidate_rgb: np.ndarray, reference_rgb: np.ndarray) -> dict:
     _, smap = structural_similarity(c, r, channel_axis=2, data_range=255.0, full=True)
     pad = 3                                   # (7 - 1) // 2: the border skimage leaves out of the mean
     smap = smap[pad:-pad, pad:-pad] if min(smap.shape[:2]) > 2 * pad else smap
-    for key, values in (("ssim_se", smap.mean(axis=2)), ("mean_abs_se", a.mean(axis=2))):
+    for key, values in (("ssim", smap.mean(axis=2)), ("mean_abs", a.mean(axis=2))):
         tiles = _tile_means(values)
-        out[key] = float(tiles.std(ddof=1) / np.sqrt(tiles.size)) if tiles.size > 1 else 0.0
+        out[f"{key}_tiles"] = [float(t) for t in tiles]
+        out[f"{key}_se"] = _se(tiles)
     return out
+
+
+def _margin(port: dict, caffe: dict, key: str, sigmas: float) -> float:
+    """sigmas standard errors of the tile-by-tile difference (both measured against the same
+    image); without tiles of the same grid, of the two measures' own standard errors combined."""
+    mine, theirs = port.get(f"{key}_tiles"), caffe.get(f"{key}_tiles")
+    if mine is not None and theirs is not None and len(mine) == len(theirs) > 1:
+        return sigmas * _se(np.subtract(mine, theirs))
+    return sigmas * float(np.hypot(port.get(f"{key}_se", 0.0), caffe.get(f"{key}_se", 0.0)))
 
 
 def floor_verdict(port: dict, caffe: dict, sigmas: float = FLOOR_SIGMAS) -> dict:
     """FLOOR_RULE on two ``distance`` dicts (port vs Caffe, Caffe vs Caffe under another kernel).
     Returns {"within", "ssim": {...}, "mean_abs": {...}, "sentence"}; each measure has the two
     values, the margin and whether the port is within it."""
-    ssim_margin = sigmas * float(np.hypot(port.get("ssim_se", 0.0), caffe.get("ssim_se", 0.0)))
-    mean_margin = sigmas * float(np.hypot(port.get("mean_abs_se", 0.0), caffe.get("mean_abs_se", 0.0)))
+    ssim_margin = _margin(port, caffe, "ssim", sigmas)
+    mean_margin = _margin(port, caffe, "mean_abs", sigmas)
     by = {"ssim": {"port": port["ssim"], "caffe": caffe["ssim"], "margin": ssim_margin,
-                   "within": port["ssim"] >= caffe["ssim"] - ssim_margin},
+                   "within": bool(port["ssim"] >= caffe["ssim"] - ssim_margin)},
           "mean_abs": {"port": port["mean_abs"], "caffe": caffe["mean_abs"], "margin": mean_margin,
-                       "within": port["mean_abs"] <= caffe["mean_abs"] + mean_margin}}
+                       "within": bool(port["mean_abs"] <= caffe["mean_abs"] + mean_margin)}}
     within = all(m["within"] for m in by.values())
     sentence = (f"The port is {'within' if within else 'beyond'} Caffe's own noise floor: final image SSIM "
                 f"{port['ssim']:.6f} against Caffe's {caffe['ssim']:.6f} with itself (margin {ssim_margin:.3g}), "
@@ -700,7 +717,8 @@ def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.nd
     Returns {"kernels": {"reference": {"core", "threads"}, "other": {"core", "coretype",
     "threads", "differs_in_fma"}}, "caffe_vs_caffe", "port_vs_caffe" (``distance`` of the final images),
     "bitwise_equal" (the two Caffe finals), "objective": {"other": [per iteration], "max_rel",
-    "first_differs"}, "verdict" (``floor_verdict``)}."""
+    "first_differs"}, "verdict" (``floor_verdict``), "final" (the second run's final image,
+    RGB 0-255 float32: ``compare_facet`` moves it to ``Comparison.caffe_other``)}."""
     from porting.legacy import Worker
 
     reference = worker.openblas()
@@ -727,6 +745,7 @@ def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.nd
             "objective": {"other": theirs, "max_rel": max(rel, default=None),
                           "first_differs": next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)},
             "verdict": None if port is None else floor_verdict(port, floor),
+            "final": again.final,
         }
     finally:
         again.cleanup()
@@ -748,6 +767,7 @@ class Comparison:
     diagnosis: dict | None = None     # diagnose_gradient at the worst replayed iteration, if any
     caffe_snapshots: dict = field(default_factory=dict)   # iteration -> {input, gradient, after_step, after_denoise}
     floor: dict | None = None         # caffe_floor: Caffe against itself under another BLAS kernel path
+    caffe_other: np.ndarray | None = None   # the floor's second Caffe run's final image
 
 
 def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES,
@@ -805,7 +825,9 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
                     "sync": bool(sync), "iterations": len(caffe.records), "every": int(every)}
         snapshots = {n: {what: caffe.array(n, what) for what in ("input", "gradient", "after_step", "after_denoise")}
                      for n in sampled(len(caffe.records), every)}
-        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis, snapshots, measured_floor)
+        other_final = None if measured_floor is None else measured_floor.pop("final")
+        return Comparison(settings, caffe, runs, attribution, found, versions, diagnosis, snapshots, measured_floor,
+                          other_final)
     finally:
         if keep is None:
             caffe.cleanup()

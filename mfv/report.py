@@ -264,6 +264,13 @@ def final_images(comparison: Comparison) -> list[tuple[str, bytes]]:
             s = run.final
             out.append((f"|torch {name} - Caffe| (white = {top:.3g} grey levels; SSIM {s['ssim']:.5f})",
                         _png_bytes(diff)))
+    other = comparison.caffe_other
+    if other is not None and other.shape == caffe.shape:
+        core = comparison.floor["kernels"]["other"]["core"]
+        out.append((f"Caffe side again, OpenBLAS {core} (the noise floor)", _png_bytes(truncating_uint8(other))))
+        diff, top = difference_image(other, caffe)
+        out.append((f"|Caffe ({core}) - Caffe| (white = {top:.3g} grey levels; SSIM "
+                    f"{comparison.floor['caffe_vs_caffe']['ssim']:.5f})", _png_bytes(diff)))
     return out
 
 
@@ -445,7 +452,8 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
 
 def write_report(comparison: Comparison, folder) -> dict[str, Path]:
     """Write compare.json, compare.html, trajectories.png, the final images (.npy, float32
-    RGB 0-255) and snapshots.npz (both sides' arrays every k iterations, keyed
+    RGB 0-255; caffe_other_final.npy: the noise floor's second Caffe run) and snapshots.npz
+    (both sides' arrays every k iterations, keyed
     "<iteration>/caffe/<what>" and "<iteration>/torch_<run>/<what>", net layout float32)
     into ``folder``, each whole or not at all. Returns the paths."""
     folder = Path(folder)
@@ -460,6 +468,9 @@ def write_report(comparison: Comparison, folder) -> dict[str, Path]:
         "plot": _atomic(folder / "trajectories.png", lambda tmp: Path(tmp).write_bytes(plot)),
         "caffe_final": save_npy(folder / "caffe_final.npy", comparison.caffe.final.astype(np.float32)),
     }
+    if comparison.caffe_other is not None:
+        paths["caffe_other_final"] = save_npy(folder / "caffe_other_final.npy",
+                                              comparison.caffe_other.astype(np.float32))
     for name, run in comparison.runs.items():
         key = name.replace(" ", "_")
         paths[f"torch_{key}_final"] = save_npy(folder / f"torch_{key}_final.npy", run.result.image.astype(np.float32))

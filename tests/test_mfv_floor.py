@@ -46,6 +46,18 @@ def test_rule_on_constructed_numbers():
         assert v["mean_abs"]["within"] is within and v["within"] is within
 
 
+def test_rule_pairs_the_tiles():
+    # both pairs drift most in the same tiles: the pairing removes that shared spread
+    base = list(np.linspace(0.2, 0.9, 64))
+    caffe = dict(measures(float(np.mean(base)), 1.0, ssim_se=0.03), ssim_tiles=base, mean_abs_tiles=[1.0] * 64)
+    shift = [b - 0.01 + (0.001 if k % 2 else -0.001) for k, b in enumerate(base)]
+    port = dict(measures(float(np.mean(shift)), 1.0, ssim_se=0.03), ssim_tiles=shift, mean_abs_tiles=[1.0] * 64)
+    v = floor_verdict(port, caffe)
+    assert v["ssim"]["margin"] == pytest.approx(2 * np.std(np.subtract(shift, base), ddof=1) / 8)
+    assert v["ssim"]["margin"] < 0.001 and not v["ssim"]["within"] and not v["within"]   # 0.01 lower everywhere
+    assert floor_verdict(dict(port, ssim_tiles=None), caffe)["within"]    # unpaired: margin 2 * 0.042
+
+
 def test_distance_measures():
     rng = np.random.RandomState(0)
     a = rng.uniform(0, 255, (40, 48, 3))
@@ -136,6 +148,9 @@ def test_cli_compare_reports_the_floor(caffe_worker, caffe_weights, tmp_path, ca
     caffe_final = np.load(out / "caffe_final.npy")
     port = np.load(out / "torch_faithful_final.npy")
     assert floor["port_vs_caffe"]["max_abs"] == np.abs(port.astype(np.float64) - caffe_final).max()
+    other = np.load(out / "caffe_other_final.npy")
+    assert floor["caffe_vs_caffe"]["max_abs"] == np.abs(other.astype(np.float64) - caffe_final).max()
+    assert len(floor["caffe_vs_caffe"]["ssim_tiles"]) == len(floor["port_vs_caffe"]["mean_abs_tiles"]) == 64
     # the verdict is the rule applied to the reported numbers, and the sentence says it
     verdict = floor_verdict(floor["port_vs_caffe"], floor["caffe_vs_caffe"])
     assert floor["verdict"] == json.loads(json.dumps(verdict))
@@ -144,6 +159,7 @@ def test_cli_compare_reports_the_floor(caffe_worker, caffe_weights, tmp_path, ca
     assert sentence in report["verdict"] and sentence in printed and report["floor_rule"]
     page = (out / "compare.html").read_text()
     assert "Caffe vs Caffe (other BLAS kernel: " in page and "noise floor" in page
+    assert page.count("data:image/png;base64,") == 6       # plot, Caffe, torch, its difference, Caffe again, its
     # --no-floor, and synchronised runs (one step from Caffe's image each: no free-running floor)
     for extra in (["--no-floor"], ["--sync"]):
         folder = tmp_path / extra[0].strip("-")
