@@ -368,13 +368,13 @@ def render_html(report: dict, plot: bytes | None = None, images: list[tuple[str,
         parts.append("<h2>Caffe's own noise floor</h2><p class=\"small\">The Caffe side run a second time with "
                      f"OpenBLAS forced to another kernel path ({_esc(k['other']['core'])}, "
                      f"{_esc(k['other']['threads'])} thread(s); the first run: {_esc(k['reference']['core'])}, "
-                     f"{_esc(k['reference']['threads'])}). Final images; grey levels 0-255. "
+                     f"{_esc(k['reference']['threads'])} thread(s)). Final images; grey levels 0-255. "
                      f"{_esc(report['floor_rule'])}</p>")
         pairs = [(f"Caffe vs Caffe (other BLAS kernel: {k['other']['core']})", floor["caffe_vs_caffe"]),
                  ("port (faithful) vs Caffe", floor["port_vs_caffe"])]
         parts.append(_table(["pair", "SSIM", "SSIM tile s.e.", "max |diff|", "mean |diff|", "mean tile s.e.",
                              "relative L2"],
-                            [[label, _d(d, "ssim"), _d(d, "ssim_se"), _d(d, "max_abs"), _d(d, "mean_abs"),
+                            [[label, None if d is None else f"{d['ssim']:.6f}", _d(d, "ssim_se"), _d(d, "max_abs"), _d(d, "mean_abs"),
                               _d(d, "mean_abs_se"), _d(d, "rel_l2")] for label, d in pairs]))
         parts.append(f"<p class=\"small\">The two Caffe runs are {'bitwise equal' if floor['bitwise_equal'] else 'not bitwise equal'}; "
                      f"their objectives first differ at iteration {_esc(_g(floor['objective']['first_differs']))} "
