@@ -124,7 +124,7 @@ def verdict(comparison: Comparison) -> str:
         k = floor["kernels"]
         parts.append(f"Caffe's own noise floor (the Caffe side again with OpenBLAS's {k['other']['core']} kernels "
                      f"and {k['other']['threads']} thread(s) instead of {k['reference']['core']} and "
-                     f"{k['reference']['threads']}): " + floor["verdict"]["sentence"])
+                     f"{k['reference']['threads']} thread(s)): " + floor["verdict"]["sentence"])
     diagnosis = comparison.diagnosis
     if diagnosis and diagnosis.get("verdict"):
         notes = "; ".join(diagnosis.get("decision_notes") or []) or "none counted"
