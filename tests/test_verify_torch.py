@@ -160,6 +160,21 @@ def test_explicit_map_passes_and_is_used(small, port, tmp_path):
     assert judged == {"input", "conv1", "norm1"}  # a layer is judged where its input and output both have one
 
 
+@pytest.mark.parametrize("bug, status", [("", 0), ("lrn_alpha", 1)])
+def test_output_only_map_is_judged_by_tolerance(small, port, tmp_path, bug, status):
+    # prob's input (fc8) has no counterpart: no local check covers prob, so its tolerance does
+    port(bug)
+    (tmp_path / "map.json").write_text(json.dumps({"prob": "12"}))
+    got, report = _verify(small, tmp_path / "r", "caffenet", "--map", str(tmp_path / "map.json"))
+    assert got == status, report["summary"]
+    prob = next(r for r in report["rows"] if r["key"] == "top/prob/0/data")
+    assert prob["passed"] == (status == 0)
+    if status:
+        assert report["summary"].startswith("FAIL by per-blob tolerance (no local check covers it): "
+                                            "top/prob/0/data:"), report["summary"]
+        assert any(p.startswith("top/prob/0/data:") for p in report["problems"])
+
+
 def test_live_caffe_passes(small, port, tmp_path):
     status, report = _verify(small, tmp_path / "r", live=True)
     assert status == 0, report["summary"]

@@ -83,7 +83,9 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     candidates (name -> arrays) reported apart; ``inputs`` the arrays both were fed (judges
     the Input layers); ``pinned`` the candidate run at the reference's forward point.
     ``foreign``: the candidate is not the port (someone else's module,
-    porting.verify.foreign), so where it alone departs it computes another function.
+    porting.verify.foreign), so where it alone departs it computes another function, and
+    an array no local check covers (its layer's input has no counterpart) is judged by
+    its per-blob tolerance.
     """
     tolerances = tolerances or Tolerances()
     net64 = graph_or_net64 if hasattr(graph_or_net64, "graph") else None
@@ -109,7 +111,9 @@ def verify_arrays(graph_or_net64, reference: Mapping, candidate: Mapping, tolera
     missing_in_reference = sorted(k for k in candidate if k not in reference)
     not_in_candidate = sorted(k for k in reference if k not in candidate)
     main_checks = [c for c in checks if c.framework in names]
-    problems = _problems(rows, main_checks, departure, missing_in_reference, strict or net64 is None)
+    problems = _problems(rows, main_checks, departure, missing_in_reference, strict or net64 is None,
+                         _unchecked(rows, [c for c in checks if c.framework == names[1]], values) if foreign
+                         else set())
     passed = bool(rows) and not problems
     verdict = explain(rows, main_checks, departure, names, passed, list(names), flips, strict)
     if problems and departure is None:
@@ -142,8 +146,10 @@ def _row_order(row: Row) -> tuple[int, int]:
 
 
 def _problems(rows: list[Row], checks: list[LocalCheck], departure: Departure | None,
-              missing_in_reference: list[str], by_tolerance: bool) -> list[str]:
-    """Why the verdict fails (empty: it passes)."""
+              missing_in_reference: list[str], by_tolerance: bool, unchecked: set[str] = frozenset()
+              ) -> list[str]:
+    """Why the verdict fails (empty: it passes). ``unchecked``: keys of rows judged by their
+    per-blob tolerance because no local check covers them (see ``_unchecked``)."""
     problems = [f"{r.key}: {r.problem}" for r in rows if r.problem]
     missing = [k for k in missing_in_reference if k.endswith("/data")]
     if missing:
@@ -156,9 +162,25 @@ def _problems(rows: list[Row], checks: list[LocalCheck], departure: Departure | 
     for row in rows:
         if row.problem or row.passed:
             continue
-        if by_tolerance or row.key in unjudged or _unjudged_layer(row, checks):
+        if by_tolerance or row.key in unjudged or row.key in unchecked or _unjudged_layer(row, checks):
             problems.append(f"{row.key}: {row.metrics.max_rel:.3g} beyond its tolerance {row.tolerance:g}")
     return problems
+
+
+def _unchecked(rows: list[Row], candidate_checks: list[LocalCheck], values: NetValues) -> set[str]:
+    """Keys of rows no local check of the candidate covers: a forward row whose layer has no
+    forward check, a backward row whose value's gradient has none (a foreign module's layer
+    whose input has no counterpart). They are judged by their per-blob tolerance."""
+    forward = {c.layer for c in candidate_checks if c.direction == "forward"}
+    backward = {c.key for c in candidate_checks if c.direction == "backward"}
+    out = set()
+    for row in rows:
+        value = values.value_of_key(row.key)
+        if row.kind == "data" and row.layer not in forward:
+            out.add(row.key)
+        elif row.kind == "diff" and value is not None and value.key("diff") not in backward:
+            out.add(row.key)
+    return out
 
 
 def _unjudged_layer(row: Row, checks: list[LocalCheck]) -> bool:
@@ -213,7 +235,8 @@ def summarise(passed: bool, problems: list[str], departure: Departure | None, ro
             cause = "both frameworks differ from the port's float64 reading there"
         return f"FAIL at {where}: {cause}."
     first = problems[0] if problems else "nothing was compared"
-    rule = "strict per-blob tolerance" if strict else "per-blob tolerance (no rounding rule for this layer)"
+    rule = "strict per-blob tolerance" if strict else "per-blob tolerance (no local check covers it)" if foreign \
+        else "per-blob tolerance (no rounding rule for this layer)"
     return f"FAIL by {rule}: {first}."
 
 
