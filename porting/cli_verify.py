@@ -271,6 +271,8 @@ def _summary(report: dict, report_dir) -> str:
         missing = torch_map["no_counterpart"]
         lines.append(f"mapping: {len(torch_map['map'])} Caffe outputs to module outputs "
                      f"(mapping.json); no counterpart: {', '.join(missing) if missing else 'none'}")
+        if str(torch_map.get("gradients", "")).startswith("not compared"):
+            lines.append(f"gradients {torch_map['gradients']}")
     lines.append(f"report: {Path(report_dir) / 'report.html'}")
     return "\n".join(lines)
 

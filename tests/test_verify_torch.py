@@ -169,6 +169,7 @@ def test_output_only_map_is_judged_by_tolerance(small, port, tmp_path, bug, stat
     assert got == status, report["summary"]
     prob = next(r for r in report["rows"] if r["key"] == "top/prob/0/data")
     assert prob["passed"] == (status == 0)
+    assert report["net"]["torch"]["gradients"] == "not compared: the objective blob fc8 has no counterpart"
     if status:
         assert report["summary"].startswith("FAIL by per-blob tolerance (no local check covers it): "
                                             "top/prob/0/data:"), report["summary"]
