@@ -2,7 +2,8 @@
 
 Inside the legacy root, Python 2.7 with numpy 1.11 imports our modules, evaluates the
 original schedule formulas with Python 2's own ``/``, draws crops from numpy 1.11 and
-runs our TV next to scikit-image 0.13.1; the results must equal ours under Python 3.
+runs our NumPy TV reference (the torch version needs torch, which the 2016 stack lacks) next
+to scikit-image 0.13.1; the results must equal ours under Python 3.
 """
 import json
 import shutil
@@ -34,7 +35,7 @@ rng = np.random.RandomState(11)
 crops.noise_start(rng, 227, 227)
 out["crops"] = [crops.crop_offsets(rng, 272, 272, 227, 227, 0.3) for _ in range(30)]
 image = np.random.RandomState(0).uniform(0, 255, (30, 40, 3))
-out["tv_gap"] = float(np.abs(tv.denoise_tv_bregman_0131(image, 0.3) - denoise_tv_bregman(image, 0.3, max_iter=100, eps=1e-3)).max())
+out["tv_gap"] = float(np.abs(tv.denoise_tv_bregman_0131_numpy(image, 0.3) - denoise_tv_bregman(image, 0.3, max_iter=100, eps=1e-3)).max())
 out["zoom_shape"] = list(zoom.zoom_octave(np.zeros((3, 227, 227), np.float32), 1.2).shape)
 print(json.dumps(out))
 """
