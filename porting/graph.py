@@ -150,6 +150,7 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
         if missing:
             raise PortingError(f"bottom blob(s) {_names(missing, ', ')} not produced by any earlier layer",
                                source, _place(spec))
+        _check_tops_new_or_in_place(spec, graph.blob_shapes, source)
         try:
             spec.module = LAYERS[spec.type](spec, [graph.blob_shapes[b] for b in spec.bottoms])
         except PortingError:
@@ -186,6 +187,17 @@ def build_graph(net: caffe_pb2.NetParameter, phase: str = "test",
         # The module keeps copies: nothing refers to the caffemodel's memory map after loading.
         spec.module.init_blobs(None if blobs is None else [b.data for b in blobs])
     return graph
+
+
+def _check_tops_new_or_in_place(spec: LayerSpec, existing, source) -> None:
+    """Caffe's Net::AppendTop: a top is a new blob name, or in place (the bottom at its
+    index has its name); writing an existing blob otherwise aborts Caffe ("Top blob ...
+    produced by multiple sources"), a name twice among one layer's tops included."""
+    for i, top in enumerate(spec.tops):
+        in_place = i < len(spec.bottoms) and spec.bottoms[i] == top
+        if not in_place and (top in existing or top in spec.tops[:i]):
+            raise PortingError(f"top blob {shown(top)} produced by multiple sources (Caffe refuses a top that "
+                               "already exists unless the layer computes it in place)", source, _place(spec))
 
 
 def _check_blobs(spec: LayerSpec, source) -> None:

@@ -362,3 +362,21 @@ np.save({str(tmp_path / 'out.npy')!r}, top.detach().numpy()); np.save({str(tmp_p
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), theirs["blob/deconv/data"])
     np.testing.assert_array_equal(np.load(tmp_path / "dx.npy"), theirs["blob/data/diff"])
     assert theirs["blob/conv/data"].shape == (2, 3, 1, 1) and theirs["blob/deconv/data"].shape == (2, 2, 3, 3)
+
+
+@pytest.mark.parametrize("second", [
+    'layer { name: "again" type: "DummyData" top: "dummy" dummy_data_param { shape { dim: 2 dim: 3 } } }',
+    'layer { name: "again" type: "ReLU" bottom: "data" top: "dummy" }',
+    'layer { name: "twice" type: "Split" bottom: "data" top: "s" top: "s" }',
+])
+def test_top_produced_by_multiple_sources_is_refused(tmp_path, second):
+    """Caffe's Net::AppendTop aborts on a top that already exists and is not in place (found by
+    the 100,000-input fuzz campaign at seed 10, input 23,693: an Input top written again by a
+    DummyData, whose two inputs then shared one fed array); the port refuses it in one line."""
+    proto = tmp_path / "twice.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" top: "dummy" '
+                     'input_param { shape { dim: 2 dim: 3 } } }\n' + second + "\n")
+    out = subprocess.run([sys.executable, "-m", "porting", "inspect", proto], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "produced by multiple sources" in out.stderr
