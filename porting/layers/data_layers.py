@@ -39,19 +39,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from porting import caffe_pb2
 from porting.errors import PortingError, shown
 from porting.layers import MAX_BLOB_AXES, CaffeLayer, caffe_int, register
+from porting.layers.input_layer import FedLayer
 
 INPUT_SHAPE_OPTION = "--input-shape"
 
 
-class _DataLayer(CaffeLayer):
-    """A layer whose tops the caller feeds; subclasses give ``infer()``."""
+class _DataLayer(FedLayer):
+    """A data layer (its tops fed by the caller); subclasses give ``infer()``."""
 
-    is_input = True
     verified_by = ("tests/test_data_layers.py",)
     top_range: tuple[int, int] = (1, 1)  # (min, max) number of tops; max -1: any
 
@@ -83,15 +81,6 @@ class _DataLayer(CaffeLayer):
             raise ValueError("transform_param gives both mean_file and mean_value (Caffe's DataTransformer "
                              "refuses them together)")
         return tp
-
-    def forward(self, *tops):
-        return tuple(tops)
-
-    def forward_bound(self, bottoms, exact_tops, abs_module=None):
-        return [torch.zeros_like(y) for y in exact_tops]  # the caller's arrays, as given
-
-    def backward_bound(self, bottoms, tops, exact_tops, top_diffs, abs_module=None):
-        return []  # no bottoms
 
     def describe(self) -> str:
         return " ".join("x".join("?" if d is None else str(d) for d in s) for s in self.top_shapes)
