@@ -80,7 +80,7 @@ class StepResult:
     objective: float              # the objective unit's value before the step
     best_unit: int                # the layer's largest unit (at xy for conv layers)
     best_value: float
-    mean_abs_gradient: float      # float32 mean of |gradient|, the step's normaliser
+    mean_abs_gradient: float      # float32 mean of |gradient| per grey level (apply_step), the step's normaliser
 
 
 def objective_of(output: torch.Tensor, unit: int, xy: int = 0) -> torch.Tensor:
@@ -181,8 +181,17 @@ def mean_numpy_1_11(values: np.ndarray) -> np.float32:
 
 
 def apply_step(x: np.ndarray, g: np.ndarray, step_size, lo: np.ndarray, hi: np.ndarray,
-               mode: str = "faithful") -> tuple[np.ndarray, np.float32]:
+               mode: str = "faithful", scale: np.ndarray | None = None) -> tuple[np.ndarray, np.float32]:
     """``clip(x + step / mean(|g|) * g, lo, hi)`` on float32 arrays; returns it and mean(|g|).
+
+    Units: ``step_size`` is in grey levels of RGB 0-255 pixels (the 2016 code's net input
+    was 0-255 minus a mean, so its step was the mean |change| per pixel in grey levels).
+    ``scale`` is the net's ``Preprocessing.pixel_scale()``: k = value_range / 255 / std per
+    channel (3 x 1 x 1), net units per grey level; None means k = 1 (CaffeNet) and the
+    expression above, bit for bit. With pixels p and net input x = k (p - p0), the
+    gradient per grey level is g_p = k g, the 2016 step in pixels is
+    dp = step / mean(|g_p|) * g_p, and in net units dx = k dp, so the step taken is
+    ``clip(x + step / mean(|k g|) * (k k g), lo, hi)``; the mean returned is mean(|k g|).
 
     mode "faithful" takes the mean as numpy 1.11 did (``mean_numpy_1_11``) and forms the
     factor as numpy 1.11 did (the Python number divided by the float32 mean in float64,
@@ -192,13 +201,17 @@ def apply_step(x: np.ndarray, g: np.ndarray, step_size, lo: np.ndarray, hi: np.n
     """
     if mode not in ("faithful", "modern"):
         raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
+    direction = g
+    if scale is not None:
+        g = g * scale             # per grey level
+        direction = g * scale     # back in net units
     mean_abs = mean_numpy_1_11(np.abs(g)) if mode == "faithful" else np.abs(g).mean()
     if mean_abs == 0:
         stepped = x.copy()
     elif mode == "faithful":
-        stepped = x + np.float32(np.float64(step_size) / np.float64(mean_abs)) * g
+        stepped = x + np.float32(np.float64(step_size) / np.float64(mean_abs)) * direction
     elif mode == "modern":
-        stepped = x + step_size / mean_abs * g
+        stepped = x + step_size / mean_abs * direction
     else:
         raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
     return np.clip(stepped, lo, hi).astype(np.float32, copy=False), mean_abs
@@ -222,5 +235,5 @@ def gradient_step(net: FacetNet, x: np.ndarray, layer: str, unit: int, step_size
     if margin != 0:
         g = g * central_mask(g.shape, margin)
     lo, hi = net.preprocessing.bounds()
-    stepped, mean_abs = apply_step(x, g, step_size, lo, hi, mode)
+    stepped, mean_abs = apply_step(x, g, step_size, lo, hi, mode, net.preprocessing.pixel_scale())
     return StepResult(stepped, g, float(objective.detach().cpu()), best_unit, float(acts[best_unit]), float(mean_abs))
