@@ -143,8 +143,8 @@ def run_facet(net: FacetNet, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES
                 x = image[window].copy()
                 step = schedule.step_size(octave, i, arithmetic)
                 weight = schedule.denoise_weight(octave, i, arithmetic)
-                done = gradient_step(net, x, objective_layer, unit, step, margin=octave.margin, xy=xy,
-                                     mode=step_mode)
+                done = gradient_step(net, x, objective_layer, unit, step, xy=xy, mode=step_mode,
+                                     margin=schedule.margin_for(octave, (height, width)))
                 rgb = prep.from_net(done.x).astype(np.float64)
                 denoised = prep.to_net(denoise(rgb, weight))
                 image[window] = denoised

@@ -12,6 +12,15 @@ octave 0 has integer steps 1 -> 2 and 190 iterations, so under Python 2 its step
 number's type exactly as the original wrote it; ``py2_div`` and ``py3_div`` say which
 arithmetic is meant.
 
+Net input size: the tables are CaffeNet's (a 227 x 227 input). Of their numbers only
+``margin`` is in pixels; the rest are ratios or per-pixel values that mean the same for
+any input size: ``window`` is a fraction of the room a crop has to move, ``scale`` a
+zoom factor of the whole image, step sizes grey levels per pixel, denoising weights
+per pixel. ``margin_for`` scales the margin so the gradient's central square keeps its
+share of the input's side: margin * side / 227, rounded to the nearest pixel (half up),
+side the input's shorter side (the 2016 code assumed a square input). At 227 it is the
+table's number exactly; at 224 (GoogLeNet, torchvision nets) the 50 becomes 49.
+
 Importable by Python 2.7 (no annotations, no f-strings): the Caffe side uses it too.
 """
 from __future__ import division
@@ -47,6 +56,7 @@ CENTER_BIAS_OCTAVES = (
 )
 
 VARIANTS = {"mean": MEAN_OCTAVES, "center-bias": CENTER_BIAS_OCTAVES}
+REFERENCE_SIZE = 227   # the input side (pixels) the tables' margins were written for
 ARITHMETIC = ("py2", "py3")
 
 
@@ -93,3 +103,11 @@ def octaves_for(variant):
         return VARIANTS[variant]
     except KeyError:
         raise ValueError("variant must be one of %s, not %r" % (sorted(VARIANTS), variant))
+
+
+def margin_for(octave, input_size):
+    """The octave's margin in pixels for a net whose input is ``input_size`` (rows, cols):
+    ``round(margin * min(rows, cols) / 227)``, halves up, in integer arithmetic (see the
+    module's docstring); the table's own number for a 227-pixel input."""
+    side = min(int(n) for n in input_size)
+    return (2 * int(octave.margin) * side + REFERENCE_SIZE) // (2 * REFERENCE_SIZE)
