@@ -308,7 +308,7 @@ def _verify_command(args) -> int:
 
 def _foreign_from_args(args):
     """The --torch module and its options (a porting.verify.foreign.Foreign), or None."""
-    from porting.verify.foreign import Foreign, InputConvention, load_module, parse_triple, read_map
+    from porting.verify.foreign import Foreign, convention_from_options, load_module, read_map
 
     if args.torch is None:
         given = [o for o, v in (("--map", args.map), ("--torch-input", args.torch_input),
@@ -317,13 +317,7 @@ def _foreign_from_args(args):
         if given:
             raise PortingError(f"{given[0]} is taken only with --torch")
         return None
-    kind = args.torch_input or "bgr255"
-    if kind == "bgr255" and any(v is not None for v in (args.torch_mean, args.torch_std, args.caffe_mean)):
-        raise PortingError("--torch-mean, --torch-std and --caffe-mean are taken only with --torch-input rgb01")
-    convention = InputConvention(kind) if kind == "bgr255" else InputConvention(
-        kind, parse_triple(args.torch_mean or "0,0,0", "--torch-mean"),
-        parse_triple(args.torch_std or "1,1,1", "--torch-std", positive=True),
-        parse_triple(args.caffe_mean, "--caffe-mean") if args.caffe_mean else IMAGENET_MEAN_BGR)
+    convention = convention_from_options(args.torch_input, args.torch_mean, args.torch_std, args.caffe_mean)
     map_data = read_map(args.map) if args.map is not None else None
     return Foreign(args.torch, convention, map_data, args.map, module=load_module(args.torch))  # before Caffe runs
 

@@ -99,6 +99,25 @@ def parse_triple(text: str, option: str, positive: bool = False) -> tuple[float,
     return values
 
 
+def convention_from_options(kind=None, mean=None, std=None, caffe_mean=None) -> InputConvention:
+    """The InputConvention of ``--torch-input`` (``kind``: "bgr255", the default, or "rgb01"),
+    ``--torch-mean``, ``--torch-std`` (RGB, [0, 1] units) and ``--caffe-mean`` (BGR, 0-255):
+    each triple "a,b,c" or three numbers, None for the default. PortingError naming the option."""
+    kind = kind or "bgr255"
+    if kind not in ("bgr255", "rgb01"):
+        raise PortingError(f"expected bgr255 or rgb01, got {shown(kind)}", place="--torch-input")
+    given = {o: v if v is None or isinstance(v, str) else ",".join(map(str, v)) for o, v in (
+        ("--torch-mean", mean), ("--torch-std", std), ("--caffe-mean", caffe_mean))}
+    if kind == "bgr255":
+        if any(v is not None for v in given.values()):
+            raise PortingError("--torch-mean, --torch-std and --caffe-mean are taken only with --torch-input rgb01")
+        return InputConvention(kind)
+    return InputConvention(kind, parse_triple(given["--torch-mean"] or "0,0,0", "--torch-mean"),
+                           parse_triple(given["--torch-std"] or "1,1,1", "--torch-std", positive=True),
+                           parse_triple(given["--caffe-mean"], "--caffe-mean") if given["--caffe-mean"]
+                           else IMAGENET_MEAN_BGR)
+
+
 # --------------------------------------------------------------------------------------
 # Loading the user's module
 # --------------------------------------------------------------------------------------
