@@ -24,18 +24,50 @@ def _mean_triple(text: str) -> tuple[float, float, float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _load_net(args):
+    """The net of --prototxt/--caffemodel (a port) or --model/--preprocessing (a torch
+    module), after setting torch's threads (``mfv.device.configure``, --threads)."""
     from porting.net import load_caffe
 
+    from mfv.device import configure
+    from mfv.model import load_model, parse_preprocessing
     from mfv.step import FacetNet
 
-    if args.caffemodel is None:
-        print("mfv: no --caffemodel: the net's weights are all zero", file=sys.stderr)
-    net = FacetNet.from_caffe(load_caffe(args.prototxt, args.caffemodel), mean=args.mean)
+    if (args.prototxt is None) == (args.model is None):
+        raise PortingError("give the net as --prototxt (a Caffe model) or --model (a torch module), one of them")
+    if args.model is not None:
+        if getattr(args, "command", None) == "compare":
+            raise PortingError("mfv compare runs the net on Caffe too and needs --prototxt", place="--model")
+        if args.caffemodel is not None:
+            raise PortingError("--caffemodel goes with --prototxt; a --model's factory loads its own weights")
+        if args.preprocessing is None:
+            raise PortingError("--model needs --preprocessing (a preset: torchvision, caffenet; "
+                               "KIND:MEAN:STD:SIZE; or a .json file)")
+    elif args.preprocessing is not None:
+        raise PortingError("--preprocessing goes with --model; a Caffe net's input is its prototxt's and --mean's")
+    preprocessing = parse_preprocessing(args.preprocessing) if args.model is not None else None
+    threads = configure(args.threads, str(getattr(args, "device", None) or "cpu"))
+    if args.model is not None:
+        net, source = load_model(args.model, preprocessing), args.model
+    else:
+        if args.caffemodel is None:
+            print("mfv: no --caffemodel: the net's weights are all zero", file=sys.stderr)
+        net, source = FacetNet.from_caffe(load_caffe(args.prototxt, args.caffemodel), mean=args.mean), args.prototxt
     names = net.layer_names()
     for layer in [args.layer] + getattr(args, "octave_layers", []):
         if layer not in names:
-            raise PortingError(f"no layer named {layer!r} (layers: {', '.join(names)})", args.prototxt)
+            raise PortingError(f"no layer named {layer!r} (layers: {', '.join(names)})", source)
+    print(threads, file=sys.stderr)
     return net
 
 
@@ -147,8 +179,14 @@ def _compare(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser, layer: str) -> None:
-    p.add_argument("--prototxt", required=True, help="deploy prototxt (any Caffe 1.0 format)")
+    p.add_argument("--prototxt", help="deploy prototxt (any Caffe 1.0 format); or --model")
     p.add_argument("--caffemodel", help="trained weights (without: all-zero weights)")
+    p.add_argument("--model", metavar="SPEC", help="a torch module instead of --prototxt: package.module:FACTORY or "
+                                                   "FILE.py:FACTORY (runs that code); layers are submodule names")
+    p.add_argument("--preprocessing", metavar="P", help="with --model: its input, a preset (torchvision, caffenet), "
+                                                        "KIND:MEAN:STD:SIZE (rgb01:0.485,0.456,0.406:0.229,0.224,0.225:224) "
+                                                        "or a .json file")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the cores available, at most 16)")
     p.add_argument("--layer", default=layer, help=f"layer to read (default {layer})")
     p.add_argument("--mean", type=_mean_triple, default=(104.0, 117.0, 123.0),
                    help="B,G,R mean subtracted from 0-255 pixels (default 104,117,123)")
