@@ -17,7 +17,7 @@ SIZE = 16
 OCTAVES = (
     Octave(None, 0, 0.3, None, 3, 0.4, 0.4, 1, 2),       # integer steps: Python 2 keeps 1
     Octave("1", 0, 0.3, 1.25, 4, 0.01, 2, 1., 1.),        # objective: the ReLU's output
-    Octave(None, 4, 0.2, 1.0, 2, 0.1, 2, 2., 2.),
+    Octave(None, 50, 0.2, 1.0, 2, 0.1, 2, 2., 2.),        # margin 50 of 227 is 4 of 16 (schedule.margin_for)
 )
 
 
