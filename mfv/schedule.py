@@ -19,7 +19,8 @@ zoom factor of the whole image, step sizes grey levels per pixel, denoising weig
 per pixel. ``margin_for`` scales the margin so the gradient's central square keeps its
 share of the input's side: margin * side / 227, rounded to the nearest pixel (half up),
 side the input's shorter side (the 2016 code assumed a square input). At 227 it is the
-table's number exactly; at 224 (GoogLeNet, torchvision nets) the 50 becomes 49.
+table's number exactly; at 224 (GoogLeNet, torchvision nets) the 50 becomes 49. The loop applies it to
+every table, so a hand-written table's margins are pixels of a 227-pixel input too.
 
 Importable by Python 2.7 (no annotations, no f-strings): the Caffe side uses it too.
 """
