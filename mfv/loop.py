@@ -11,6 +11,10 @@ trace: one ``IterationRecord`` per iteration, and every ``snapshot_every`` itera
 (plus the first and the last) a ``Snapshot`` of the crop's input, gradient, the crop
 after the step and after denoising, so a run can be compared step by step.
 
+The pieces of an iteration (``FacetRun``: the start, the crop draw, the write-back and
+the record; ``octave_plan``; ``keeps_snapshot``) are shared with ``mfv.batch``, which runs
+many facets in one batch with the same arithmetic per facet.
+
 For comparisons (``mfv.compare``): ``swap`` replaces single parts of the loop (schedule
 arithmetic, the step's casting, the denoiser, the zoom, the random stream) to isolate one
 source of drift; ``start_from`` lets another run's image replace this run's before each
@@ -81,6 +85,92 @@ class FacetResult:
         return truncating_uint8(self.image)
 
 
+def octave_plan(octaves, iterations: int | None = None) -> tuple[int, list[tuple[int, object, int, int]]]:
+    """(iterations in all, [(octave index, octave, its first iteration, iterations run in it)]).
+
+    iterations: stop after this many in all (None: the whole schedule). An octave is
+    entered (and zoomed) when iterations are left at its start, even with ``iter_n`` 0."""
+    total = sum(o.iter_n for o in octaves)
+    if iterations is not None:
+        total = min(total, max(int(iterations), 0))
+    plan, first = [], 0
+    for index, octave in enumerate(octaves):
+        if first == total:
+            break
+        count = min(octave.iter_n, total - first)
+        plan.append((index, octave, first, count))
+        first += count
+    return total, plan
+
+
+def keeps_snapshot(iteration: int, total: int, every: int) -> bool:
+    """Whether ``FacetResult.snapshots`` keeps an iteration: every ``every``-th and the last (0: none)."""
+    return bool(every) and (iteration % every == 0 or iteration == total - 1)
+
+
+@dataclass
+class FacetRun:
+    """One facet between iterations: its random stream, its whole image (net layout,
+    float32, 3 x H x W) and its result so far. ``run_facet`` drives one, ``mfv.batch``
+    many; the pieces an iteration is made of live here so both run them alike."""
+    unit: int
+    rng: object
+    image: np.ndarray
+    result: FacetResult
+    crop: tuple = (0, 0)          # this iteration's (row, column) offset
+
+    @classmethod
+    def begin(cls, net: FacetNet, unit: int, seed: int, start=None, rng=np.random.RandomState) -> "FacetRun":
+        """The 2016 start: ``rng(seed)``, the noise image drawn from it (always, so the crop
+        draws that follow are the same), the start image (or the noise) in net layout."""
+        prep = net.preprocessing
+        height, width = prep.input_size
+        stream = rng(seed)
+        noise = crops.noise_start(stream, height, width)
+        start_rgb = noise if start is None else np.asarray(start, dtype=np.float32)
+        if start_rgb.ndim != 3 or start_rgb.shape[2] != 3 or start_rgb.shape[0] < height or start_rgb.shape[1] < width:
+            raise ValueError(f"start image must be H x W x 3 with H >= {height} and W >= {width}, "
+                             f"got {start_rgb.shape}")
+        return cls(unit, stream, prep.to_net(start_rgb), FacetResult(image=np.empty(0), start=start_rgb))
+
+    def replace_image(self, given, iteration: int) -> None:
+        """``start_from``'s answer (None: keep the image)."""
+        if given is None:
+            return
+        if given.shape != self.image.shape:
+            raise ValueError(f"start_from gave an image of shape {given.shape} for iteration "
+                             f"{iteration}, whose image has shape {self.image.shape}")
+        self.image = np.array(given, dtype=np.float32)
+
+    def draw_crop(self, input_size, window: float) -> np.ndarray:
+        """This iteration's crop offset from the facet's stream; returns a copy of the crop."""
+        height, width = input_size
+        rows, cols = self.image.shape[1:]
+        self.crop = crops.crop_offsets(self.rng, rows, cols, height, width, window)
+        oy, ox = self.crop
+        return self.image[:, oy:oy + height, ox:ox + width].copy()
+
+    def finish(self, iteration: int, octave_index: int, i: int, layer: str, step, weight, x: np.ndarray,
+               done, denoised: np.ndarray, keep: bool) -> tuple[IterationRecord, Snapshot]:
+        """Write the denoised crop back into the image; record the iteration (and keep its snapshot)."""
+        oy, ox = self.crop
+        height, width = denoised.shape[1:]
+        self.image[:, oy:oy + height, ox:ox + width] = denoised
+        record = IterationRecord(
+            iteration, octave_index, i, layer, tuple(self.image.shape[1:]), self.crop, float(step), float(weight),
+            done.objective, done.best_unit, done.best_value, done.mean_abs_gradient)
+        self.result.records.append(record)
+        snapshot = Snapshot(iteration, x, done.gradient, done.x, denoised)
+        if keep:
+            self.result.snapshots.append(snapshot)
+        return record, snapshot
+
+    def close(self, net: FacetNet) -> FacetResult:
+        """The result, its final image de-processed to RGB."""
+        self.result.image = net.preprocessing.from_net(self.image)
+        return self.result
+
+
 def run_facet(net: FacetNet, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES, start=None,
               layer: str = "fc8", xy: int = 0, mode: str = "faithful", snapshot_every: int = 10,
               progress: bool = True, iterations: int | None = None, swap: Swap | None = None,
@@ -106,64 +196,34 @@ def run_facet(net: FacetNet, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES
     denoise = swap.denoise or (lambda rgb, weight: tv.denoise(rgb, weight, mode=mode))
     zoom = swap.zoom or zoom_octave
     prep = net.preprocessing
-    height, width = prep.input_size
-    rng = (swap.rng or np.random.RandomState)(seed)
-    noise = crops.noise_start(rng, height, width)
-    start_rgb = noise if start is None else np.asarray(start, dtype=np.float32)
-    if start_rgb.ndim != 3 or start_rgb.shape[2] != 3 or start_rgb.shape[0] < height or start_rgb.shape[1] < width:
-        raise ValueError(f"start image must be H x W x 3 with H >= {height} and W >= {width}, "
-                         f"got {start_rgb.shape}")
-    image = prep.to_net(start_rgb)
-    result = FacetResult(image=np.empty(0), start=start_rgb)
-    total = sum(o.iter_n for o in octaves)
-    if iterations is not None:
-        total = min(total, max(int(iterations), 0))
+    facet = FacetRun.begin(net, unit, seed, start, swap.rng or np.random.RandomState)
+    total, plan = octave_plan(octaves, iterations)
     bar = tqdm(total=total, disable=not progress, unit="it", desc=f"unit {unit}")
-    iteration = 0
     try:
-        for index, octave in enumerate(octaves):
-            if iteration == total:
-                break
+        for index, octave, first, count in plan:
             if octave.scale is not None:
-                image = zoom(image, octave.scale)
-            rows, cols = image.shape[1:]
+                facet.image = zoom(facet.image, octave.scale)
             objective_layer = octave.layer or layer
-            for i in range(octave.iter_n):
-                if iteration == total:
-                    break
+            margin = schedule.margin_for(octave, prep.input_size)
+            for i in range(count):
+                iteration = first + i
                 if start_from is not None:
-                    given = start_from(iteration, image)
-                    if given is not None:
-                        if given.shape != image.shape:
-                            raise ValueError(f"start_from gave an image of shape {given.shape} for iteration "
-                                             f"{iteration}, whose image has shape {image.shape}")
-                        image = np.array(given, dtype=np.float32)
-                oy, ox = crops.crop_offsets(rng, rows, cols, height, width, octave.window)
-                window = (slice(None), slice(oy, oy + height), slice(ox, ox + width))
-                x = image[window].copy()
+                    facet.replace_image(start_from(iteration, facet.image), iteration)
+                x = facet.draw_crop(prep.input_size, octave.window)
                 step = schedule.step_size(octave, i, arithmetic)
                 weight = schedule.denoise_weight(octave, i, arithmetic)
-                done = gradient_step(net, x, objective_layer, unit, step, xy=xy, mode=step_mode,
-                                     margin=schedule.margin_for(octave, (height, width)))
+                done = gradient_step(net, x, objective_layer, unit, step, xy=xy, mode=step_mode, margin=margin)
                 rgb = prep.from_net(done.x).astype(np.float64)
                 denoised = prep.to_net(denoise(rgb, weight))
-                image[window] = denoised
-                record = IterationRecord(
-                    iteration, index, i, objective_layer, (rows, cols), (oy, ox), float(step), float(weight),
-                    done.objective, done.best_unit, done.best_value, done.mean_abs_gradient)
-                result.records.append(record)
-                snapshot = Snapshot(iteration, x, done.gradient, done.x, denoised)
-                if snapshot_every and (iteration % snapshot_every == 0 or iteration == total - 1):
-                    result.snapshots.append(snapshot)
+                record, snapshot = facet.finish(iteration, index, i, objective_layer, step, weight, x, done, denoised,
+                                                keeps_snapshot(iteration, total, snapshot_every))
                 if observe is not None:
                     observe(record, snapshot)
                 bar.set_postfix(obj=f"{done.objective:.2f}", best=done.best_unit, refresh=False)
                 bar.update(1)
-                iteration += 1
     finally:
         bar.close()
-    result.image = prep.from_net(image)
-    return result
+    return facet.close(net)
 
 
 def save_facet(result: FacetResult, out_dir, name: str = "facet") -> dict[str, Path]:
