@@ -23,6 +23,15 @@ FLT_MAX = float(np.finfo(np.float32).max)
 # ---------------------------------------------------------------------------------------
 # Convolution / Deconvolution (im2col + GEMM in Caffe: a grouped cross-correlation)
 # ---------------------------------------------------------------------------------------
+def seeded_normal(shape, seed, scale=1.0, zeros=0.0) -> np.ndarray:
+    """A test input: N(0, scale**2) from ``default_rng(seed)``, a fraction ``zeros`` of the
+    entries set to exactly 0 (ReLU kinks, ties), as float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=scale, size=shape)
+    x[rng.random(shape) < zeros] = 0.0
+    return x.astype(np.float32)
+
+
 def conv_out_size(size, kernel, stride, pad, dilation):
     """base_conv_layer.cpp compute_output_shape: (in + 2p - ext) / s + 1, ext = d (k - 1) + 1."""
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1

@@ -22,13 +22,9 @@ from porting.layers import LAYERS, build_layer
 from porting.write import write_caffemodel
 
 
-def _rng(seed):
-    return np.random.default_rng(seed)
-
-
 def wide(shape, seed, low=-6, high=6):
     """Normal values times 10**U(low, high): a large dynamic range, with some exact zeros."""
-    r = _rng(seed)
+    r = np.random.default_rng(seed)
     x = r.normal(size=shape) * 10.0 ** r.uniform(low, high, size=shape)
     x[r.random(shape) < 0.05] = 0
     return x.astype(np.float32)
@@ -36,7 +32,7 @@ def wide(shape, seed, low=-6, high=6):
 
 def near(shape, seed, at=0.0, scale=1.0):
     """Values within a few ulps of ``at`` mixed with normal ones (kinks, ties)."""
-    r = _rng(seed)
+    r = np.random.default_rng(seed)
     x = r.normal(scale=scale, size=shape)
     close = r.random(shape) < 0.3
     x[close] = at + r.normal(size=int(close.sum())) * 1e-6 * max(abs(at), 1)
@@ -44,15 +40,15 @@ def near(shape, seed, at=0.0, scale=1.0):
 
 
 def normal(shape, seed, scale=1.0):
-    return (_rng(seed).normal(scale=scale, size=shape)).astype(np.float32)
+    return (np.random.default_rng(seed).normal(scale=scale, size=shape)).astype(np.float32)
 
 
 def positive(shape, seed, low=1e-3, high=1e3):
-    return np.exp(_rng(seed).uniform(np.log(low), np.log(high), size=shape)).astype(np.float32)
+    return np.exp(np.random.default_rng(seed).uniform(np.log(low), np.log(high), size=shape)).astype(np.float32)
 
 
 def ties(shape, seed, low=-2, high=2):
-    return _rng(seed).integers(low, high + 1, size=shape).astype(np.float32)
+    return np.random.default_rng(seed).integers(low, high + 1, size=shape).astype(np.float32)
 
 
 N4 = (2, 3, 7, 6)

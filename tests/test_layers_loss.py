@@ -31,19 +31,8 @@ from porting.layers import build_layer
 from porting.rounding import LIBM, U, gamma
 
 
-def _rng(seed):
-    return np.random.default_rng(seed)
-
-
-def _normal(shape, seed, scale=1.0, zeros=0.0):
-    rng = _rng(seed)
-    x = rng.normal(scale=scale, size=shape)
-    x[rng.random(shape) < zeros] = 0.0
-    return x.astype(np.float32)
-
-
 def _labels(shape, seed, classes, ignore=None, ignored=0.25):
-    rng = _rng(seed)
+    rng = np.random.default_rng(seed)
     lab = rng.integers(0, classes, size=shape).astype(np.float32)
     if ignore is not None:
         lab[rng.random(shape) < ignored] = ignore
@@ -86,7 +75,7 @@ def _cases():
     def add(id_, text, bottoms, n_tops=1, mode=None):
         c.append(pytest.param(text, bottoms, n_tops, mode, id=id_))
 
-    x, x3 = _normal(N4, 1, scale=3), _normal((6, 4, 5), 2, scale=3)
+    x, x3 = ref.seeded_normal(N4, 1, scale=3), ref.seeded_normal((6, 4, 5), 2, scale=3)
     lab = _labels((4, 3, 2), 3, 5)
     lab_ign = _labels((4, 3, 2), 4, 5, ignore=2)  # 2 is a class too: ignored, not counted
     for mode in ("FULL", "VALID", "BATCH_SIZE", "NONE"):
@@ -100,10 +89,10 @@ def _cases():
     add("softmax-axis-last", '"SoftmaxWithLoss" softmax_param { axis: -1 } loss_param { ignore_label: 0 }',
         [x3, _labels((6, 4), 5, 5, ignore=0)])
     add("softmax-all-ignored", '"SoftmaxWithLoss" loss_param { ignore_label: 1 }', [x3, np.ones((6, 5), np.float32)])
-    add("softmax-underflow", '"SoftmaxWithLoss"', [_normal((3, 4), 6, scale=60), _labels((3,), 7, 4)])
+    add("softmax-underflow", '"SoftmaxWithLoss"', [ref.seeded_normal((3, 4), 6, scale=60), _labels((3,), 7, 4)])
     add("softmax-net", '"SoftmaxWithLoss" loss_weight: 2.5 loss_param { ignore_label: 2 }', [x, lab_ign],
         mode="net")
-    h = _rng(8).uniform(0, 2, size=(5, 5)).astype(np.float32)
+    h = np.random.default_rng(8).uniform(0, 2, size=(5, 5)).astype(np.float32)
     add("infogain", '"InfogainLoss"', [x, lab, h], mode="front")
     add("infogain-ignore-full", '"InfogainLoss" loss_param { ignore_label: 2 normalization: FULL } loss_weight: 0.5',
         [x, lab_ign, h], mode="front")
@@ -111,13 +100,13 @@ def _cases():
         [x3, _labels((6, 4), 9, 5), h], n_tops=2, mode="front")
     add("infogain-batch", '"InfogainLoss" loss_param { normalization: BATCH_SIZE ignore_label: 2 }',
         [x, lab_ign, h], mode="front")
-    add("euclidean", '"EuclideanLoss"', [_normal((4, 3, 2), 10), _normal((4, 6), 11)])
-    add("euclidean-net", '"EuclideanLoss" loss_weight: -1.5', [_normal((4, 3, 2), 12), _normal((4, 6), 13)],
+    add("euclidean", '"EuclideanLoss"', [ref.seeded_normal((4, 3, 2), 10), ref.seeded_normal((4, 6), 11)])
+    add("euclidean-net", '"EuclideanLoss" loss_weight: -1.5', [ref.seeded_normal((4, 3, 2), 12), ref.seeded_normal((4, 6), 13)],
         mode="net")
-    logits = _normal(N4, 14, scale=4, zeros=0.1)  # exact zeros: Caffe's diff there is sigmoid(0) - t
-    target = _rng(15).uniform(0, 1, size=N4).astype(np.float32)
+    logits = ref.seeded_normal(N4, 14, scale=4, zeros=0.1)  # exact zeros: Caffe's diff there is sigmoid(0) - t
+    target = np.random.default_rng(15).uniform(0, 1, size=N4).astype(np.float32)
     hard = np.round(target)
-    hard[_rng(16).random(N4) < 0.2] = -1
+    hard[np.random.default_rng(16).random(N4) < 0.2] = -1
     add("sigmoid-ce", '"SigmoidCrossEntropyLoss"', [logits, target])
     for mode in ("FULL", "VALID", "NONE"):
         add(f"sigmoid-ce-{mode}", f'"SigmoidCrossEntropyLoss" loss_param {{ ignore_label: -1 normalization: {mode} }}',
@@ -125,18 +114,18 @@ def _cases():
     add("sigmoid-ce-normalize", '"SigmoidCrossEntropyLoss" loss_param { ignore_label: -1 normalize: true }',
         [logits, hard])
     add("sigmoid-ce-net", '"SigmoidCrossEntropyLoss" loss_weight: 0.25', [logits, target], mode="net")
-    scores = _normal((6, 5), 17, scale=1.2)
+    scores = ref.seeded_normal((6, 5), 17, scale=1.2)
     add("hinge-l1-net", '"HingeLoss" loss_weight: 0.5', [scores, _labels((6,), 18, 5)], mode="net")
     add("hinge-ignore-label-unread-net", '"HingeLoss" loss_param { ignore_label: 0 }',  # Caffe reads no loss_param
         [scores, _labels((6,), 18, 5)], mode="net")
     add("hinge-l2-net", '"HingeLoss" hinge_loss_param { norm: L2 } loss_weight: 3',
-        [_normal((6, 5, 1, 1), 19), _labels((6, 1), 20, 5)], mode="net")
-    probs = _rng(21).uniform(0, 1, size=(6, 5)).astype(np.float32)
+        [ref.seeded_normal((6, 5, 1, 1), 19), _labels((6, 1), 20, 5)], mode="net")
+    probs = np.random.default_rng(21).uniform(0, 1, size=(6, 5)).astype(np.float32)
     probs[0, :] = 1e-30  # below kLOG_THRESHOLD: clamped in the loss and in the diff
     add("multinomial", '"MultinomialLogisticLoss"', [probs, _labels((6, 1, 1, 1), 22, 5)])
     add("multinomial-net", '"MultinomialLogisticLoss" loss_weight: 2', [probs, _labels((6,), 23, 5)],
         mode="net")
-    a, b = _normal((8, 3), 24, scale=0.5), _normal((8, 3), 25, scale=0.5)
+    a, b = ref.seeded_normal((8, 3), 24, scale=0.5), ref.seeded_normal((8, 3), 25, scale=0.5)
     sim = np.array([1, 0, 0, 1, 0, 0.5, 2, 0], np.float32)  # 0.5 truncates to 0 (dissimilar)
     for legacy in ("false", "true"):
         add(f"contrastive-legacy-{legacy}", f'"ContrastiveLoss" contrastive_loss_param {{ margin: 1.5 '
@@ -146,9 +135,9 @@ def _cases():
     # -0.5 and 0.99 are class 0, 4.9 class 4, -1.7 is ignore_label -1
     fractional = np.array([-0.5, 4.9, 2.5, -1.7, 0.99, 3], np.float32)
     add("softmax-fractional-labels", '"SoftmaxWithLoss" loss_param { ignore_label: -1 }',
-        [_normal((6, 5), 40), fractional])
+        [ref.seeded_normal((6, 5), 40), fractional])
     add("softmax-fractional-labels-net", '"SoftmaxWithLoss" loss_param { ignore_label: -1 normalization: FULL }',
-        [_normal((6, 5), 41), fractional], mode="net")
+        [ref.seeded_normal((6, 5), 41), fractional], mode="net")
     return c
 
 
@@ -163,7 +152,7 @@ def test_loss_layer_matches_caffe(caffe_worker, tmp_path, text, bottoms, n_tops,
     if net_backward:
         caffe = caffe_worker.run_net(prototxt, inputs=inputs, net_backward=True)
     else:  # a diff on every top; Caffe's backward ignores the probabilities top's
-        diffs = {t: (_normal(net.graph.blob_shapes[t], 30 + i) if i else np.float32(-1.75))
+        diffs = {t: (ref.seeded_normal(net.graph.blob_shapes[t], 30 + i) if i else np.float32(-1.75))
                  for i, t in enumerate(tops)}
         caffe = caffe_worker.run_net(prototxt, inputs=inputs, top_diffs=diffs)
 
@@ -195,14 +184,14 @@ def test_loss_layer_matches_caffe(caffe_worker, tmp_path, text, bottoms, n_tops,
 
 def _accuracy_cases():
     c = []
-    ties = _rng(40).integers(-2, 3, size=(8, 6)).astype(np.float32)  # many ties, decided by Caffe's >=
+    ties = np.random.default_rng(40).integers(-2, 3, size=(8, 6)).astype(np.float32)  # many ties, decided by Caffe's >=
     lab = _labels((8,), 41, 6)
     for k in (1, 2, 3, 6):
         c.append(pytest.param(f'accuracy_param {{ top_k: {k} }}', [ties, lab], 2, id=f"ties-top{k}"))
     c.append(pytest.param('accuracy_param { top_k: 2 ignore_label: 3 }', [ties, _labels((8,), 42, 6, ignore=3)], 2,
                           id="ignore"))
     c.append(pytest.param('accuracy_param { axis: 2 top_k: 2 }',
-                          [_rng(43).integers(0, 3, size=(2, 3, 4, 5)).astype(np.float32), _labels((2, 3, 5), 44, 4)],
+                          [np.random.default_rng(43).integers(0, 3, size=(2, 3, 4, 5)).astype(np.float32), _labels((2, 3, 5), 44, 4)],
                           1, id="axis2"))
     c.append(pytest.param('accuracy_param { ignore_label: 0 }', [ties, np.zeros(8, np.float32)], 2, id="all-ignored"))
     return c
@@ -241,7 +230,7 @@ def test_net_loss_with_several_weighted_losses(caffe_worker, tmp_path):
     the three paths through the Power layer and Caffe's split."""
     prototxt = tmp_path / "two.prototxt"
     prototxt.write_text(TWO_LOSSES)
-    x, label, target = _normal((4, 6), 50, scale=2), _labels((4,), 51, 6), _normal((4, 6), 52)
+    x, label, target = ref.seeded_normal((4, 6), 50, scale=2), _labels((4,), 51, 6), ref.seeded_normal((4, 6), 52)
     caffe = caffe_worker.run_net(prototxt, inputs={"x": x, "label": label, "target": target}, net_backward=True)
     net = load_caffe(prototxt)
     xt, tt = torch.tensor(x, requires_grad=True), torch.tensor(target, requires_grad=True)
@@ -332,9 +321,9 @@ def test_softmax_with_loss_second_top_is_refused_as_caffe_refuses_it(caffe_worke
 
     prototxt = tmp_path / "two_tops.prototxt"
     prototxt.write_text(_prototxt('"SoftmaxWithLoss" loss_weight: 1 loss_weight: 0',
-                                  [_normal((2, 3), 60), _labels((2,), 61, 3)], 2))
+                                  [ref.seeded_normal((2, 3), 60), _labels((2,), 61, 3)], 2))
     with pytest.raises(CaffeError, match="loss_weight must be unspecified"):
-        caffe_worker.run_net(prototxt, inputs={"b0": _normal((2, 3), 60), "b1": _labels((2,), 61, 3)})
+        caffe_worker.run_net(prototxt, inputs={"b0": ref.seeded_normal((2, 3), 60), "b1": _labels((2,), 61, 3)})
     with pytest.raises(PortingError, match="second top"):
         load_caffe(prototxt)
 

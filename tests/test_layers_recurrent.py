@@ -49,10 +49,6 @@ X_SHAPE = (T, N, 3, 2)       # flattened from axis 2: D = 6
 STATIC_SHAPE = (N, 2, 3)     # flattened from axis 1: S = 6
 
 
-def _normal(shape, seed, scale=1.0):
-    return (np.random.default_rng(seed).normal(scale=scale, size=shape)).astype(np.float32)
-
-
 def _dims(shape):
     return " ".join(f"dim: {d}" for d in shape)
 
@@ -119,11 +115,11 @@ def _check(name, got, want, family):
 def test_lstm_unit_matches_caffe(caffe_worker, tmp_path):
     """c_t, h_t and the diffs of c_{t-1} and the gate inputs, with cont 0, 1 and 0.5."""
     n, h = 4, 3
-    inputs = {"c_prev": _normal((1, n, h), 1, 2.0), "X": _normal((1, n, 4 * h), 2, 3.0),
+    inputs = {"c_prev": ref.seeded_normal((1, n, h), 1, 2.0), "X": ref.seeded_normal((1, n, 4 * h), 2, 3.0),
               "cont": np.array([[0, 1, 0.5, 1]], np.float32)}
     prototxt = tmp_path / "unit.prototxt"
     prototxt.write_text(_net('type: "LSTMUnit"', {k: v.shape for k, v in inputs.items()}, ["c", "h"]))
-    diffs = {"c": _normal((1, n, h), 3), "h": _normal((1, n, h), 4)}
+    diffs = {"c": ref.seeded_normal((1, n, h), 3), "h": ref.seeded_normal((1, n, h), 4)}
     caffe, out, grads, _, layer = _run_both(caffe_worker, prototxt, None, inputs, diffs)
     for t in ("c", "h"):
         _check(f"top {t}", out[t].detach().numpy(), caffe[f"blob/{t}/data"], "unit")
@@ -171,15 +167,15 @@ def _recurrent_case(kind, static, expose, fractional=False):
         cont[0] = 1  # the exposed h_0 (and c_0) carry into step 1 of stream 0
     if fractional:  # cont scales the state; LSTMUnit's backward takes f (1 - f), f = cont sigmoid
         cont[1, 0], cont[3, 1] = 0.5, 0.25
-    inputs = {"x": _normal(X_SHAPE, 10, 1.5), "cont": cont}
+    inputs = {"x": ref.seeded_normal(X_SHAPE, 10, 1.5), "cont": cont}
     if static:
-        inputs["x_static"] = _normal(STATIC_SHAPE, 11)
+        inputs["x_static"] = ref.seeded_normal(STATIC_SHAPE, 11)
     tops = ["out"]
     if expose:
-        inputs["h_0"] = _normal((1, N, H), 12, 0.8)
+        inputs["h_0"] = ref.seeded_normal((1, N, H), 12, 0.8)
         tops.append("h_T")
         if kind == "LSTM":
-            inputs["c_0"] = _normal((1, N, H), 13, 2.0)
+            inputs["c_0"] = ref.seeded_normal((1, N, H), 13, 2.0)
             tops.append("c_T")
     return inputs, tops
 
@@ -202,7 +198,7 @@ def _check_recurrent(caffe_worker, caffe_weights, tmp_path, kind, static, expose
     prototxt = tmp_path / f"{kind}.prototxt"
     prototxt.write_text(_net(text, {k: v.shape for k, v in inputs.items()}, tops))
     caffemodel = caffe_weights(prototxt, seed=3, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
-    diffs = {t: _normal((T, N, H) if t == "out" else (1, N, H), 20 + i) for i, t in enumerate(tops)}
+    diffs = {t: ref.seeded_normal((T, N, H) if t == "out" else (1, N, H), 20 + i) for i, t in enumerate(tops)}
     caffe, out, grads, params, layer = _run_both(caffe_worker, prototxt, caffemodel, inputs, diffs)
 
     for t in tops:
@@ -252,7 +248,7 @@ def test_exposed_state_diffs_reach_nothing(caffe_worker, caffe_weights, tmp_path
     prototxt = tmp_path / "lstm.prototxt"
     prototxt.write_text(_net(text, {k: v.shape for k, v in inputs.items()}, tops))
     caffemodel = caffe_weights(prototxt, seed=4, filler="gaussian", std=0.5, bias_filler="gaussian", bias_std=0.5)
-    diffs = {"out": np.zeros((T, N, H), np.float32), "h_T": _normal((1, N, H), 30), "c_T": _normal((1, N, H), 31)}
+    diffs = {"out": np.zeros((T, N, H), np.float32), "h_T": ref.seeded_normal((1, N, H), 30), "c_T": ref.seeded_normal((1, N, H), 31)}
     caffe, _, grads, params, _ = _run_both(caffe_worker, prototxt, caffemodel, inputs, diffs)
     for b in inputs:
         assert not caffe[f"blob/{b}/diff"].any() and not grads[b].any(), b

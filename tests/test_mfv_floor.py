@@ -17,6 +17,7 @@ import pytest
 
 from mfv.compare import (FLOOR_SIGMAS, OTHER_CORES, cpu_flags, differs_in_fma, distance,
                          floor_verdict, other_core)
+from test_mfv_compare import SMALL_PROTOTXT
 
 
 def measures(ssim, mean_abs, ssim_se=0.0, mean_abs_se=0.0, max_abs=10.0):
@@ -86,20 +87,6 @@ def test_other_core():
 # --------------------------------------------------------------------------------------
 # with Caffe
 # --------------------------------------------------------------------------------------
-
-SMALL_PROTOTXT = """
-name: "small"
-input: "data"
-input_dim: 1
-input_dim: 3
-input_dim: 16
-input_dim: 16
-force_backward: true
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-        convolution_param { num_output: 4 kernel_size: 3 stride: 2 } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "fc8" type: "InnerProduct" bottom: "conv1" top: "fc8" inner_product_param { num_output: 6 } }
-"""
 
 @pytest.mark.caffe
 def test_worker_env_sets_the_kernel(caffe_backend):
