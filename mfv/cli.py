@@ -243,6 +243,10 @@ def add_parser(subparsers) -> None:
                    help="keep the Caffe side's per-iteration arrays (.npy) in DIR (default: temporary)")
     p.set_defaults(func=_compare)
 
+    from mfv import cli_sweep
+
+    cli_sweep.add_parser(subparsers)   # sweep, gallery
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfv", description=__doc__.splitlines()[0])
