@@ -63,9 +63,12 @@ def write_caffemodel(path: str | os.PathLike, layers: Iterable[LayerWeights], fo
 
 
 def write_prototxt(path: str | os.PathLike, net: caffe_pb2.NetParameter) -> None:
-    """Write ``net`` in protobuf text format (what Caffe reads as a .prototxt), atomically."""
+    """Write ``net`` in protobuf text format (what Caffe reads as a .prototxt), atomically.
+    The fields of registered fork layers (kept unknown in ``caffe_pb2``) are written too."""
+    from porting.layers import from_caffe
+
     with atomic_open(path, "w") as f:
-        f.write(text_format.MessageToString(net))
+        f.write(text_format.MessageToString(from_caffe(net)))
 
 
 def _layer_head(name: str, type_name: str, format: str, path):

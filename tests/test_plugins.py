@@ -76,6 +76,16 @@ def test_example_plugin_through_its_entry_point(tmp_path):
                "print(net(x)['shuf'][0, :, 0, 0].tolist())\n")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == [0.0, 4.0, 8.0, 2.0, 6.0, 10.0]
+    # A prototxt written back keeps the fork field (group: 3, not the default 1).
+    again = tmp_path / "again.prototxt"
+    run = _run(site, str(prototxt), str(again), code="import sys, porting\n"
+               "from porting.parse import read_prototxt\n"
+               "from porting.write import write_prototxt\n"
+               "write_prototxt(sys.argv[2], read_prototxt(sys.argv[1]))\n"
+               "net = porting.load_caffe(sys.argv[2])\n"
+               "print(next(s.module.group for s in net.graph.layers if s.name == 'shuf'))\n")
+    assert run.returncode == 0, run.stderr
+    assert "shuffle_channel_param" in again.read_text() and run.stdout.strip() == "3"
     # Without the plugin the type is unsupported: nothing registers it by default.
     plain = subprocess.run([sys.executable, "-m", "porting", "layers", "--json"], capture_output=True, text=True,
                            timeout=600, cwd=ROOT)
