@@ -263,9 +263,11 @@ def dump_reference(prototxt, caffemodel, out, input_files=(), batch=None, object
 def _summary(report: dict, report_dir) -> str:
     rows = report["rows"]
     failed = [r for r in rows if r.get("passed") is False]
-    lines = [report.get("summary") or ("PASS" if report["passed"] else "FAIL"),
-             f"{len(rows) - len(failed)}/{len(rows)} compared arrays within their per-blob tolerance"
-             + ("" if report.get("strict") else " (decides only with --strict)")]
+    lines = [report.get("summary") or ("PASS" if report["passed"] else "FAIL")]
+    if report.get("diagnosis"):  # a foreign module's (porting.verify.diagnose)
+        lines.append(f"diagnosis: {report['diagnosis']['sentence']}")
+    lines.append(f"{len(rows) - len(failed)}/{len(rows)} compared arrays within their per-blob tolerance"
+                 + ("" if report.get("strict") else " (decides only with --strict)"))
     torch_map = report.get("net", {}).get("torch")
     if torch_map:
         missing = torch_map["no_counterpart"]
@@ -307,19 +309,24 @@ def _verify_command(args) -> int:
 
 
 def _foreign_from_args(args):
-    """The --torch module and its options (a porting.verify.foreign.Foreign), or None."""
-    from porting.verify.foreign import Foreign, convention_from_options, load_module, read_map
+    """The --torch (or --onnx) module and its options (a porting.verify.foreign.Foreign), or None."""
+    from porting.verify.foreign import Foreign, OnnxModel, convention_from_options, load_module, load_onnx, read_map
 
-    if args.torch is None:
+    if args.torch is not None and args.onnx is not None:
+        raise PortingError("--torch and --onnx: give one model to verify")
+    if args.torch is None and args.onnx is None:
         given = [o for o, v in (("--map", args.map), ("--torch-input", args.torch_input),
                                 ("--torch-mean", args.torch_mean), ("--torch-std", args.torch_std),
                                 ("--caffe-mean", args.caffe_mean)) if v is not None]
         if given:
-            raise PortingError(f"{given[0]} is taken only with --torch")
+            raise PortingError(f"{given[0]} is taken only with --torch or --onnx")
         return None
     convention = convention_from_options(args.torch_input, args.torch_mean, args.torch_std, args.caffe_mean)
     map_data = read_map(args.map) if args.map is not None else None
-    return Foreign(args.torch, convention, map_data, args.map, module=load_module(args.torch))  # before Caffe runs
+    spec = args.torch if args.torch is not None else args.onnx
+    module = load_module(spec) if args.torch is not None else load_onnx(spec)  # before Caffe runs
+    return Foreign(spec, convention, map_data, args.map, name="onnx" if isinstance(module, OnnxModel) else "torch",
+                   module=module)
 
 
 def _dump_command(args) -> int:
@@ -406,13 +413,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX third opinion")
     p.add_argument("--torch", metavar="FILE.py:FACTORY", help="verify someone else's PyTorch port instead of "
                    "ours: FACTORY() (in FILE.py or package.module) returns an nn.Module with its weights "
-                   "loaded, or FILE.pt2 (torch.export.save). This RUNS THAT CODE (your own port); the "
-                   "prototxt and caffemodel stay untrusted")
+                   "loaded, or FILE.pt2 (torch.export.save), or a TorchScript archive FILE.ts/.pt/.pth "
+                   "(torch.jit.save). This RUNS THAT CODE (your own port: Python for a factory, the "
+                   "archive's TorchScript for a .ts; a torch.save pickle is never loaded); the prototxt and "
+                   "caffemodel stay untrusted")
+    p.add_argument("--onnx", metavar="FILE.onnx", help="verify an ONNX model instead of our port, run by ONNX "
+                   "Runtime (pip install onnxruntime), every intermediate value recorded; forward only (no "
+                   "gradients). The file is checked (no external data, onnx.checker, static shapes within "
+                   "the memory limit) before anything runs; --map, --torch-input apply as with --torch")
     p.add_argument("--map", metavar="MAP.json", help="with --torch: Caffe layer or blob name -> module path "
                    '("features.0", ["features.0", 0] or {"module", "output", "call"}); default: found by '
                    "running both on the same input (the report's mapping.json)")
-    p.add_argument("--torch-input", choices=["bgr255", "rgb01"], help="with --torch: what the module takes: "
-                   "Caffe's input (bgr255, the default) or RGB in [0, 1] minus --torch-mean over --torch-std")
+    p.add_argument("--torch-input", metavar="bgr255|rgb01|FILE.json", help="with --torch: what the module "
+                   "takes: Caffe's input (bgr255, the default), RGB in [0, 1] minus --torch-mean over "
+                   '--torch-std (rgb01), or a JSON file {"channel_order": "RGB"|"BGR", "range": 1|255, '
+                   '"mean": [3], "std": [3], "caffe_mean": [B, G, R]}')
     p.add_argument("--torch-mean", metavar="R,G,B", help="rgb01: the mean subtracted (default 0,0,0)")
     p.add_argument("--torch-std", metavar="R,G,B", help="rgb01: the std divided by (default 1,1,1)")
     p.add_argument("--caffe-mean", metavar="B,G,R", help="rgb01: the mean Caffe's input has had subtracted "

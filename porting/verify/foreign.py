@@ -3,9 +3,13 @@
 ``porting verify --torch FILE.py:FACTORY`` (or ``package.module:FACTORY``) loads a
 callable that returns an ``nn.Module`` with its weights loaded; ``--torch FILE.pt2`` an
 ExportedProgram (``torch.export.save``), whose graph nodes are recorded in place of
-submodules. Loading either runs that code:
+submodules; ``--torch FILE.ts`` a TorchScript archive (``load_script``, ``_run_script``:
+its frozen graph made to return every value); ``--onnx FILE.onnx`` an ONNX model run by
+ONNX Runtime (``load_onnx``, ``_run_onnx``: every value a graph output; forward only).
+Loading a factory or .pt2 runs that Python code and a TorchScript archive its TorchScript:
 it is the user's own port, named on their command line (the prototxt and caffemodel stay
-untrusted files as everywhere).
+untrusted files as everywhere); an ONNX file holds no code and is checked before it runs.
+Every format feeds the net's one input blob: a net with several is refused.
 
 The module runs once on the picture Caffe sees, converted to its input convention
 (``InputConvention``), with a forward hook on every submodule. Each Caffe value (a layer's
@@ -23,7 +27,9 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import sys
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,17 +43,21 @@ from porting.verify.keys import NetValues, Value, blob_key
 
 LOOSE = 1e-2        # auto_map: values agree when max |a - b| <= LOOSE * max |Caffe's|
 MAP_LIMIT = 1 << 20  # bytes of a --map file
+SCRIPT_SUFFIXES = (".ts", ".pt", ".pth", ".torchscript")  # --torch FILE: a TorchScript archive
+ONNX_LIMIT = (1 << 31) - 1  # bytes of an .onnx file: protobuf's own limit (no external data is read)
 
-# Caffe type -> torch module classes (names) that usually implement it: auto_map's
-# fallback when no output agrees in value (a buggy port still gets its counterpart).
+# Caffe type -> torch module classes (names) and ONNX op types that usually implement it:
+# auto_map's fallback when no output agrees in value (a buggy port still gets its counterpart).
 TYPE_HINTS = {
-    "Convolution": ("Conv2d", "Conv1d", "Conv3d"), "Deconvolution": ("ConvTranspose2d",),
-    "Pooling": ("MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d"),
-    "ReLU": ("ReLU", "LeakyReLU"), "PReLU": ("PReLU",), "Sigmoid": ("Sigmoid",), "TanH": ("Tanh",),
-    "LRN": ("LocalResponseNorm", "CrossMapLRN2d"), "InnerProduct": ("Linear",),
-    "Softmax": ("Softmax",), "Dropout": ("Dropout",), "BatchNorm": ("BatchNorm2d", "BatchNorm1d"),
-    "Flatten": ("Flatten",),
+    "Convolution": ("Conv2d", "Conv1d", "Conv3d", "Conv"), "Deconvolution": ("ConvTranspose2d", "ConvTranspose"),
+    "Pooling": ("MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "MaxPool", "AveragePool",
+                "GlobalAveragePool", "GlobalMaxPool"),
+    "ReLU": ("ReLU", "LeakyReLU", "Relu", "LeakyRelu"), "PReLU": ("PReLU", "PRelu"), "Sigmoid": ("Sigmoid",),
+    "TanH": ("Tanh",), "LRN": ("LocalResponseNorm", "CrossMapLRN2d", "LRN"), "InnerProduct": ("Linear", "Gemm"),
+    "Softmax": ("Softmax",), "Dropout": ("Dropout",),
+    "BatchNorm": ("BatchNorm2d", "BatchNorm1d", "BatchNormalization"), "Flatten": ("Flatten",),
 }
+CONVENTION_KEYS = ("channel_order", "range", "mean", "std", "caffe_mean")  # an --torch-input FILE.json
 
 
 @dataclass(frozen=True)
@@ -56,34 +66,45 @@ class InputConvention:
 
     ``bgr255``: x itself (Caffe's convention: BGR, 0-255 minus the mean). ``rgb01``
     (torchvision style, 3 channels): the picture x + ``caffe_mean`` (BGR, 0-255) in RGB
-    order, over 255, minus ``mean`` over ``std`` (both RGB, in [0, 1] units). The map is
-    evaluated in float64 and rounded once to float32; the gradient is taken back through
-    it (channel swap and scaling, chain rule) in float64.
+    order, over 255, minus ``mean`` over ``std`` (both RGB, in [0, 1] units). ``custom``
+    (a JSON file, ``read_convention``): the picture in ``order`` ("RGB" or "BGR"), times
+    ``range`` / 255 (``range``: the picture's white, 1 or 255), minus ``mean`` over
+    ``std`` (in that order and those units). The map is evaluated in float64 and rounded
+    once to float32; the gradient is taken back through it (channel swap and scaling,
+    chain rule) in float64.
     """
 
     kind: str = "bgr255"
     mean: tuple = (0.0, 0.0, 0.0)
     std: tuple = (1.0, 1.0, 1.0)
     caffe_mean: tuple = IMAGENET_MEAN_BGR
+    order: str = "RGB"
+    range: float = 1.0
 
     def to_module(self, x64: torch.Tensor) -> torch.Tensor:
         if self.kind == "bgr255":
             return x64
         if x64.dim() != 4 or x64.shape[1] != 3:
-            raise PortingError(f"--torch-input rgb01 needs a 3-channel N x 3 x H x W input, the net's is "
+            raise PortingError(f"--torch-input {self.kind} needs a 3-channel N x 3 x H x W input, the net's is "
                                f"{'x'.join(map(str, x64.shape))}")
         view = (1, 3, 1, 1)
         caffe_mean = torch.tensor(self.caffe_mean, dtype=torch.float64).view(view)
-        rgb = (x64 + caffe_mean).flip(1) / 255.0
+        picture = x64 + caffe_mean
+        if self.order == "RGB":
+            picture = picture.flip(1)
+        picture = picture / 255.0 if self.range == 1.0 else picture * (self.range / 255.0)
         mean = torch.tensor(self.mean, dtype=torch.float64).view(view)
         std = torch.tensor(self.std, dtype=torch.float64).view(view)
-        return (rgb - mean) / std
+        return (picture - mean) / std
 
     def describe(self) -> dict:
         if self.kind == "bgr255":
             return {"kind": "bgr255"}
-        return {"kind": "rgb01", "mean_rgb": list(self.mean), "std_rgb": list(self.std),
-                "caffe_mean_bgr": list(self.caffe_mean)}
+        if self.kind == "rgb01":
+            return {"kind": "rgb01", "mean_rgb": list(self.mean), "std_rgb": list(self.std),
+                    "caffe_mean_bgr": list(self.caffe_mean)}
+        return {"kind": self.kind, "channel_order": self.order, "range": self.range, "mean": list(self.mean),
+                "std": list(self.std), "caffe_mean_bgr": list(self.caffe_mean)}
 
 
 def parse_triple(text: str, option: str, positive: bool = False) -> tuple[float, float, float]:
@@ -103,11 +124,16 @@ def convention_from_options(kind=None, mean=None, std=None, caffe_mean=None) -> 
     """The InputConvention of ``--torch-input`` (``kind``: "bgr255", the default, or "rgb01"),
     ``--torch-mean``, ``--torch-std`` (RGB, [0, 1] units) and ``--caffe-mean`` (BGR, 0-255):
     each triple "a,b,c" or three numbers, None for the default. PortingError naming the option."""
-    kind = kind or "bgr255"
-    if kind not in ("bgr255", "rgb01"):
-        raise PortingError(f"expected bgr255 or rgb01, got {shown(kind)}", place="--torch-input")
+    kind = str(kind or "bgr255")
     given = {o: v if v is None or isinstance(v, str) else ",".join(map(str, v)) for o, v in (
         ("--torch-mean", mean), ("--torch-std", std), ("--caffe-mean", caffe_mean))}
+    if kind.lower().endswith(".json"):
+        if any(v is not None for v in given.values()):
+            raise PortingError("--torch-mean, --torch-std and --caffe-mean are not taken with a JSON --torch-input "
+                               "(the file holds them)")
+        return read_convention(kind)
+    if kind not in ("bgr255", "rgb01"):
+        raise PortingError(f"expected bgr255, rgb01 or FILE.json, got {shown(kind)}", place="--torch-input")
     if kind == "bgr255":
         if any(v is not None for v in given.values()):
             raise PortingError("--torch-mean, --torch-std and --caffe-mean are taken only with --torch-input rgb01")
@@ -118,18 +144,66 @@ def convention_from_options(kind=None, mean=None, std=None, caffe_mean=None) -> 
                            else IMAGENET_MEAN_BGR)
 
 
+def read_convention(path) -> InputConvention:
+    """An --torch-input FILE.json: {"channel_order": "RGB" | "BGR" (default RGB), "range": the
+    picture's white (default 1: [0, 1]; 255: 0-255), "mean": [3 numbers] and "std": [3
+    positive numbers] in that order and range (defaults 0 and 1), "caffe_mean": [B, G, R],
+    0-255, the mean Caffe's input has had subtracted (default 104, 117, 123)}. RGB in [0, 1]
+    is ``rgb01``; anything else ``custom``. Any other key or value: PortingError, one line."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAP_LIMIT:
+            raise PortingError(f"{size} bytes; an input convention is at most {MAP_LIMIT}", path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PortingError(f"cannot read ({err.strerror or err})", path) from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise PortingError(f"not JSON ({shown(err, 120)})", path) from None
+    if not isinstance(data, dict):
+        raise PortingError(f"expected a JSON object with keys among {', '.join(CONVENTION_KEYS)}", path)
+    unknown = sorted(set(data) - set(CONVENTION_KEYS))
+    if unknown:
+        raise PortingError(f"unknown key (expected {', '.join(CONVENTION_KEYS)})", path, shown(unknown[0]))
+    order = data.get("channel_order", "RGB")
+    if order not in ("RGB", "BGR"):
+        raise PortingError(f'expected "RGB" or "BGR", got {shown(json.dumps(order))}', path, "channel_order")
+    scale = data.get("range", 1)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise PortingError(f"expected a positive number (1 or 255), got {shown(json.dumps(scale))}", path, "range")
+
+    def triple(key, default, positive=False):
+        value = data.get(key, default)
+        if (not isinstance(value, list) or len(value) != 3 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or (positive and v <= 0) for v in value)):
+            raise PortingError(f"expected a list of three {'positive ' if positive else ''}numbers, got "
+                               f"{shown(json.dumps(value), 80)}", path, key)
+        return tuple(float(v) for v in value)
+
+    mean, std = triple("mean", [0, 0, 0]), triple("std", [1, 1, 1], positive=True)
+    caffe_mean = triple("caffe_mean", list(IMAGENET_MEAN_BGR))
+    kind = "rgb01" if order == "RGB" and float(scale) == 1.0 else "custom"
+    return InputConvention(kind, mean, std, caffe_mean, order, float(scale))
+
+
 # --------------------------------------------------------------------------------------
 # Loading the user's module
 # --------------------------------------------------------------------------------------
 
-def load_module(spec: str) -> torch.nn.Module:
+def load_module(spec: str):
     """``FILE.py:FACTORY`` or ``package.module:FACTORY`` -> ``FACTORY()``, an nn.Module in eval
     mode; ``FILE.pt2`` (``torch.export.save``) -> its program's module (a GraphModule, in
-    the mode it was exported in).
+    the mode it was exported in); a TorchScript archive ``FILE.ts`` / ``.pt`` / ``.pth`` /
+    ``.torchscript`` (``torch.jit.save``) -> ``load_script``; ``FILE.onnx`` -> ``load_onnx``.
 
     Runs the user's code (their own port, named by them). Anything that goes wrong while
     importing or calling it is a PortingError naming ``spec``.
     """
+    if str(spec).lower().endswith(SCRIPT_SUFFIXES):
+        return load_script(spec)
+    if str(spec).lower().endswith(".onnx"):
+        return load_onnx(spec)
     if str(spec).endswith(".pt2"):
         path = Path(spec)
         if not path.is_file():
@@ -172,6 +246,344 @@ def load_module(spec: str) -> torch.nn.Module:
     if not isinstance(module, torch.nn.Module):
         raise PortingError(f"{shown(name)}() returned {type(module).__name__}, not a torch.nn.Module", place=place)
     return module.eval()
+
+
+# --------------------------------------------------------------------------------------
+# TorchScript archives and ONNX models
+# --------------------------------------------------------------------------------------
+
+def load_script(spec) -> torch.jit.ScriptModule:
+    """A TorchScript archive (``torch.jit.save``) -> its module, in eval mode.
+
+    What loading runs: ``torch.jit.load`` reads a zip of TorchScript source (``code/``,
+    compiled by TorchScript's own compiler, not Python), constants and tensors; its data
+    pickles are read by TorchScript's restricted unpickler, which builds tensors, plain
+    containers and the archive's own TorchScript classes and refuses any other global (no
+    Python object is unpickled). Running the module runs that TorchScript code: any
+    registered torch operator, but no Python. A file without ``code/`` (e.g. a
+    ``torch.save`` pickle of a module or a state dict) is refused before torch reads it.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        raise PortingError("no such file", path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise PortingError(f"not a TorchScript archive ({shown(err, 120)})", path) from None
+    if not any(n.split("/")[1:2] == ["code"] for n in names):
+        raise PortingError("not a TorchScript archive (torch.jit.save): no code/ in the zip; a torch.save file "
+                           "(a Python pickle) is never loaded", path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # torch's reader on the user's file
+        raise PortingError(f"cannot load the TorchScript archive: {type(err).__name__}: {shown(err, 200)}",
+                           path) from None
+    return module.eval()
+
+
+def _blocks_nodes(block):
+    for node in block.nodes():
+        yield node
+        for inner in node.blocks():
+            yield from _blocks_nodes(inner)
+
+
+def _writes_tensor(node) -> bool:
+    """Whether ``node``'s schema lets it write one of its tensor arguments in place."""
+    schema = node.schema()
+    if "!" not in schema:
+        return False
+    try:
+        arguments = torch._C.parse_schema(schema).arguments
+    except RuntimeError:
+        return True
+    return any(a.alias_info is not None and a.alias_info.is_write and v.type().kind() == "TensorType"
+               for a, v in zip(arguments, node.inputs()))
+
+
+def _script_where(node) -> tuple[str, str]:
+    """(module path, module class) of an inlined node, from its module hierarchy
+    ("features(Sequential).conv1(Conv2d).SELF(Conv2d)" -> ("features.conv1", "Conv2d"))."""
+    path, kind = [], ""
+    for name, cls in re.findall(r"([^.()]+)\(([^()]*)\)", node.getModuleHierarchy()):
+        if name in ("SELF", "UNKNOWN_INSTANCE"):
+            break
+        path.append(name)
+        kind = cls.rsplit(".", 1)[-1]
+    return ".".join(path), kind
+
+
+def _run_script(module: torch.jit.ScriptModule, x: torch.Tensor) -> list[Output]:
+    """run_hooked for a TorchScript module: every tensor its forward computes at the top
+    level, in graph order.
+
+    The module is frozen (``torch._C._freeze_module``: attributes and weights become
+    constants, methods inlined; none of ``torch.jit.freeze``'s numerics-changing passes),
+    constants propagated (an unused in-place branch falls away) and in-place ops rewritten
+    as pure ones (``_jit_pass_remove_mutation``); the graph then returns every top-level
+    tensor value along with its result and runs once in TorchScript's plain interpreter
+    (``optimized_execution(False)``, so autograd sees every value). A value is named
+    ``<module path>/<op>`` ("features.conv1/conv2d"; a repeat of an op in one module gets
+    "_1", ...; ops of the top module's own code have no path); the last value of each
+    submodule carries its class for the type hints. Values inside if/loop bodies are not
+    recorded (the if's result is). Refused: a forward taking other than one tensor, and a
+    graph that still writes a tensor in place (aliasing torch cannot rewrite away: a
+    recorded value could change after it was recorded).
+    """
+    try:
+        frozen = torch._C._freeze_module(module._c, [])
+        graph = frozen._get_method("forward").graph.copy()
+        torch._C._jit_pass_inline(graph)
+        torch._C._jit_pass_constant_propagation(graph)
+        torch._C._jit_pass_remove_mutation(graph)
+    except Exception as err:
+        raise PortingError(f"cannot freeze the TorchScript module: {type(err).__name__}: {shown(err, 200)}",
+                           place="--torch") from None
+    arguments = list(graph.inputs())[1:]
+    if len(arguments) != 1 or arguments[0].type().kind() != "TensorType":
+        raise PortingError(f"the TorchScript forward takes {len(arguments)} argument(s) "
+                           f"({', '.join(str(a.type()) for a in arguments)}); verify feeds it one tensor",
+                           place="--torch")
+    writer = next((n for n in _blocks_nodes(graph) if _writes_tensor(n)), None)
+    if writer is not None:
+        raise PortingError(f"the TorchScript graph writes a tensor in place ({writer.kind()}) where torch cannot "
+                           "rewrite it as a pure op, so a recorded value could change after it is recorded; "
+                           "not supported", place="--torch")
+    values, names, kinds, seen = [], [], [], {}
+    for node in graph.nodes():
+        if node.kind() == "prim::Constant":
+            continue
+        path, kind = _script_where(node)
+        for out in node.outputs():
+            if out.type().kind() != "TensorType":
+                continue
+            op = node.kind().split("::")[-1]
+            base = f"{path}/{op}" if path else op
+            seen[base] = seen.get(base, -1) + 1
+            values.append(out)
+            names.append(base + (f"_{seen[base]}" if seen[base] else ""))
+            kinds.append((path, kind))
+    last = {path: i for i, (path, _) in enumerate(kinds) if path}
+    result = graph.outputs().__next__()
+    graph.eraseOutput(0)
+    pack = graph.create("prim::TupleConstruct", [result] + values, 1)
+    graph.appendNode(pack)
+    pack.output().setType(torch._C.TupleType([result.type()] + [v.type() for v in values]))
+    graph.registerOutput(pack.output())
+    try:
+        function = torch._C._create_function_from_graph("recorded_forward", graph)
+        with torch.jit.optimized_execution(False):
+            got = function(frozen, x)
+    except Exception as err:
+        raise PortingError(f"the TorchScript module failed: {type(err).__name__}: {shown(err, 200)}",
+                           place="--torch") from None
+    return [Output(names[i], 0, 0, kinds[i][1] if last.get(kinds[i][0]) == i else "", tensor)
+            for i, tensor in enumerate(got[1:])]
+
+
+ONNX_FLOATS = {1: torch.float32, 11: torch.float64, 10: torch.float16}  # TensorProto elem_type -> dtype
+
+
+@dataclass
+class OnnxModel:
+    """A checked ONNX model (``load_onnx``): the file, its parsed ``model`` and its one input."""
+
+    path: Path
+    model: object = field(repr=False)
+    input_name: str = ""
+    dtype: torch.dtype = torch.float32
+
+
+def load_onnx(spec) -> OnnxModel:
+    """An ONNX file, checked before anything runs or is allocated: at most ONNX_LIMIT bytes,
+    parsed without external data (a tensor stored outside the file is refused: its path
+    could name any file), ``onnx.checker`` (structure, opsets, each initializer's data as
+    large as its declared shape) and exactly one graph input besides the initializers, of
+    a float type. ONNX holds no code: running it runs ONNX Runtime's own operators."""
+    import onnx
+
+    path = Path(spec)
+    if not path.is_file():
+        raise PortingError("no such file", path)
+    size = path.stat().st_size
+    if size > ONNX_LIMIT:
+        raise PortingError(f"{size} bytes; an ONNX file is at most {ONNX_LIMIT} (no external data)", path)
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and the like
+        raise PortingError(f"not an ONNX model ({type(err).__name__}: {shown(err, 120)})", path) from None
+    external = next((t.name for t in _onnx_tensors(model.graph)
+                     if t.data_location == onnx.TensorProto.EXTERNAL), None)
+    if external is not None:
+        raise PortingError(f"tensor {shown(external)} is stored outside the file (external data): not read", path)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        raise PortingError(f"invalid ONNX model: {shown(err, 200)}", path) from None
+    given = {t.name for t in model.graph.initializer}
+    feeds = [i for i in model.graph.input if i.name not in given]
+    if len(feeds) != 1:
+        raise PortingError(f"verify feeds one input; the ONNX graph takes {len(feeds)} "
+                           f"({', '.join(shown(i.name) for i in feeds)})", path)
+    elem = feeds[0].type.tensor_type.elem_type
+    if elem not in ONNX_FLOATS:
+        raise PortingError(f"the ONNX input {shown(feeds[0].name)} has element type "
+                           f"{onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else elem}"
+                           "; verify feeds float", path)
+    return OnnxModel(path, model, feeds[0].name, ONNX_FLOATS[elem])
+
+
+def _onnx_tensors(graph):
+    """Every TensorProto of ``graph`` and its subgraphs: initializers and node attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _onnx_tensors(sub)
+
+
+def _static(value_info) -> list | None:
+    """The static shape of a ValueInfoProto, None when any dimension is unknown."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    return None if None in shape else shape
+
+
+def _fold_shapes(m, path, small: int = 1 << 16) -> dict:
+    """Shape inference with the shape arithmetic folded, in place on ``m``; returns value
+    name -> ValueInfoProto. Exporters compute pads and reshapes from ``Shape`` at run time
+    (torch's LRN does); with the input's shape fixed, those are constants: a ``Shape`` of
+    a static shape, a node of integer or boolean outputs of at most ``small`` elements all
+    of whose inputs are constants (evaluated by onnx's reference evaluator) and an ``If``
+    of a constant condition (replaced by its branch) become initializers or plain nodes,
+    until nothing more folds. Float arithmetic is never folded: ONNX Runtime computes it."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph_kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    for _ in range(len(m.graph.node) + 1):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+        except Exception as err:
+            raise PortingError(f"ONNX shape inference failed: {shown(err, 200)}", path) from None
+        info = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+                + list(inferred.graph.input)}
+        constants = {t.name for t in m.graph.initializer}
+        kept, folded = [], False
+        for node in m.graph.node:
+            inputs = [i for i in node.input if i]
+            shapes = [_static(info[o]) if o in info else None for o in node.output]
+            exact = all(s is not None and math.prod(s) <= small for s in shapes) and all(
+                info[o].type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                                                       onnx.TensorProto.BOOL) for o in node.output)
+            values = None
+            try:
+                if node.op_type == "Shape" and inputs[0] in info and _static(info[inputs[0]]) is not None:
+                    given = {a.name: a.i for a in node.attribute}  # start, end: Python's slice rules
+                    values = [np.asarray(_static(info[inputs[0]]), np.int64)[given.get("start", 0):given.get("end")]]
+                elif node.op_type == "If" and inputs and inputs[0] in constants:
+                    cond = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == inputs[0])
+                    branch = next(onnx.helper.get_attribute_value(a) for a in node.attribute
+                                  if a.name == ("then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"))
+                    kept.extend(branch.node)
+                    m.graph.initializer.extend(branch.initializer)
+                    kept.extend(onnx.helper.make_node("Identity", [b.name], [o], name=f"{node.name or o}/{k}")
+                                for k, (b, o) in enumerate(zip(branch.output, node.output)))
+                    folded = True
+                    continue
+                elif exact and all(i in constants for i in inputs) and not any(a.type in graph_kinds
+                                                                                  for a in node.attribute):
+                    arrays = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name in inputs}
+                    values = ReferenceEvaluator(node).run(None, arrays)
+            except Exception as err:
+                raise PortingError(f"cannot fold node {shown(node.name or node.output[0])} ({node.op_type}): "
+                                   f"{type(err).__name__}: {shown(err, 120)}", path) from None
+            if values is None:
+                kept.append(node)
+                continue
+            m.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), o) for o, v in zip(node.output, values))
+            folded = True
+        del m.graph.node[:]
+        m.graph.node.extend(kept)
+        if not folded:
+            return info
+    return info
+
+
+def _run_onnx(model: OnnxModel, x: torch.Tensor) -> list[Output]:
+    """run_hooked for an ONNX model: every float tensor a top-level node computes (Constant
+    nodes left out), in graph order, named by its node (``name``, else its first output's
+    value name) and output index, its op type (Conv, MaxPool, ...) as the type hint.
+
+    The input's shape is fixed to ``x``'s and shapes inferred (onnx, strict, with data
+    propagation); every top-level value must then have a static shape and all of them
+    together fit the memory budget (porting.budget) before ONNX Runtime runs anything.
+    Every recorded value becomes a graph output; ONNX Runtime (CPU, graph optimizations
+    off: each node as written) runs the graph once. No gradients: ONNX Runtime computes none.
+    """
+    import onnx
+    import onnxruntime
+
+    from porting.budget import Budget, format_bytes
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model.model)
+    feed = next(i for i in m.graph.input if i.name == model.input_name)
+    dims = feed.type.tensor_type.shape.dim
+    if len(dims) and len(dims) != x.dim() or any(d.HasField("dim_value") and d.dim_value != n
+                                                 for d, n in zip(dims, x.shape)):
+        raise PortingError(f"the ONNX input {shown(model.input_name)} has shape "
+                           f"{'x'.join(str(d.dim_value) if d.HasField('dim_value') else '?' for d in dims)}, the net's "
+                           f"is {'x'.join(map(str, x.shape))}", model.path)
+    del dims[:]
+    for n in x.shape:
+        dims.add().dim_value = int(n)
+    info = _fold_shapes(m, model.path)
+    outputs_now = {o.name for o in m.graph.output}
+    recorded, total, used = [], 0, set()
+    for node in m.graph.node:
+        for i, name in enumerate(node.output):
+            if not name:
+                continue
+            tensor_type = info[name].type.tensor_type if name in info else None
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim] \
+                if tensor_type is not None and tensor_type.HasField("shape") else None
+            if shape is None or None in shape:
+                raise PortingError(f"value {shown(name)} ({node.op_type}) has no static shape after shape inference; "
+                                   "verify runs only graphs whose sizes are known before they run", model.path)
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize \
+                if tensor_type.elem_type not in (0, onnx.TensorProto.STRING) else 8
+            total += math.prod(shape) * itemsize
+            if node.op_type != "Constant" and tensor_type.elem_type in ONNX_FLOATS:
+                label = node.name if node.name and node.name not in used else name
+                used.add(label)
+                recorded.append((name, label, i, node.op_type))
+                if name not in outputs_now:
+                    m.graph.output.append(info[name])
+    limit = Budget.default().memory
+    if limit is not None and total > limit:
+        raise PortingError(f"its values take {format_bytes(total)}, above the limit of {format_bytes(limit)} "
+                           "(set --memory-limit or PORTING_MEMORY_LIMIT)", model.path)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        got = session.run([r[0] for r in recorded], {model.input_name: x.detach().to(model.dtype).numpy()})
+    except Exception as err:  # ONNX Runtime on the user's model
+        raise PortingError(f"ONNX Runtime failed: {type(err).__name__}: {shown(err, 200)}", model.path) from None
+    return [Output(label, 0, i, op, torch.from_numpy(np.asarray(arr)))
+            for (_, label, i, op), arr in zip(recorded, got)]
 
 
 # --------------------------------------------------------------------------------------
@@ -226,6 +638,10 @@ def run_hooked(module: torch.nn.Module, x: torch.Tensor) -> list[Output]:
 
     if isinstance(module, torch.fx.GraphModule):
         return _run_graph(module, x)
+    if isinstance(module, torch.jit.ScriptModule):
+        return _run_script(module, x)
+    if isinstance(module, OnnxModel):
+        return _run_onnx(module, x)
     handles = [m.register_forward_hook(lambda m, i, o, p=path: hook(p, m, i, o))
                for path, m in module.named_modules()]
     try:
@@ -357,7 +773,9 @@ def given_map(values: NetValues, data: Mapping, outputs: list[Output], module: t
               path) -> list[Match]:
     """Resolve a read_map dict. A key is a Caffe layer name (its first output, before any
     in-place layer) or a blob name (its last value); any bad entry is a PortingError."""
-    paths = set(dict(module.named_modules())) | {o.path for o in outputs}  # graph nodes for a .pt2
+    paths = {o.path for o in outputs}  # graph nodes of a .pt2, TorchScript or ONNX model
+    if isinstance(module, torch.nn.Module):
+        paths |= set(dict(module.named_modules()))
     by_name = {(o.path, o.call, o.index): o for o in outputs}
     matches = []
     for key, entry in data.items():
@@ -421,9 +839,12 @@ def foreign_arrays(module: torch.nn.Module, graph, caffe: Mapping, inputs: Mappi
     if len(feeds) != 1:
         raise PortingError(f"--torch feeds one input blob; the net has {len(feeds)} ({', '.join(feeds)})")
     name = feeds[0]
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-    x64 = torch.as_tensor(np.asarray(inputs[name], np.float64)).requires_grad_(objective is not None)
-    with torch.set_grad_enabled(objective is not None):
+    onnx_model = isinstance(module, OnnxModel)  # no gradients: ONNX Runtime computes none
+    dtype = module.dtype if onnx_model else next(
+        (p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    grads = objective is not None and not onnx_model
+    x64 = torch.as_tensor(np.asarray(inputs[name], np.float64)).requires_grad_(grads)
+    with torch.set_grad_enabled(grads):
         fed = convention.to_module(x64).to(dtype)
         outputs = run_hooked(module, fed)
     matches = (given_map(values, map_data, outputs, module, map_path) if map_data is not None
@@ -447,6 +868,9 @@ def foreign_arrays(module: torch.nn.Module, graph, caffe: Mapping, inputs: Mappi
     report = mapping_json(matches, values, caffe)
     report["outputs_recorded"] = len(outputs)
     if objective is None:
+        return out, report
+    if onnx_model:
+        report["gradients"] = "not compared: ONNX Runtime computes no gradients"
         return out, report
     target_value = values.last_value.get(objective.blob)
     if target_value not in fitted:
@@ -483,15 +907,16 @@ def _is_label(graph, name: str) -> bool:
 @dataclass
 class Foreign:
     """Someone else's module to verify (``spec`` as load_module takes it; ``module``, when
-    given, is what it loaded), its input ``convention`` and the correspondence
-    ``map_data`` (read_map; None: auto_map)."""
+    given, is what it loaded: an nn.Module, a ScriptModule or an OnnxModel), its input
+    ``convention`` and the correspondence ``map_data`` (read_map; None: auto_map);
+    ``name``: the candidate's name in the report ("torch", "onnx")."""
 
     spec: str
     convention: InputConvention = InputConvention()
     map_data: dict | None = None
     map_path: object = None
     name: str = "torch"
-    module: torch.nn.Module | None = None
+    module: object = None
 
     def verify(self, net, reference: Mapping, inputs: Mapping[str, np.ndarray], objective=None,
                tolerances=None, strict: bool = False):
