@@ -2,8 +2,17 @@
 
 ``load_caffe(prototxt, caffemodel=None, phase="test")`` returns a ``CaffeNet``
 (both defined in ``porting.net``; modules inside the package import them from there).
+Both are loaded on first use, so importing the package alone (as pytest does for the
+plugin, ``porting.pytest_plugin``) loads neither torch nor the layers.
 """
 from porting.errors import PortingError
-from porting.net import CaffeNet, load_caffe
 
 __all__ = ["CaffeNet", "load_caffe", "PortingError"]
+
+
+def __getattr__(name):
+    if name in ("CaffeNet", "load_caffe"):
+        from porting import net
+
+        return getattr(net, name)
+    raise AttributeError(f"module 'porting' has no attribute {name!r}")
