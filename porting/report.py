@@ -406,6 +406,21 @@ def _summary_lines(report: dict) -> list[tuple[str, str]]:
     return [(k, v) for k, v in lines if v]
 
 
+def _correspondence(report: dict) -> tuple[list[tuple[str, str, str]], list[str]] | None:
+    """A foreign module's mapping (``net.torch``): rows (Caffe layer or blob, module output as
+    ``path#call[index]``, how it was found) and the Caffe outputs without a counterpart;
+    None for our own port."""
+    mapping = report.get("net", {}).get("torch")
+    if not mapping:
+        return None
+    rows = []
+    for name, spec in mapping.get("map", {}).items():
+        call = f"#{spec['call']}" if spec.get("call") else ""
+        rows.append((name, f"{spec.get('module') or '<module>'}{call}[{spec.get('output', 0)}]",
+                     mapping.get("matched_by", {}).get(name, "")))
+    return rows, list(mapping.get("no_counterpart", []))
+
+
 def _no_departure_text(report: dict) -> str:
     text = "No framework leaves float32 rounding at any layer (see the rule below)."
     failed = next((r for r in report["rows"] if not r["passed"]), None)
@@ -470,6 +485,13 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
         out += [_no_departure_text(report), ""]
     for other in report.get("other_departures", []):
         out += [f"Third opinion ({', '.join(other['frameworks'])}): {other['statement']}", ""]
+    corr = _correspondence(report)
+    if corr:
+        out += [f"## Correspondence: {fw['reference']} outputs and {fw['candidate']}'s", "",
+                f"| {fw['reference']} layer or blob | {fw['candidate']} output | found by |", "|---|---|---|"]
+        out += ["| " + " | ".join(str(t).replace("|", "\\|") for t in (a, f"`{b}`", c)) + " |"
+                for a, b, c in corr[0]]
+        out += ["", f"Without a counterpart (not compared): {', '.join(corr[1]) or 'none'}", ""]
     summary = _framework_summary(report)
     if summary:
         out += ["## Each framework against float64, layer by layer", "",
@@ -569,6 +591,15 @@ def render_html(report: dict, png: bytes | None = None) -> str:
     for other in report.get("other_departures", []):
         parts.append(f"<p class=\"small\"><b>Third opinion ({_esc(', '.join(other['frameworks']))}).</b> "
                      f"{_esc(other['statement'])}</p>")
+    corr = _correspondence(report)
+    if corr:
+        parts.append(f"<h2>Correspondence: {_esc(fw['reference'])} outputs and {_esc(fw['candidate'])}'s</h2>"
+                     f"<table><tr><th class=\"l\">{_esc(fw['reference'])} layer or blob</th><th class=\"l\">"
+                     f"{_esc(fw['candidate'])} output</th><th class=\"l\">found by</th></tr>")
+        parts += [f"<tr><td class=\"l\">{_esc(a)}</td><td class=\"l\"><code>{_esc(b)}</code></td>"
+                  f"<td class=\"l\">{_esc(c)}</td></tr>" for a, b, c in corr[0]]
+        parts.append(f"</table><p class=\"small\">Without a counterpart (not compared): "
+                     f"{_esc(', '.join(corr[1]) or 'none')}</p>")
     if report.get("flips"):
         parts.append("<h2>Decisions the frameworks take differently</h2><table><tr>"
                      + "".join(f"<th class=\"l\">{h}</th>" for h in (
