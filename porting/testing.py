@@ -55,39 +55,39 @@ def assert_matches_caffe(module, golden, mapping=None, torch_input=None, torch_m
 def verify_module(module, golden, mapping=None, torch_input=None, torch_mean=None, torch_std=None,
                   caffe_mean=None, *, prototxt=None, caffemodel=None, tolerance=None, strict=False):
     """``assert_matches_caffe`` without the assertion: (Verification, mapping report)."""
+    import torch
+
     from porting.cli_verify import plan_from_golden
     from porting.layers import LAYERS
     from porting.tolerances import parse_tolerances
     from porting.verify.foreign import Foreign, convention_from_options, read_map
     from porting.verify.reference import read_golden
 
+    if not isinstance(module, (str, os.PathLike, torch.nn.Module)):
+        raise PortingError(f"expected an nn.Module or a spec FILE.py:FACTORY, package.module:FACTORY or FILE.pt2, "
+                           f"got {type(module).__name__}")
     convention = convention_from_options(torch_input, torch_mean, torch_std, caffe_mean)
     map_path = None
     if mapping is not None and not isinstance(mapping, Mapping):
-        map_path = mapping
-        mapping = read_map(mapping)
-    elif mapping is not None:
-        mapping = dict(mapping)
+        map_path, mapping = mapping, read_map(mapping)
+    mapping = None if mapping is None else dict(mapping)
     tolerances = parse_tolerances(tolerance, known_types=LAYERS)
     stored = read_golden(golden)
     prototxt, caffemodel = model_files(stored, prototxt, caffemodel)
     plan = plan_from_golden(stored, prototxt, caffemodel)
-    if isinstance(module, (str, os.PathLike)):
+    modes = []
+    if isinstance(module, torch.nn.Module):
+        foreign = Foreign(type(module).__name__, convention, mapping, map_path, module=module)
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()
+    else:
         foreign = Foreign(os.fspath(module), convention, mapping, map_path)
-        return _verified(foreign, plan, stored, tolerances, strict)
-    foreign = Foreign(type(module).__name__, convention, mapping, map_path, module=module)
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
     try:
-        return _verified(foreign, plan, stored, tolerances, strict)
+        verification, _candidate, report = foreign.verify(plan.net, stored.arrays, plan.inputs, plan.objective,
+                                                          tolerances, strict)
     finally:
         for m, training in modes:
             m.training = training
-
-
-def _verified(foreign, plan, stored, tolerances, strict):
-    verification, _candidate, report = foreign.verify(plan.net, stored.arrays, plan.inputs, plan.objective,
-                                                      tolerances, strict)
     return verification, report
 
 

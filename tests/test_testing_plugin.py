@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ def _port() -> torch.nn.Module:
     return load_module(f"{FIXTURE}:caffenet")
 
 
-def test_correct_port_passes(golden):
+def test_correct_port_passes(golden, tmp_path):
     path, files = golden
     module = _port().train()
     verification = assert_matches_caffe(module, path, **files)
@@ -56,6 +57,9 @@ def test_correct_port_passes(golden):
     assert all(m.training for m in module.modules())  # evaluated in eval mode, its mode given back
     # a factory spec, an explicit map (a dict; a map.json path is read as --map reads it)
     assert assert_matches_caffe(f"{FIXTURE}:caffenet", path, EXPECTED, **files).passed
+    (tmp_path / "map.json").write_text(json.dumps({"conv1": "0", "norm1": "3"}))
+    _, report = verify_module(_port(), path, tmp_path / "map.json", **files)
+    assert report["map"] == {"conv1": {"module": "0", "output": 0}, "norm1": {"module": "3", "output": 0}}
     # torchvision's convention, as the CLI options take it (strings) or as numbers
     options = dict(zip(("torch_input", "torch_mean", "torch_std"), TORCHVISION[1::2]))
     assert assert_matches_caffe(f"{FIXTURE}:caffenet_rgb", path, **options, **files).passed
@@ -73,6 +77,8 @@ def test_bad_input_is_a_porting_error(golden, tmp_path):
         assert_matches_caffe(_port(), path, torch_input="rgb01", torch_std=(1, 0, 1), **files)
     with pytest.raises(PortingError, match="--torch-mean, --torch-std and --caffe-mean are taken only with"):
         assert_matches_caffe(_port(), path, torch_mean="1,2,3", **files)
+    with pytest.raises(PortingError, match="expected an nn.Module or a spec .* got OrderedDict"):
+        assert_matches_caffe(_port().state_dict(), path, **files)
     other = tmp_path / "other.prototxt"
     other.write_text(Path(files["prototxt"]).read_text() + "\n")
     with pytest.raises(PortingError, match="was dumped from another prototxt"):
