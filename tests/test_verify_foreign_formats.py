@@ -329,6 +329,16 @@ def test_hostile_onnx_exit_2(small, port, tmp_path, capsys):
     external.external_data.add(key="location", value="../../etc/passwd")
     err = refused(_tiny_onnx([helper.make_node("Add", ["data", "w"], ["y"])], [external]), "external.onnx")
     assert "external.onnx: tensor w is stored outside the file (external data): not read" in err, err
+    # an If on the input's values: its branch's sizes are not known before it runs
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    branch = [helper.make_graph([helper.make_node(op, ["data"], [f"{op}_out"])], op, [],
+                                [helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT, [2, 3, 21, 21])])
+              for op in ("Relu", "Neg")]
+    err = refused(_tiny_onnx([helper.make_node("ReduceMax", ["data"], ["top"], keepdims=0),
+                              helper.make_node("Greater", ["top", "zero"], ["cond"]),
+                              helper.make_node("If", ["cond"], ["y"], name="branching", then_branch=branch[0],
+                                               else_branch=branch[1])], [zero]), "if.onnx")
+    assert "if.onnx: node branching (If) runs a subgraph on a condition or count that depends on the input" in err, err
     # two inputs: verify feeds one
     two = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 21, 21]) for n in ("a", "b")]
     err = refused(_tiny_onnx([helper.make_node("Add", ["a", "b"], ["y"])], inputs=two), "two.onnx")

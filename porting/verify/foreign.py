@@ -401,7 +401,12 @@ def load_onnx(spec) -> OnnxModel:
     could name any file), ``onnx.checker`` (structure, opsets, each initializer's data as
     large as its declared shape) and exactly one graph input besides the initializers, of
     a float type. ONNX holds no code: running it runs ONNX Runtime's own operators."""
-    import onnx
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401 (needed to run it: said now, before Caffe runs)
+    except ImportError as err:
+        raise PortingError(f"--onnx needs the onnx and onnxruntime packages (pip install onnx onnxruntime, or "
+                           f"the caffe-port-harness[onnx] extra): {shown(err, 120)}", place="--onnx") from None
 
     path = Path(spec)
     if not path.is_file():
@@ -465,7 +470,9 @@ def _fold_shapes(m, path, small: int = 1 << 16) -> dict:
     a static shape, a node of integer or boolean outputs of at most ``small`` elements all
     of whose inputs are constants (evaluated by onnx's reference evaluator) and an ``If``
     of a constant condition (replaced by its branch) become initializers or plain nodes,
-    until nothing more folds. Float arithmetic is never folded: ONNX Runtime computes it."""
+    until nothing more folds. Float arithmetic is never folded: ONNX Runtime computes it.
+    Control flow left after folding (If, Loop, Scan) is refused by the caller: the values
+    of a subgraph are not size-checked."""
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
@@ -528,6 +535,8 @@ def _run_onnx(model: OnnxModel, x: torch.Tensor) -> list[Output]:
     The input's shape is fixed to ``x``'s and shapes inferred (onnx, strict, with data
     propagation); every top-level value must then have a static shape and all of them
     together fit the memory budget (porting.budget) before ONNX Runtime runs anything.
+    Control flow that does not fold away (an If on a condition of the input's values, a
+    Loop, a Scan) is refused: its subgraph's sizes are not known before it runs.
     Every recorded value becomes a graph output; ONNX Runtime (CPU, graph optimizations
     off: each node as written) runs the graph once. No gradients: ONNX Runtime computes none.
     """
@@ -561,8 +570,10 @@ def _run_onnx(model: OnnxModel, x: torch.Tensor) -> list[Output]:
             if shape is None or None in shape:
                 raise PortingError(f"value {shown(name)} ({node.op_type}) has no static shape after shape inference; "
                                    "verify runs only graphs whose sizes are known before they run", model.path)
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize \
-                if tensor_type.elem_type not in (0, onnx.TensorProto.STRING) else 8
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+            except Exception:  # undefined, string or a type numpy lacks: counted at 8 bytes
+                itemsize = 8
             total += math.prod(shape) * itemsize
             if node.op_type != "Constant" and tensor_type.elem_type in ONNX_FLOATS:
                 label = node.name if node.name and node.name not in used else name
@@ -570,6 +581,12 @@ def _run_onnx(model: OnnxModel, x: torch.Tensor) -> list[Output]:
                 recorded.append((name, label, i, node.op_type))
                 if name not in outputs_now:
                     m.graph.output.append(info[name])
+    control = next((n for n in m.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                   for a in n.attribute)), None)
+    if control is not None:
+        raise PortingError(f"node {shown(control.name or control.output[0])} ({control.op_type}) runs a subgraph on a "
+                           "condition or count that depends on the input: its sizes cannot be checked before it "
+                           "runs; not supported", model.path)
     limit = Budget.default().memory
     if limit is not None and total > limit:
         raise PortingError(f"its values take {format_bytes(total)}, above the limit of {format_bytes(limit)} "
