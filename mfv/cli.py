@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from porting.cli import run_command
 from porting.errors import PortingError
@@ -117,6 +118,61 @@ def _facet(args) -> int:
     return 0
 
 
+def _facets(args) -> int:
+    import time
+
+    import torch
+
+    from mfv import schedule
+    from mfv.batch import load_means, parse_units, run_facets
+    from mfv.loop import save_facet
+
+    units = parse_units(args.units) if args.units is not None else [args.unit]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise PortingError("no CUDA device is available to torch", place="--device cuda")
+    if args.iterations is not None and args.iterations < 1:
+        raise PortingError(f"--iterations must be at least 1, not {args.iterations}")
+    if args.units_per_batch < 1:
+        raise PortingError(f"--units-per-batch must be at least 1, not {args.units_per_batch}")
+    means = load_means(args.means)
+    octaves = schedule.MEAN_OCTAVES
+    args.octave_layers = sorted({o.layer for o in octaves if o.layer})
+    net = _load_net(args)
+    height, width = net.preprocessing.input_size
+    for path, rgb in means:
+        if rgb.shape[0] < height or rgb.shape[1] < width:
+            raise PortingError(f"mean image is {rgb.shape[1]}x{rgb.shape[0]}, smaller than the net's "
+                               f"{width}x{height} input", path)
+    net.module.to(args.device)
+    with torch.no_grad():
+        count = net.layer_output(torch.zeros((1, 3, height, width), device=net.device), args.layer).shape[1]
+    bad = [u for u in units if not 0 <= u < count]
+    if bad:
+        raise PortingError(f"unit {bad[0]} is out of range: {args.layer} has {count} units",
+                           place="--units" if args.units is not None else "--unit")
+    names = f"{means[0][0].name}..{means[-1][0].name}" if len(means) > 1 else means[0][0].name
+    for first in range(0, len(units), args.units_per_batch):
+        group = units[first:first + args.units_per_batch]
+        tasks = [(unit, args.seed, rgb) for unit in group for _, rgb in means]
+        began = time.perf_counter()
+        label = f"unit {group[0]}" if len(group) == 1 else f"units {group[0]}..{group[-1]}"
+        results = run_facets(net, tasks, octaves, layer=args.layer, xy=args.xy, mode=args.mode,
+                             snapshot_every=args.snapshot_every, progress=not args.no_progress,
+                             iterations=args.iterations, desc=f"{label}: {len(tasks)} facets")
+        seconds = time.perf_counter() - began
+        for u, unit in enumerate(group):
+            mine = results[u * len(means):(u + 1) * len(means)]
+            out = Path(args.out) / str(unit)
+            for k, result in enumerate(mine):
+                save_facet(result, out, f"facet_{args.layer}_{unit:04d}_mean_{k}_{args.mode}_seed{args.seed}")
+            finals = [r.records[-1].objective for r in mine]
+            hits = sum(r.records[-1].best_unit == unit for r in mine)
+            print(f"unit {unit} of {args.layer} (mean, {args.mode}, seed {args.seed}): {len(mine)} facets from "
+                  f"{names}, {len(mine[0].records)} iterations, final objective {min(finals):.3f}..{max(finals):.3f}, "
+                  f"best unit {unit} in {hits} of {len(mine)}, {seconds / len(group):.1f} s; wrote {out}")
+    return 0
+
+
 def _compare(args) -> int:
     from porting.legacy import Worker
 
@@ -218,6 +274,27 @@ def add_parser(subparsers) -> None:
                    help="trace arrays every N iterations, plus the first and last (0: none; 2.4 MB each)")
     p.add_argument("--name", help="output file stem")
     p.set_defaults(func=_facet)
+
+    p = subparsers.add_parser("facets", help="visualise every facet of a unit (one per mean image of --means) "
+                                             "in one batch",
+                              description="Every mean image of --means (mean_0 ... mean_{k-1}) starts one facet of "
+                                          "each unit; a unit's facets run as one batch. Every facet uses --seed "
+                                          "(default 1, as the authors' opt_from_mean.sh). Outputs: OUT/<unit>/.")
+    _common(p, "fc8")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--unit", type=int, help="unit (channel) to maximise")
+    which.add_argument("--units", help="units: 498,945 or a range 0-9 (or both: 0-3,7)")
+    p.add_argument("--means", required=True, help="folder of mean images mean_0 ... (.png, .jpg or .npy)")
+    p.add_argument("--xy", type=int, default=0, help="spatial position for conv layers")
+    p.add_argument("--mode", choices=["faithful", "modern"], default="faithful",
+                   help="faithful: the 2016 stack's arithmetic and libraries; modern: today's")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the net and TV run")
+    p.add_argument("--iterations", type=int, help="stop after N iterations (quick looks)")
+    p.add_argument("--units-per-batch", type=int, default=1,
+                   help="units whose facets share one batch (default 1: one batch per unit)")
+    p.add_argument("--snapshot-every", type=int, default=50,
+                   help="trace arrays every N iterations, plus the first and last (0: none; 2.4 MB each)")
+    p.set_defaults(func=_facets, seed=1)
 
     p = subparsers.add_parser("compare", help="run a facet on real Caffe 1.0 (the 2016 stack) and on the port, "
                                               "compare them step by step and write a drift report")

@@ -269,9 +269,7 @@ def gradient_steps(net: FacetNet, xs: np.ndarray, layer: str, units, step_sizes,
     scale = net.preprocessing.pixel_scale()
     results = []
     for k in range(n):
-        g = grads[k]
-        if margins[k] != 0:
-            g = g * central_mask(g.shape, margins[k])
+        g = grads[k] * central_mask(grads[k].shape, margins[k]) if margins[k] != 0 else grads[k].copy()
         stepped, mean_abs = apply_step(xs[k], g, step_sizes[k], lo, hi, mode, scale)
         results.append(StepResult(stepped, g, values[k], best_units[k], float(acts[k, best_units[k]]),
                                   float(mean_abs)))
