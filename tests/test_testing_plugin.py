@@ -129,8 +129,9 @@ def test_seeded_bug_fails_with_a_short_message(golden, bug):
         assert found and found[1] == key and found[4] == key.split("/")[1], lines
         error, bound, ratio = float(found[2]), float(found[3]), float(found[5])
         assert error > 10 * bound > 0 and ratio > 10, lines  # the bug is far beyond float32 rounding
-    if importlib.util.find_spec("porting.verify.diagnose") is not None and bug != "pool_rounded_down":
-        assert diagnosis, "the verifier diagnoses this classic bug"
+    if importlib.util.find_spec("porting.verify.diagnose") is not None:  # the verifier diagnoses classic bugs
+        layer = verdict.split("layer ")[1].split(" ")[0]
+        assert f"{layer} matches" in diagnosis, diagnosis
     assert [line for line in lines if line.startswith("diagnosis: ")] == ([f"diagnosis: {diagnosis}"] if diagnosis
                                                                           else [])
     assert len(lines) <= 4 and all(len(line) < 400 for line in lines), lines
@@ -202,6 +203,8 @@ def test_plugin_in_a_separate_project(small, tmp_path):
     assert ("AssertionError: the module does not match Caffe (golden.npz): FAIL at the forward of layer norm1 "
             "(LRN): torch computes norm1 differently from caffe") in out, out
     assert "measured at top/norm1/0/data: error " in out, out
+    if importlib.util.find_spec("porting.verify.diagnose") is not None:
+        assert "diagnosis: norm1 matches" in out, out
     assert "FAILED test_port.py::test_port_with_lrn_bug" in out and "porting/testing.py" not in out, out
     # the fixture without a golden file configured fails and says how to give one
     done = run("-o", "porting_golden=", "-k", "matches")
