@@ -1,0 +1,621 @@
+"""Diagnosis: which classic porting bug accounts for a foreign port's departure.
+
+When someone else's module departs from Caffe (``porting verify --torch``,
+porting.verify.foreign), ``diagnose`` takes the layer the verdict blames
+(``Verification.departed_at``: the first departing layer, forward in net order) and
+re-runs it in float64 with the alternative semantics ports classically get wrong, each
+built from the port's own layer class (a copy of the layer's LayerParameter edited and
+rebuilt, or its blobs or inputs changed), so what is particular to a layer type stays in
+its class. An explanation is claimed only when the module's output then matches: the
+same shape and every element within the float32 rounding bound of the alternative layer
+on those inputs (``CaffeLayer.forward_bound``, the verdict's rule), plus, where the port
+rounds once more than Caffe's layer would (an input converted in float32, a product
+added), that rounding. The first explanation that fits is reported; when none does, the
+sentence says that no known explanation fits.
+
+The layer's inputs are the module's own (its counterparts' recorded arrays), which are
+Caffe's up to float32 rounding: every layer before the first departing one is within it.
+Where an input has no counterpart in the module (the layer then had no local check and
+fails by its per-blob tolerance), Caffe's array stands in, and the match is judged by that
+per-blob tolerance (relative to the largest element), since the module computed from
+inputs that were not recorded.
+
+The catalogue (explanation ids), by where it applies:
+
+* the first layer reading the net's input (the input conversion), in Caffe's input space
+  (BGR, 0-255 minus ``caffe_mean``): ``input-swap`` (B and R swapped), ``input-unit``
+  (0-1 units: / 255), ``input-mean-kept`` (mean not subtracted), ``input-mean-twice``,
+  ``input-unit-no-mean`` (ToTensor alone: picture / 255), each also after the swap; and
+  ``input-mean`` (another mean: the per-channel offset fitted by least squares, then
+  checked like the others);
+* Pooling: ``pool-floor`` (size rounded down: ceil_mode=False), ``pool-no-clip`` (Caffe's
+  rule dropping a last window that starts in the padding ignored), ``ave-divisor``
+  (count_include_pad=False), ``pool-pad`` (another padding);
+* LRN: ``lrn-alpha-whole`` (alpha not divided by local_size), ``lrn-alpha-divided``
+  (divided once more), ``lrn-k``, ``lrn-beta``, ``lrn-region`` (across/within channels);
+* Convolution, Deconvolution: ``conv-flipped`` (kernels rotated 180 degrees),
+  ``group-ignored`` (groups=1, weights tiled), ``conv-pad``, ``bias-missing``;
+* InnerProduct: ``ip-transposed`` (the N x K blob read as K x N), ``flatten-nhwc``
+  (flattened channels-last), ``bias-missing``;
+* BatchNorm: ``bn-eps`` (another eps), ``bn-factor`` (the moving-average factor, blob 2,
+  ignored); Scale: ``scale-bias`` (bias dropped);
+* Dropout: ``dropout-train`` (training mode: each output 0 or the input times
+  1 / (1 - ratio)), ``dropout-scaled`` (times 1 - ratio at test);
+* Softmax: ``softmax-axis`` (another axis);
+* ReLU: ``relu-missing`` (the port has none there); any other layer: ``relu-missing`` (a
+  ReLU that wrote its input skipped), ``relu-extra`` (a ReLU on its input or output).
+
+A blamed layer whose one input has no counterpart in the module (it fails by its per-blob
+tolerance: no local check covered it) is diagnosed at the layer that wrote that input,
+its alternatives followed by the blamed layer as Caffe has it (e.g. a Scale whose bias
+the port dropped, seen through the ReLU after it); the match is then judged by the blamed
+layer's per-blob tolerance.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from porting.rounding import ETA, U, magnitude
+from porting.verify.keys import NetValues, Value
+
+CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # the mean verify's image inputs have had subtracted
+BN_EPS = (1e-5, 1e-3, 1e-4, 2e-5, 1e-6, 1e-2, 0.0)  # eps values ports use (torch's default first)
+LINEAR_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+
+
+@dataclass
+class Diagnosis:
+    """What accounts for the departure at ``layer``: ``explanation`` (an id of the catalogue,
+    None when no known explanation fits) and one ``sentence`` for people; ``tried``: the
+    ids tried there, in order."""
+
+    layer: str
+    explanation: str | None
+    sentence: str
+    tried: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "explanation": self.explanation, "sentence": self.sentence,
+                "tried": list(self.tried)}
+
+
+@dataclass
+class _Try:
+    """One alternative: ``module`` (float64) applied to ``bottoms``, ``after`` (an exact
+    element-wise map) applied to its output; ``slack``: a bound on the port's extra
+    rounding, added to the layer's own bound (a tensor of the output's shape, or 0)."""
+
+    id: str
+    what: str
+    module: object
+    bottoms: list
+    after: Callable | None = None
+    why: str = ""
+    slack: object = 0.0
+
+
+@dataclass
+class _Layer:
+    """The blamed layer: its spec (float64 module), bottoms (float64), which of them are the
+    module's own arrays, the value compared and the module's output there."""
+
+    spec: object
+    values: NetValues
+    bottoms: list
+    own: list
+    value: Value
+    output: torch.Tensor
+    caffe_shape: tuple
+    candidate: Mapping
+    reference: Mapping
+    caffe_mean: tuple
+    through: list = field(default_factory=list)  # layers applied after it, up to the blamed one
+
+
+def diagnose(verification, net64, reference: Mapping, candidate: Mapping,
+             caffe_mean=CAFFE_MEAN_BGR) -> Diagnosis | None:
+    """The diagnosis of a failed verification of a foreign module (None when it passed).
+
+    ``net64``: the port in float64 (its layers are the exact reading); ``reference`` and
+    ``candidate``: Caffe's and the module's keyed arrays as verify_arrays judged them;
+    ``caffe_mean``: the mean (BGR, 0-255) Caffe's input has had subtracted.
+    """
+    if verification.passed:
+        return None
+    layer = verification.departed_at
+    if layer is None:
+        return None
+    values = NetValues(net64.graph)
+    dep = verification.departure
+    shape_row = next((r for r in verification.rows if r.problem and r.layer == layer), None)
+    if shape_row is None and dep is not None and dep.layer == layer:
+        if dep.direction != "forward":
+            return Diagnosis(layer, None, f"No known explanation fits: {layer} departs in its gradient only "
+                             "(the catalogue covers forward bugs).")
+        if verification.candidate not in dep.frameworks:
+            return Diagnosis(layer, None, f"No known explanation fits: at {layer} Caffe departs from the "
+                             "port's float64 reading, not the module.")
+    targets = _blamed(values, layer, reference, candidate, caffe_mean)
+    if not targets:
+        return Diagnosis(layer, None, f"No known explanation fits: {layer} has no output of the module to test.")
+    row = next((r for r in verification.rows if r.layer == layer and r.kind == "data"), None)
+    tried = []
+    for target in targets:
+        tolerance = None
+        if target.through or not all(target.own):
+            tolerance = row.tolerance if row is not None else 1e-4
+        for attempt in _catalogue(target):
+            if attempt.id not in tried:
+                tried.append(attempt.id)
+            try:
+                fits = _fits(attempt, target, tolerance)
+            except (RuntimeError, ValueError, IndexError):  # an alternative this layer cannot take
+                fits = False
+            if fits:
+                return Diagnosis(target.spec.name, attempt.id, _sentence(target, attempt.what, attempt.why), tried)
+        if target.spec.type == "Dropout" and not target.through:
+            tried.append("dropout-train")
+            special = _dropout_train(target)
+            if special is not None:
+                return Diagnosis(layer, "dropout-train", _sentence(target, *special), tried)
+    kind = values.specs[values.position[layer]].type
+    return Diagnosis(layer, None, f"No known explanation fits the departure at {layer} ({kind}): "
+                     f"{len(tried)} tried ({', '.join(tried) or 'none applies to this type'}).", tried)
+
+
+def _blamed(values: NetValues, layer: str, reference, candidate, caffe_mean) -> list[_Layer]:
+    """What to re-run: the blamed layer on its inputs; when its one input has no counterpart
+    in the module, first the layer that wrote that input, checked through the blamed one."""
+    spec = values.specs[values.position[layer]]
+    if spec.module is None or spec.is_input:
+        return []
+    value = next((v for v in values.by_layer[layer] if values.read(candidate, v, "data") is not None), None)
+    found = None if value is None else _inputs(values, layer, reference, candidate)
+    if found is None:
+        return []
+    bottoms, own = found
+    ref = values.read(reference, value, "data")
+    target = _Layer(spec, values, bottoms, own, value, _t(values.read(candidate, value, "data")),
+                    tuple(np.shape(ref)) if ref is not None else (), candidate, reference, tuple(caffe_mean))
+    up = values.bottoms[layer][0] if len(own) == 1 and not own[0] else None
+    if up is None or values.specs[up.position].is_input or len(values.by_layer[up.layer]) != 1:
+        return [target]
+    writer = values.specs[up.position]
+    found = _inputs(values, writer.name, reference, candidate)
+    if found is None or writer.module is None or not all(found[1]):
+        return [target]
+    chained = _Layer(writer, values, found[0], found[1], up, target.output, target.caffe_shape, candidate,
+                     reference, tuple(caffe_mean), [spec])
+    return [chained, target]
+
+
+def _inputs(values: NetValues, layer: str, reference, candidate) -> tuple[list, list] | None:
+    """A layer's bottoms (float64): the module's arrays, Caffe's where it has none, and
+    which are the module's own."""
+    bottoms, own = [], []
+    for v in values.bottoms[layer]:
+        if v is None:
+            return None
+        arr = values.read(candidate, v, "data")
+        own.append(arr is not None)
+        arr = values.read(reference, v, "data") if arr is None else arr
+        if arr is None:
+            return None
+        bottoms.append(_t(arr))
+    return bottoms, own
+
+
+def _t(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, np.float64))
+
+
+def _fits(attempt: _Try, target: _Layer, tolerance: float | None) -> bool:
+    """The module's output within the alternative's rounding bound (or ``tolerance``)."""
+    index = target.value.index
+    with torch.no_grad():
+        tops = list(attempt.module(*attempt.bottoms))
+        y = tops[index]
+        for layer in target.through:  # exact float64 layers of one bottom, as Caffe has them
+            y = layer.module(y)[0]
+        if tuple(y.shape) != tuple(target.output.shape) or not bool(torch.isfinite(y).all()):
+            return False
+        err = (target.output - (attempt.after(y) if attempt.after else y)).abs()
+        if tolerance is not None:
+            return float(err.max()) <= tolerance * float(y.abs().max())
+        bounds = attempt.module.forward_bound(attempt.bottoms, tops, None)
+    if bounds is None:
+        return False
+    return bool((err <= bounds[index] + attempt.slack).all())
+
+
+def _sentence(target: _Layer, what: str, why: str = "") -> str:
+    name = target.spec.name
+    text = ""
+    if target.through:
+        name += (f" (without a counterpart in the module, checked through "
+                 f"{', '.join(s.name for s in target.through)})")
+    elif target.caffe_shape and tuple(target.output.shape) != target.caffe_shape:
+        text = (f"{name} output is {_dims(target.caffe_shape)} in Caffe and {_dims(target.output.shape)} in the "
+                f"port; ")
+    return text + f"{name} matches {what}" + (f": {why}" if why else "") + "."
+
+
+def _dims(shape) -> str:
+    shape = tuple(int(d) for d in shape)
+    return "x".join(map(str, shape[2:] if len(shape) == 4 else shape))
+
+
+# --------------------------------------------------------------------------------------
+# Building alternatives from the port's own layer classes
+# --------------------------------------------------------------------------------------
+
+def _rebuilt(spec, bottoms, edit=None, blobs=None):
+    """``spec``'s layer built again from an edited copy of its LayerParameter (``edit(param)``)
+    with ``blobs`` (default its own), in float64."""
+    from porting.layers import build_layer
+
+    param = type(spec.param)()
+    param.CopyFrom(spec.param)
+    if edit is not None:
+        edit(param)
+    arrays = [b.detach().double().numpy() for b in spec.module.blobs] if blobs is None else blobs
+    layer = build_layer(param, [tuple(b.shape) for b in bottoms], arrays)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.data = p.data.double()
+    return layer
+
+
+def _patched(module, name: str, fn):
+    """A copy of ``module`` with method ``name`` replaced on the copy only."""
+    twin = copy.deepcopy(module)
+    setattr(twin, name, MethodType(fn, twin))
+    return twin
+
+
+def _catalogue(t: _Layer) -> Iterator[_Try]:
+    kind = t.spec.type
+    per_type = {"Pooling": _pooling, "LRN": _lrn, "Convolution": _convolution, "Deconvolution": _convolution,
+                "InnerProduct": _inner_product, "BatchNorm": _batch_norm, "Scale": _scale, "Dropout": _dropout,
+                "Softmax": _softmax, "ReLU": _relu}
+    if kind in per_type:
+        yield from _safely(per_type[kind](t))
+    if any(t.values.specs[v.position].is_input for v in t.values.bottoms[t.spec.name]):
+        yield from _safely(_input(t))
+    if kind != "ReLU":
+        yield from _safely(_relus(t))
+
+
+def _safely(alternatives: Iterator[_Try]) -> Iterator[_Try]:
+    """The alternatives of one group until one cannot be built for this layer (a shape or
+    configuration it does not take): the rest of that group is skipped."""
+    while True:
+        try:
+            attempt = next(alternatives)
+        except StopIteration:
+            return
+        except (RuntimeError, ValueError, IndexError, KeyError):
+            return
+        yield attempt
+
+
+def _input(t: _Layer) -> Iterator[_Try]:
+    """The input conversion, at the first layer reading the net's input (slot of the input)."""
+    slot = next(i for i, v in enumerate(t.values.bottoms[t.spec.name]) if t.values.specs[v.position].is_input)
+    x = t.bottoms[slot]
+    module = t.spec.module
+    rgb = x.dim() == 4 and x.shape[1] == 3
+    mean = torch.tensor(t.caffe_mean, dtype=torch.float64).view(1, 3, 1, 1) if rgb else None
+    shown = ", ".join(f"{m:g}" for m in t.caffe_mean)
+    maps = [("input-unit", "with the input in 0-1 units (divided by 255) where Caffe takes 0-255",
+             lambda z: z / 255)]
+    if rgb:
+        maps += [("input-mean-kept", f"with the mean ({shown}, BGR) not subtracted from the input",
+                  lambda z: z + mean),
+                 ("input-mean-twice", f"with the mean ({shown}, BGR) subtracted twice", lambda z: z - mean),
+                 ("input-unit-no-mean", "with the input in 0-1 units and the mean not subtracted (the picture / "
+                  "255, as ToTensor alone gives it)", lambda z: (z + mean) / 255)]
+    swaps = [(False, x)] + ([(True, x.flip(1))] if rgb else [])
+    for swapped, z in swaps:
+        tag, lead = ("input-swap", "after swapping B and R at the input") if swapped else ("", "")
+        if swapped:
+            yield _input_try(t, module, slot, z, tag, lead, "the port takes RGB where Caffe's weights take BGR")
+        for id_, what, f in maps:
+            yield _input_try(t, module, slot, f(z), f"{tag}+{id_}" if tag else id_,
+                             f"{lead}, {what}" if tag else what)
+    if rgb and t.spec.type in LINEAR_TYPES:
+        for swapped, z in swaps:
+            found = _fitted_mean(t, module, slot, z, swapped)
+            if found is not None:
+                yield found
+
+
+def _input_try(t: _Layer, module, slot: int, z: torch.Tensor, id_: str, what: str, why: str = "") -> _Try:
+    bottoms = list(t.bottoms)
+    bottoms[slot] = z
+    return _Try(id_, what, module, bottoms, why=why, slack=_input_slack(t, module, bottoms, slot))
+
+
+def _input_slack(t: _Layer, module, bottoms, slot: int):
+    """The port converts its input in float32 (up to two roundings of each element): for a
+    layer linear in its input, 2u times the layer's |weights| applied to |input|."""
+    if t.spec.type not in LINEAR_TYPES:
+        return 0.0
+    mags = magnitude(module, [b if i == slot else torch.zeros_like(b) for i, b in enumerate(bottoms)])
+    return 2 * U * mags[t.value.index] + ETA
+
+
+def _fitted_mean(t: _Layer, module, slot: int, z: torch.Tensor, swapped: bool) -> _Try | None:
+    """Another mean: the per-channel offset d with layer(z + d) closest to the module's output
+    (least squares over every output element; the layer is linear in its input), then
+    checked like any alternative."""
+    index = t.value.index
+    with torch.no_grad():
+        bottoms = list(t.bottoms)
+        bottoms[slot] = z
+        base = module(*bottoms)[index]
+        if tuple(base.shape) != tuple(t.output.shape):
+            return None
+        columns = []
+        for c in range(3):
+            unit = torch.zeros(1, 3, 1, 1, dtype=torch.float64)
+            unit[0, c] = 1.0
+            bottoms[slot] = z + unit
+            columns.append((module(*bottoms)[index] - base).reshape(-1))
+        a = torch.stack(columns, dim=1)
+        d = torch.linalg.lstsq(a, (t.output - base).reshape(-1, 1)).solution.reshape(-1)
+    if not bool(torch.isfinite(d).all()) or float(d.abs().max()) < 1e-3:
+        return None
+    caffe_mean = torch.tensor(t.caffe_mean, dtype=torch.float64)
+    if swapped:  # the port's input is RGB picture - (flip(caffe_mean) - d)
+        subtracted, order = caffe_mean.flip(0) - d, "R, G, B"
+    else:
+        subtracted, order = caffe_mean - d, "B, G, R"
+    shown = ", ".join(f"{float(m):.2f}" for m in subtracted)
+    lead = "after swapping B and R at the input, " if swapped else ""
+    what = (f"{lead}with the mean ({order}) = ({shown}) subtracted where Caffe's input has "
+            f"({', '.join(f'{m:g}' for m in t.caffe_mean)}, BGR) subtracted")
+    return _input_try(t, module, slot, z + d.view(1, 3, 1, 1), ("input-swap+" if swapped else "") + "input-mean",
+                      what)
+
+
+def _pooling(t: _Layer) -> Iterator[_Try]:
+    from porting.layers.pooling import caffe_ave_pool, caffe_max_pool, pooled_size
+
+    m = t.spec.module
+    x = t.bottoms[0]
+    kernel, stride, pad, pooled = m.geometry(x)
+    if m.global_pooling:
+        return
+    floor = tuple(pooled_size(s, k, st, p, ceil_mode=False) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
+    if floor != tuple(pooled):
+        def floored(self, x):
+            if self.method == "MAX":
+                return (F.max_pool2d(x, kernel, stride, pad, ceil_mode=False),)
+            return (F.avg_pool2d(x, kernel, stride, pad, ceil_mode=False),)
+
+        yield _Try("pool-floor", "with the pooled size rounded down (ceil_mode=False)", _patched(m, "forward", floored),
+                   [x], why="Caffe rounds pooling output size up (ceil_mode=True)")
+    unclipped = tuple(pooled_size(s, k, st, p) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
+    if unclipped != tuple(pooled):
+        def no_clip(self, x):
+            pool = caffe_max_pool if self.method == "MAX" else caffe_ave_pool
+            return (pool(x, kernel, stride, pad, unclipped),)
+
+        yield _Try("pool-no-clip", "with a last window that starts in the padding kept",
+                   _patched(m, "forward", no_clip), [x],
+                   why="Caffe drops it ((pooled - 1) * stride >= size + pad)")
+    if m.method == "AVE" and any(pad):
+        def exclude_pad(self, x):
+            return (F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=False),)
+
+        yield _Try("ave-divisor", "with each average over the image cells only (count_include_pad=False)",
+                   _patched(m, "forward", exclude_pad), [x], why="Caffe's divisor counts the padding")
+    for p in range(0, max(kernel)):
+        if (p, p) == tuple(pad):
+            continue
+
+        def edit(param, p=p):
+            pp = param.pooling_param
+            pp.ClearField("pad_h"), pp.ClearField("pad_w")
+            pp.pad = p
+
+        try:
+            layer = _rebuilt(t.spec, [x], edit)
+        except ValueError:
+            continue
+        if tuple(layer.top_shapes[0]) == tuple(t.output.shape):
+            yield _Try("pool-pad", f"with pad {p} instead of {_pair(pad)}", layer, [x])
+
+
+def _pair(values) -> str:
+    values = tuple(values)
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+def _lrn(t: _Layer) -> Iterator[_Try]:
+    from porting import caffe_pb2
+
+    m = t.spec.module
+    x = t.bottoms
+
+    def edited(**changes):
+        def edit(param):
+            for k, v in changes.items():
+                setattr(param.lrn_param, k, v)
+        return _rebuilt(t.spec, x, edit)
+
+    yield _Try("lrn-alpha-whole", "with alpha not divided by local_size (k + alpha * the window's sum of squares)",
+               edited(alpha=m.alpha * m.size), x, why=f"Caffe scales the sum by alpha / local_size = {m.alpha:g} / {m.size}")
+    yield _Try("lrn-alpha-divided", f"with alpha divided by local_size once more ({m.alpha:g} / {m.size})",
+               edited(alpha=m.alpha / m.size), x,
+               why="torch's LocalResponseNorm divides alpha by size itself, as Caffe does; pass Caffe's alpha as it is")
+    for k in (1.0, 2.0):
+        if k != m.k:
+            yield _Try("lrn-k", f"with k = {k:g} instead of {m.k:g}", edited(k=k), x)
+    for beta in (0.75, 0.5, 1.0):
+        if beta != m.beta:
+            yield _Try("lrn-beta", f"with beta = {beta:g} instead of {m.beta:g}", edited(beta=beta), x)
+    region = caffe_pb2.LRNParameter
+    other = region.ACROSS_CHANNELS if m.within else region.WITHIN_CHANNEL
+    yield _Try("lrn-region", f"with the window {'across channels' if m.within else 'within each channel'} "
+               f"instead of {'within each channel' if m.within else 'across channels'}",
+               edited(norm_region=other), x)
+
+
+def _convolution(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    x = t.bottoms
+    blobs = [b.detach().double().numpy() for b in m.blobs]
+    spatial = tuple(range(2, 2 + m.num_spatial))
+    yield _Try("conv-flipped", "with its kernels rotated by 180 degrees (flipped)",
+               _rebuilt(t.spec, x, blobs=[np.flip(blobs[0], spatial).copy()] + blobs[1:]), x,
+               why="Caffe cross-correlates with the kernel as stored" if not m.reverse else
+               "Caffe's deconvolution is the convolution's backward, with the kernel as stored")
+    if m.group > 1 and not m.reverse:
+        tiled = np.tile(blobs[0], (1, m.group) + (1,) * m.num_spatial)
+        yield _Try("group-ignored", f"with groups=1 and each filter's weights tiled over the {m.group} channel groups",
+                   _rebuilt(t.spec, x, lambda p: setattr(p.convolution_param, "group", 1), [tiled] + blobs[1:]), x,
+                   why=f"Caffe's group: {m.group} convolves each group of channels with its own filters")
+    for p in range(0, max(m.kernel) + 1):
+        if all(q == p for q in m.pad):
+            continue
+
+        def edit(param, p=p):
+            cp = param.convolution_param
+            cp.ClearField("pad_h"), cp.ClearField("pad_w")
+            del cp.pad[:]
+            cp.pad.append(p)
+
+        try:
+            layer = _rebuilt(t.spec, x, edit)
+        except ValueError:
+            continue
+        if tuple(layer.top_shapes[0]) == tuple(t.output.shape):
+            yield _Try("conv-pad", f"with pad {p} instead of {_pair(m.pad)}", layer, x)
+    if m.bias_term:
+        yield _bias_missing(t, "convolution_param")
+
+
+def _bias_missing(t: _Layer, field_name: str) -> _Try:
+    blobs = [b.detach().double().numpy() for b in t.spec.module.blobs]
+    layer = _rebuilt(t.spec, t.bottoms, lambda p: setattr(getattr(p, field_name), "bias_term", False), blobs[:1])
+    return _Try("bias-missing", "without its bias", layer, t.bottoms)
+
+
+def _inner_product(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    x = t.bottoms
+    k = math.prod(m.param_shapes[0]) // m.num_output
+    yield _Try("ip-transposed", "with the weight transposed (Caffe's num_output x K blob read as K x num_output)"
+               if not m.transpose else "with the weight transposed (the K x num_output blob read as num_output x K)",
+               _rebuilt(t.spec, x, lambda p: setattr(p.inner_product_param, "transpose", not m.transpose)), x,
+               why=f"Caffe stores it {m.num_output} x {k}" if not m.transpose else "")
+    if x[0].dim() == 4 and m.axis == 1:
+        nhwc = x[0].permute(0, 2, 3, 1).reshape(x[0].shape)
+        yield _Try("flatten-nhwc", "with its input flattened channels-last (N x H x W x C)", m, [nhwc],
+                   why="Caffe flattens N x C x H x W")
+    if m.bias_term:
+        yield _bias_missing(t, "inner_product_param")
+
+
+def _batch_norm(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    if not m.use_global_stats:
+        return
+    for eps in BN_EPS:
+        if eps != m.eps:
+            yield _Try("bn-eps", f"with BatchNorm eps {eps:g} instead of {m.eps:g}",
+                       _rebuilt(t.spec, t.bottoms, lambda p, e=eps: setattr(p.batch_norm_param, "eps", e)), t.bottoms)
+    blobs = [b.detach().double().numpy() for b in m.blobs]
+    factor = float(blobs[2].reshape(-1)[0])
+    if factor not in (0.0, 1.0):
+        yield _Try("bn-factor", f"with the stored mean and variance not divided by the moving-average factor "
+                   f"(blob 2, {factor:g})", _rebuilt(t.spec, t.bottoms, blobs=blobs[:2] + [np.ones_like(blobs[2])]),
+                   t.bottoms, why="Caffe's running statistics are blob 0 and blob 1 over blob 2")
+
+
+def _scale(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    if m.bias_term:
+        blobs = [b.detach().double().numpy() for b in m.blobs]
+        yield _Try("scale-bias", "without the Scale layer's bias (a multiplication only)",
+                   _rebuilt(t.spec, t.bottoms, lambda p: setattr(p.scale_param, "bias_term", False), blobs[:-1]),
+                   t.bottoms, why="the prototxt's scale_param has bias_term: true")
+
+
+def _dropout(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    if m.phase != "test" or not m.ratio:
+        return
+    keep = 1.0 - m.ratio
+    twin = _patched(m, "apply_to", lambda self, x: x * keep)
+    y = t.bottoms[0] * keep
+    yield _Try("dropout-scaled", f"multiplied by 1 - ratio = {keep:g}", twin, t.bottoms,
+               why="Caffe's Dropout scales at training, and is the identity at test", slack=U * y.abs() + ETA)
+
+
+def _dropout_train(t: _Layer) -> tuple[str, str] | None:
+    """Dropout left in training mode: each output 0 or the input times 1 / (1 - ratio)
+    (within one rounding), some of each where the input is not 0."""
+    m = t.spec.module
+    if t.spec.type != "Dropout" or not m.ratio or tuple(t.output.shape) != tuple(t.bottoms[0].shape):
+        return None
+    x, y = t.bottoms[0], t.output
+    scaled = x / (1.0 - m.ratio)
+    kept = (y - scaled).abs() <= 2 * U * scaled.abs() + ETA
+    dropped = (y == 0) & (x != 0)
+    if not bool((kept | (y == 0)).all()) or not bool(dropped.any()):
+        return None
+    n = int(dropped.sum())
+    return (f"Dropout in training mode ({n} of {x.numel()} outputs zeroed, the others scaled by "
+            f"1 / (1 - {m.ratio:g}))", "F.dropout's training=True default or a module left in train mode; "
+            "Caffe's Dropout is the identity at test")
+
+
+def _softmax(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    for axis in range(t.bottoms[0].dim()):
+        if axis != m.axis:
+            yield _Try("softmax-axis", f"with the softmax over axis {axis}"
+                       + (" (the batch)" if axis == 0 else "") + f" instead of axis {m.axis}",
+                       _rebuilt(t.spec, t.bottoms, lambda p, a=axis: setattr(p.softmax_param, "axis", a)), t.bottoms)
+
+
+def _relu(t: _Layer) -> Iterator[_Try]:
+    yield _Try("relu-missing", "with no ReLU applied (its input passed on as it is)",
+               _patched(t.spec.module, "apply_to", lambda self, x: x * 1.0), t.bottoms,
+               why=f"the port has no ReLU {t.spec.name}")
+
+
+def _relus(t: _Layer) -> Iterator[_Try]:
+    """relu-missing: a bottom written by a ReLU taken from that ReLU's input instead;
+    relu-extra: a ReLU applied to the inputs, or to the output."""
+    values, name = t.values, t.spec.name
+    module = t.spec.module
+    for slot, v in enumerate(values.bottoms[name]):
+        writer = values.specs[v.position]
+        if writer.type != "ReLU" or values.bottoms[writer.name][0] is None:
+            continue
+        before = values.bottoms[writer.name][0]
+        arr = values.read(t.candidate, before, "data")
+        if arr is None:
+            continue
+        bottoms = list(t.bottoms)
+        bottoms[slot] = _t(arr)
+        yield _Try("relu-missing", f"when {writer.name} is skipped (its input {before.layer} taken unrectified)",
+                   module, bottoms, why=f"the port has no ReLU {writer.name}")
+    if any(bool((b < 0).any()) for b in t.bottoms):
+        yield _Try("relu-extra", "with a ReLU applied to its input", module, [torch.relu(b) for b in t.bottoms],
+                   why="the port has an extra ReLU before it")
+    yield _Try("relu-extra", "with a ReLU applied to its output", module, t.bottoms, after=torch.relu,
+               why="the port has an extra ReLU after it")

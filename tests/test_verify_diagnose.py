@@ -1,0 +1,174 @@
+"""`porting verify --torch`: the diagnosis of a departing foreign port (porting.verify.diagnose).
+
+The port is tests/fixtures/foreign_caffenet_bugs.py (foreign_caffenet.py's hand-written
+nn.Sequential, torch layers only, extended to NET below: conv2 grouped, a BatchNorm and a
+Scale after it, pool2 AVE with padding), with one classic porting bug seeded at a time.
+Its weights are drawn by real Caffe's fillers; BatchNorm statistics (per-channel mean and
+variance of conv2 over a calibration batch, times a moving-average factor of 999) and
+Scale parameters (U(0.5, 1.5), N(0, 0.5)) are set as training leaves them. Real Caffe runs
+once (`porting reference dump`, batch 2, objective fc8:3); every verify reads that golden
+file. Each bug fails with exit 1, the layer the verdict blames is where the bug is, and
+the diagnosis names the bug; the correct port passes with no diagnosis; a bug outside the
+catalogue gets "no known explanation fits".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from porting.cli import main
+from porting.net import load_caffe
+
+pytestmark = pytest.mark.caffe
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "foreign_caffenet_bugs.py"
+
+NET = """name: "foreign_diag"
+input: "data"
+input_shape { dim: 2 dim: 3 dim: 21 dim: 21 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 8 kernel_size: 3 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1"
+  lrn_param { local_size: 5 alpha: 0.01 beta: 0.75 } }
+layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
+  convolution_param { num_output: 12 kernel_size: 3 pad: 1 group: 2 } }
+layer { name: "bn2" type: "BatchNorm" bottom: "conv2" top: "conv2" batch_norm_param { eps: 0.001 } }
+layer { name: "scale2" type: "Scale" bottom: "conv2" top: "conv2" scale_param { bias_term: true } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "fc6" type: "InnerProduct" bottom: "pool2" top: "fc6" inner_product_param { num_output: 16 } }
+layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }
+layer { name: "drop6" type: "Dropout" bottom: "fc6" top: "fc6" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "fc8" type: "InnerProduct" bottom: "fc6" top: "fc8" inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
+"""
+
+# bug -> (the layer the verdict blames, the layer the diagnosis names, the explanation)
+CASES = {
+    "floor_pool": ("pool1", "pool1", "pool-floor"),
+    "ave_exclude_pad": ("pool2", "pool2", "ave-divisor"),
+    "lrn_alpha": ("norm1", "norm1", "lrn-alpha-divided"),
+    "lrn_alpha_whole": ("norm1", "norm1", "lrn-alpha-whole"),
+    "lrn_k": ("norm1", "norm1", "lrn-k"),
+    "lrn_beta": ("norm1", "norm1", "lrn-beta"),
+    "rgb_swap": ("conv1", "conv1", "input-swap"),
+    "unit_scale": ("conv1", "conv1", "input-unit"),
+    "mean_kept": ("conv1", "conv1", "input-mean-kept"),
+    "wrong_mean": ("conv1", "conv1", "input-mean"),
+    "conv_flip": ("conv1", "conv1", "conv-flipped"),
+    "conv_pad": ("conv1", "conv1", "conv-pad"),
+    "conv_bias": ("conv2", "conv2", "bias-missing"),
+    "group_tiled": ("conv2", "conv2", "group-ignored"),
+    "bn_eps": ("bn2", "bn2", "bn-eps"),
+    "bn_factor": ("bn2", "bn2", "bn-factor"),
+    "scale_bias": ("relu2", "scale2", "scale-bias"),
+    "ip_transposed": ("fc6", "fc6", "ip-transposed"),
+    "flatten_nhwc": ("fc6", "fc6", "flatten-nhwc"),
+    "relu_missing": ("drop6", "relu6", "relu-missing"),
+    "relu_extra": ("prob", "prob", "relu-extra"),
+    "dropout_train": ("drop6", "drop6", "dropout-train"),
+    "dropout_scaled": ("drop6", "drop6", "dropout-scaled"),
+    "softmax_axis": ("prob", "prob", "softmax-axis"),
+}
+
+
+@pytest.fixture(scope="module")
+def diag(tmp_path_factory, caffe_weights):
+    """(prototxt, caffemodel, golden, weights.npz): Caffe's fillers plus trained-like BatchNorm
+    and Scale parameters, and Caffe's run of them (batch 2, seed 4, objective fc8:3)."""
+    from porting.verify import random_inputs
+    from porting.write import write_caffemodel
+
+    folder = tmp_path_factory.mktemp("diagnose")
+    prototxt = folder / "net.prototxt"
+    prototxt.write_text(NET)
+    filled = caffe_weights(prototxt, seed=7, filler="msra", bias_filler="gaussian", bias_std=0.1)
+    net = load_caffe(prototxt, filled)
+    with torch.no_grad():
+        net(torch.from_numpy(random_inputs(net.graph, 8, seed=99)["data"]), end="conv2")
+        conv2 = net.layer_outputs["conv2"][0].double().transpose(0, 1).reshape(12, -1)
+    rng = np.random.RandomState(3)
+    factor = 999.0
+    blobs = {s.name: [b.detach().numpy().copy() for b in s.module.blobs] for s in net.graph.layers}
+    blobs["bn2"] = [(conv2.mean(1) * factor).numpy(), (conv2.var(1) * factor).numpy(), np.array([factor])]
+    blobs["scale2"] = [rng.uniform(0.5, 1.5, 12), rng.normal(0.0, 0.5, 12)]
+    caffemodel = folder / "net.caffemodel"
+    write_caffemodel(caffemodel, [(s.name, s.type, [np.asarray(b, np.float32) for b in blobs[s.name]])
+                                  for s in net.graph.layers if blobs[s.name]])
+    arrays = {f"{n}.{part}": blobs[n][i] for n in ("conv1", "conv2", "fc6", "fc8", "scale2")
+              for i, part in enumerate(("weight", "bias"))}
+    arrays.update({f"bn2.{part}": blobs["bn2"][i] for i, part in enumerate(("mean", "var", "factor"))})
+    weights = folder / "weights.npz"
+    np.savez(weights, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+    golden = folder / "golden.npz"
+    assert main(["reference", "dump", str(prototxt), str(caffemodel), "--batch", "2", "--seed", "4",
+                 "--objective", "fc8:3", "-o", str(golden)]) == 0
+    return prototxt, caffemodel, golden, weights
+
+
+def _verify(diag, monkeypatch, report, bug="") -> tuple[int, dict]:
+    prototxt, caffemodel, golden, weights = diag
+    monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(weights))
+    monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)
+    status = main(["verify", str(prototxt), str(caffemodel), "--torch", f"{FIXTURE}:caffenet_diag",
+                   "--reference", str(golden), "--report", str(report)])
+    return status, json.loads((Path(report) / "report.json").read_text())
+
+
+def _blamed(report: dict) -> str:
+    """The layer the verdict blames: named by the one-line summary ("FAIL at layer X (", "FAIL at
+    the forward of layer X ("), or by the first array beyond its tolerance ("FAIL by ...")."""
+    if report["summary"].startswith("FAIL by "):
+        return report["problems"][0].split("/")[1]
+    return report["summary"].split(" layer ", 1)[1].split(" ", 1)[0]
+
+
+def test_correct_port_passes_without_diagnosis(diag, monkeypatch, tmp_path):
+    status, report = _verify(diag, monkeypatch, tmp_path / "r")
+    assert status == 0, report["summary"]
+    assert report["diagnosis"] is None
+    assert "diagnosis" not in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("bug", list(CASES))
+def test_seeded_bug_is_diagnosed(diag, monkeypatch, tmp_path, bug):
+    blamed, layer, explanation = CASES[bug]
+    status, report = _verify(diag, monkeypatch, tmp_path / "r", bug)
+    assert status == 1, report["summary"]
+    diagnosis = report["diagnosis"]
+    assert (diagnosis["layer"], diagnosis["explanation"]) == (layer, explanation), (report["summary"], diagnosis)
+    assert _blamed(report) == blamed, report["summary"]
+    assert diagnosis["sentence"].startswith(f"{layer} ") and explanation in diagnosis["tried"]
+
+
+def test_sentences(diag, monkeypatch, tmp_path):
+    """The sentence says what was found, in the report's text forms too."""
+    expected = {
+        "floor_pool": "pool1 output is 5x5 in Caffe and 4x4 in the port; pool1 matches with the pooled size "
+                      "rounded down (ceil_mode=False): Caffe rounds pooling output size up (ceil_mode=True).",
+        "rgb_swap": "conv1 matches after swapping B and R at the input: the port takes RGB where Caffe's weights "
+                    "take BGR.",
+        "bn_eps": "bn2 matches with BatchNorm eps 1e-05 instead of 0.001.",
+        "wrong_mean": "conv1 matches with the mean (B, G, R) = (123.68, 116.28, 103.53) subtracted where Caffe's "
+                      "input has (104, 117, 123, BGR) subtracted.",
+    }
+    for bug, sentence in expected.items():
+        status, report = _verify(diag, monkeypatch, tmp_path / bug, bug)
+        assert report["diagnosis"]["sentence"] == sentence
+        assert f"**diagnosis**: {sentence}" in (tmp_path / bug / "report.md").read_text()
+
+
+def test_bug_outside_the_catalogue(diag, monkeypatch, tmp_path):
+    status, report = _verify(diag, monkeypatch, tmp_path / "r", "unexplained")
+    assert status == 1
+    diagnosis = report["diagnosis"]
+    assert diagnosis["layer"] == "fc8" and diagnosis["explanation"] is None
+    assert diagnosis["sentence"].startswith("No known explanation fits the departure at fc8 (InnerProduct): ")
+    assert {"ip-transposed", "bias-missing", "relu-extra"} <= set(diagnosis["tried"])
