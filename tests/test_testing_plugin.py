@@ -8,6 +8,7 @@ also given a map and through torchvision's input convention; variants of it made
 down) fail with the verdict line naming the layer and the error measured against its
 bound. Last, a separate test project in a temporary folder (no conftest, its own ini file)
 uses the fixture and the function through the installed entry point, in its own pytest.
+The tests that use the golden file are ``caffe`` tests (conftest marks them: it needs Caffe once).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from porting.testing import assert_matches_caffe, diagnosis_text, verify_module
 from porting.verify.foreign import load_module
 from test_verify_torch import EXPECTED, FIXTURE, TORCHVISION, small  # noqa: F401 (small: the golden fixture)
 
-pytestmark = pytest.mark.caffe
 ROOT = Path(__file__).resolve().parents[1]
 CAFFELESS = {"PORTING_LEGACY_ROOT": "/nonexistent/porting-legacy-root", "PORTING_BACKEND": "chroot"}
 
@@ -206,6 +206,9 @@ def test_plugin_in_a_separate_project(small, tmp_path):
     if importlib.util.find_spec("porting.verify.diagnose") is not None:
         assert "diagnosis: norm1 matches" in out, out
     assert "FAILED test_port.py::test_port_with_lrn_bug" in out and "porting/testing.py" not in out, out
+    # --porting-golden (relative to where pytest starts) overrides the ini option
+    done = run("--porting-golden", "golden/golden.npz", "-o", "porting_golden=nowhere.npz", "-k", "matches")
+    assert done.returncode == 0 and "1 passed, 1 deselected" in done.stdout, done.stdout + done.stderr
     # the fixture without a golden file configured fails and says how to give one
     done = run("-o", "porting_golden=", "-k", "matches")
     out = done.stdout + done.stderr
