@@ -939,7 +939,10 @@ class Foreign:
                tolerances=None, strict: bool = False):
         """Verify the module against Caffe's arrays ``reference`` as ``verify_port`` verifies
         the port: the port's float64 twin is the exact reading every layer is judged by.
-        Returns (verification, the module's keyed arrays, the mapping report)."""
+        Returns (verification, the module's keyed arrays, the mapping report); the
+        verification's ``diagnosis`` (porting.verify.diagnose) says which classic porting bug
+        accounts for a departure, None when it passes."""
+        from porting.verify.diagnose import diagnose
         from porting.verify.run import float64_twin, port_arrays
         from porting.verify.verdict import verify_arrays
 
@@ -952,4 +955,6 @@ class Foreign:
         exact = port_arrays(net64, inputs, objective)
         verification = verify_arrays(net64, reference, candidate, tolerances, objective, exact,
                                      names=("caffe", self.name), inputs=inputs, strict=strict, foreign=True)
+        # which classic porting bug accounts for a departure (None when it passes)
+        verification.diagnosis = diagnose(verification, net64, reference, candidate, self.convention.caffe_mean)
         return verification, candidate, mapping
