@@ -8,7 +8,8 @@ dict (the JSON schema below); ``write_report(report, folder)`` writes the three 
 JSON schema (``schema`` = "caffe-port-harness/drift-report", ``schema_version`` = 2):
   passed, exit_status, summary (one line: PASS/FAIL, where, the likely cause), verdict (the
   long paragraph), strict (per-blob tolerances decided too), problems (why it failed),
-  departure (or null), flips (decisions reference and candidate take differently, each
+  departure (or null), diagnosis (a foreign module's: layer, explanation, sentence, tried;
+  or null), flips (decisions reference and candidate take differently, each
   with its kind: "rounding" or "after departure"), objective, frameworks, tolerances,
   rounding_rule, net, inputs, provenance, top5, missing, and
   rows: one per compared array, in net order, keyed by ``key`` ("top/<layer>/<i>/data",
@@ -105,6 +106,7 @@ def build_report(verification: Verification, net: dict | None = None, inputs: di
         "summary": v.summary, "verdict": v.verdict, "strict": v.strict, "problems": list(v.problems),
         "flips": [asdict(f) for f in v.flips],
         "departure": asdict(v.departure) if v.departure is not None else None,
+        "diagnosis": _diagnosis(v),
         "other_departures": [asdict(d) for d in v.other_departures],
         "objective": ({"layer": v.objective.layer, "unit": v.objective.unit, "blob": v.objective.blob}
                       if v.objective is not None else None),
@@ -120,6 +122,13 @@ def build_report(verification: Verification, net: dict | None = None, inputs: di
         "rows": rows, "checks": checks,
     }
     return report
+
+
+def _diagnosis(verification) -> dict | None:
+    """A foreign module's diagnosis (porting.verify.diagnose): {"layer", "explanation",
+    "sentence", "tried"}; None when there is none (a pass, or our own port)."""
+    found = getattr(verification, "diagnosis", None)
+    return found.to_json() if found is not None else None
 
 
 def read_synsets(path: str | os.PathLike) -> list[str]:
@@ -464,8 +473,10 @@ def render_markdown(report: dict, image: str | None = "errors.png") -> str:
     out = [f"# Drift report: {report.get('net', {}).get('name') or 'net'} ({status})", ""]
     for k, v in _summary_lines(report):
         out.append(f"- **{k}**: {v}")
-    out += ["", f"**{report.get('summary') or status}** (exit status {report['exit_status']})", "",
-            report["verdict"], ""]
+    out += ["", f"**{report.get('summary') or status}** (exit status {report['exit_status']})", ""]
+    if report.get("diagnosis"):
+        out += [f"- **diagnosis**: {report['diagnosis']['sentence']}", ""]
+    out += [report["verdict"], ""]
     if report.get("flips"):
         out += ["## Decisions the frameworks take differently", "",
                 "| layer | type | flipped | of | largest margin (of the blob's max) | kind |", "|---|---|---|---|---|---|"]
@@ -576,6 +587,8 @@ def render_html(report: dict, png: bytes | None = None) -> str:
     parts.append("</ul>")
     parts.append(f"<p class=\"verdict\"><b>{_esc(report.get('summary') or status)}</b> "
                  f"(exit status {report['exit_status']})</p>")
+    if report.get("diagnosis"):
+        parts.append(f"<p class=\"verdict\"><b>Diagnosis:</b> {_esc(report['diagnosis']['sentence'])}</p>")
     parts.append(f"<p>{_esc(report['verdict'])}</p>")
     dep = report.get("departure")
     parts.append("<h2>Point of departure</h2>")
