@@ -348,3 +348,19 @@ def test_hostile_onnx_exit_2(small, port, tmp_path, capsys):
     err = refused(_tiny_onnx([helper.make_node("Relu", ["data"], ["y"])], inputs=other, outputs=[
         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])]), "shape.onnx")
     assert "shape.onnx: the ONNX input data has shape 1x3x8x8, the net's is 2x3x21x21" in err, err
+
+
+def test_a_net_of_two_inputs_is_refused(tmp_path):
+    # every format feeds the net's one input blob (labels aside); no Caffe needed to say so
+    from porting.errors import PortingError
+    from porting.graph import build_graph
+    from porting.parse import read_prototxt
+    from porting.verify.foreign import foreign_arrays
+
+    layers = [f'layer {{ name: "{n}" type: "Input" top: "{n}" input_param {{ shape {{ dim: 1 dim: 3 dim: 4 dim: 4 }} }} }}'
+              for n in ("a", "b")] + ['layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }']
+    (tmp_path / "two.prototxt").write_text("\n".join(layers) + "\n")
+    graph = build_graph(read_prototxt(tmp_path / "two.prototxt"))
+    inputs = {n: np.zeros((1, 3, 4, 4), np.float32) for n in ("a", "b")}
+    with pytest.raises(PortingError, match=r"^--torch feeds one input blob; the net has 2 \(a, b\)$"):
+        foreign_arrays(torch.nn.Identity(), graph, {}, inputs)
