@@ -155,6 +155,15 @@ def test_cli_refuses_bad_nets_in_one_line(tmp_path, capsys, torch_threads):
         code = main(base + extra)
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
+    prototxt = tmp_path / "net.prototxt"
+    prototxt.write_text('input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n')
+    for argv, words in [
+        (["compare", "--model", f"{FIXTURE}:build", "--preprocessing", TINY_PREPROCESSING], "needs --prototxt"),
+        (["facet", "--prototxt", str(prototxt), "--preprocessing", TINY_PREPROCESSING], "goes with --model"),
+    ]:
+        code = main(argv + ["--unit", "0", "--out", str(tmp_path), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
 def random_weights(net, seed=0):
