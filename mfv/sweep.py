@@ -243,6 +243,12 @@ def _fault_point() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _ray_node() -> str | None:
+    """The Ray node this task runs on (None outside Ray)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -271,7 +277,8 @@ def facet_task(model: Model, settings: Settings, out: str, unit: Unit, facets: l
                 "seconds": seconds / len(todo), "task_seconds": seconds, "task_facets": len(todo),
                 "files": sorted([f"{unit.unit}/{Path(p).name}" for p in saved.values()]
                                 + [f"{unit.unit}/mean_{f}.png"]),
-                "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": model.device},
+                "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": model.device,
+                           "ray_node": _ray_node()},
                 "finished": _now(),
             })
             _fault_point()
