@@ -364,3 +364,18 @@ def test_a_net_of_two_inputs_is_refused(tmp_path):
     inputs = {n: np.zeros((1, 3, 4, 4), np.float32) for n in ("a", "b")}
     with pytest.raises(PortingError, match=r"^--torch feeds one input blob; the net has 2 \(a, b\)$"):
         foreign_arrays(torch.nn.Identity(), graph, {}, inputs)
+
+
+@pytest.mark.parametrize("option", ["--torch", "--onnx"])
+def test_explicit_map_of_graph_values(small, port, tmp_path, capsys, option):
+    names = SCRIPT_EXPECTED if option == "--torch" else ONNX_EXPECTED
+    spec = _script(tmp_path) if option == "--torch" else _onnx(tmp_path)
+    given = {"conv1": names["conv1"], "pool1": [names["pool1"], 0], "norm1": {"module": names["norm1"]}}
+    (tmp_path / "map.json").write_text(json.dumps(given))
+    status, report = _run(small, tmp_path / "ok", option, spec, "--map", str(tmp_path / "map.json"))
+    assert status == 0, report["summary"]
+    assert _mapped(report) == {k: names[k] for k in given}
+    assert set(report["net"]["torch"]["matched_by"].values()) == {"map"}
+    (tmp_path / "bad.json").write_text(json.dumps({"conv1": names["conv1"] + "_9"}))
+    err = _refused(small, tmp_path, capsys, option, spec, "--map", str(tmp_path / "bad.json"))
+    assert f"bad.json: conv1: the module has no submodule {names['conv1']}_9" in err, err
