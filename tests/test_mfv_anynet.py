@@ -210,3 +210,27 @@ def test_googlenet_through_the_port(tmp_path):
     assert result.image.min() >= 0 and result.image.max() <= 255
     paths = save_facet(result, tmp_path, "googlenet")
     assert all(Path(p).is_file() for p in paths.values())
+
+
+def test_cli_facets_takes_a_model(tmp_path, capsys, torch_threads):
+    from PIL import Image
+
+    means = tmp_path / "means"
+    means.mkdir()
+    rng = np.random.RandomState(0)
+    for k in range(2):
+        Image.fromarray(rng.randint(60, 200, (34, 34, 3)).astype(np.uint8)).save(means / f"mean_{k}.png")
+    out = tmp_path / "out"
+    code = main(["facets", "--model", f"{FIXTURE}:build", "--preprocessing", TINY_PREPROCESSING, "--layer", "fc",
+                 "--unit", "2", "--means", str(means), "--threads", "1", "--out", str(out), "--no-progress",
+                 "--snapshot-every", "0"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.err.count("mfv: torch on cpu, 1 thread\n") == 1
+    for k in range(2):
+        stem = out / "2" / f"facet_fc_0002_mean_{k}_faithful_seed1"
+        trace = json.loads(Path(f"{stem}_trace.json").read_text())
+        assert len(trace) == 370 and trace[-1]["objective"] > trace[0]["objective"] + 1
+        image = np.load(f"{stem}.npy")
+        assert image.shape == (41, 41, 3) and image.min() >= 0 and image.max() <= 255   # 34 -> zoom 1.2: 40.8
+        assert Path(f"{stem}.png").is_file()
