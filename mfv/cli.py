@@ -73,14 +73,37 @@ def _load_net(args):
 
 
 def _means(args) -> int:
-    from mfv.means import facet_means
+    from mfv.means import class_means, facet_means, list_classes, on_device
 
-    net = _load_net(args)
-    result = facet_means(net, args.images, args.out, layer=args.layer, k=args.k, m=args.m, seed=args.seed,
-                         batch_size=args.batch_size, progress=not args.no_progress)
-    sizes = [int((result.clusters.labels == c).sum()) for c in range(args.k)]
-    print(f"{len(result.paths)} images, {args.layer} codes, {args.k} clusters of sizes {sizes}")
-    print(f"wrote {len(result.files)} files to {args.out}")
+    if args.classes_root is None:
+        if not args.images:
+            raise PortingError("give image files or folders (one class), or --classes-root DIR (many)")
+        if args.synsets or args.address or args.no_ray:
+            raise PortingError("--synsets, --address and --no-ray go with --classes-root")
+        net = on_device(_load_net(args), args.device)
+        result = facet_means(net, args.images, args.out, layer=args.layer, k=args.k, m=args.m, seed=args.seed,
+                             batch_size=args.batch_size, progress=not args.no_progress)
+        sizes = [int((result.clusters.labels == c).sum()) for c in range(args.k)]
+        print(f"{len(result.paths)} images, {args.layer} codes, {args.k} clusters of sizes {sizes}")
+        print(f"wrote {len(result.files)} files to {args.out}")
+        return 0
+    from mfv.distributed import session
+
+    if args.images:
+        raise PortingError("give images (one class) or --classes-root (many), not both")
+    classes = list_classes(args.classes_root, args.synsets, exclude=[args.out])
+    net = on_device(_load_net(args), args.device)
+    with session(args.address, num_cpus=args.cpus, enabled=not args.no_ray) as ray:
+        result = class_means(net, classes, args.out, layer=args.layer, k=args.k, m=args.m, seed=args.seed,
+                             batch_size=args.batch_size, ray=ray, progress=not args.no_progress)
+    left_out = sum(len(v) for v in result.left_out.values())
+    print(f"{len(classes)} classes: {len(result.clustered)} clustered, {len(result.up_to_date)} up to date, "
+          f"{len(result.failed)} failed; {result.encoded} images through the net ({args.layer} codes cached), "
+          f"{left_out} unreadable left out; outputs in {args.out}/<class>/")
+    if result.failed:
+        first = next(iter(result.failed))
+        raise PortingError(f"{len(result.failed)} classes could not be clustered (first: {first}: "
+                           f"{result.failed[first]}); a rerun redoes only them", args.classes_root)
     return 0
 
 
@@ -253,12 +276,23 @@ def _common(p: argparse.ArgumentParser, layer: str) -> None:
 
 def add_parser(subparsers) -> None:
     """Add `means` and `facet` to an argparse subparsers object."""
-    p = subparsers.add_parser("means", help="cluster a class's images and write the clusters' mean images")
+    p = subparsers.add_parser("means", help="cluster a class's images (or many classes', --classes-root) and "
+                                            "write the clusters' mean images")
     _common(p, "fc7")
-    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("images", nargs="*", help="image files and/or folders of images (one class)")
+    p.add_argument("--classes-root", metavar="DIR",
+                   help="one folder of images per class: each class's outputs in OUT/<class>/, its codes cached there "
+                        "(reclustering needs no forward pass), classes already done with the same parameters skipped")
+    p.add_argument("--synsets", metavar="FILE",
+                   help="with --classes-root: the classes, one a line in unit order ('n01440764 tench, ...')")
     p.add_argument("-k", type=int, default=10, help="clusters (default 10)")
     p.add_argument("-m", type=int, default=15, help="images averaged per cluster (default 15)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device of the net: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--address", help="with --classes-root: cluster the classes on this Ray cluster "
+                                     "(default: a local one started here)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
+    p.add_argument("--no-ray", action="store_true", help="with --classes-root: cluster in this process")
     p.set_defaults(func=_means)
 
     p = subparsers.add_parser("facet", help="visualise one facet of a unit by activation maximisation")

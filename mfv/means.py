@@ -16,6 +16,11 @@ so brings it to 1.0-1.2). tests/test_mfv_means.py holds these measurements.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from porting.errors import PortingError
+from porting.errors import PortingError, shown
+from porting.files import file_digest
 
-from mfv.files import save_figure, save_json, save_npy, save_png, truncating_uint8
+from mfv.files import save_figure, save_json, save_npy, save_npz, save_png, truncating_uint8
 from mfv.step import FacetNet
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
@@ -59,7 +65,7 @@ def load_rgb(path, size: tuple[int, int] | None = None) -> np.ndarray:
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise PortingError(f"cannot read image: {err}", path) from None
 
 
@@ -175,8 +181,15 @@ def facet_means(net: FacetNet, sources, out_dir, layer: str = "fc7", k: int = 10
     distances, per-image labels, parameters), embedding.npy and embedding.png (the plot)."""
     paths = list_images(sources)
     codes = image_codes(net, paths, layer, batch_size, progress)
+    return write_means(paths, codes, out_dir, net.preprocessing.input_size, layer=layer, k=k, m=m, seed=seed,
+                       tsne_iterations=tsne_iterations)
+
+
+def write_means(paths, codes: np.ndarray, out_dir, size: tuple[int, int] | None, layer: str = "fc7", k: int = 10,
+                m: int = 15, seed: int = 0, tsne_iterations: int = 1000) -> MeansResult:
+    """``facet_means`` from the codes on: cluster, average the members (squashed to
+    ``size``), write the files."""
     clusters = cluster_codes(codes, k=k, m=m, seed=seed, tsne_iterations=tsne_iterations)
-    size = net.preprocessing.input_size
     means = [mean_image([paths[i] for i in members], size) for members in clusters.members]
     out = Path(out_dir)
     files = {}
@@ -194,3 +207,327 @@ def facet_means(net: FacetNet, sources, out_dir, layer: str = "fc7", k: int = 10
     })
     files["embedding.png"] = save_figure(out / "embedding.png", plot_embedding(clusters, means, f"t-SNE of {layer or 'output'} codes, k-means clusters and their mean images"))
     return MeansResult(paths, clusters, means, files)
+
+
+# Many classes at once (`mfv means --classes-root`) -------------------------------------
+
+MARKER = "means.json"       # written last in a class's folder: what its outputs were made from
+
+
+def _warn(text: str) -> None:
+    tqdm.write(f"mfv: warning: {text}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class ClassFolder:
+    name: str          # the folder's name, also its output folder's name
+    folder: Path
+    label: str = ""    # its description from --synsets
+
+
+def list_classes(root, synsets=None, exclude=(), warn=_warn) -> list[ClassFolder]:
+    """The class folders of ``root`` (sub-folders not starting with "."), sorted by name,
+    or with ``synsets`` (a synset_words.txt, read by ``mfv.sweep.read_synset_list``: line
+    u is unit u) those it lists, in its order, labelled with their class names. Folders in
+    ``exclude`` (e.g. the output folder) are left out."""
+    root = Path(root)
+    if not root.exists():
+        raise PortingError("no such folder", root)
+    if not root.is_dir():
+        raise PortingError("not a folder (--classes-root holds one folder of images per class)", root)
+    skip = {Path(p).resolve() for p in exclude}
+    try:
+        folders = sorted((p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
+                          and p.resolve() not in skip), key=lambda p: p.name)
+    except OSError as err:
+        raise PortingError(f"cannot list it: {err.strerror or err}", root) from None
+    if synsets is None:
+        classes = [ClassFolder(p.name, p) for p in folders]
+    else:
+        from mfv.sweep import read_synset_list
+
+        entries = read_synset_list(synsets)
+        present = {p.name: p for p in folders}
+        listed = {name for name, _ in entries}
+        classes = [ClassFolder(name, present.pop(name), label) for name, label in entries if name in present]
+        unlisted = [p.name for p in folders if p.name not in listed]
+        if unlisted:
+            warn(f"{root}: {len(unlisted)} folders not in {synsets} left out (first: {shown(unlisted[0])})")
+        if classes and len(classes) < len(entries):
+            warn(f"{synsets}: {len(entries) - len(classes)} of its {len(entries)} synsets have no folder "
+                 f"in {root}")
+    if not classes:
+        raise PortingError("no class folders in it (one folder of images per class)" if synsets is None
+                           else f"none of its folders is listed in {shown(synsets)}", root)
+    return classes
+
+
+def net_key(net: FacetNet, layer: str) -> str:
+    """sha256 (hex) of what a code depends on besides the image: every parameter and
+    buffer (name, dtype, shape, bytes), the net's structure (a porting CaffeNet's layer
+    parameters without their weight blobs; a torch module's repr), the preprocessing and
+    the layer. Not the device: codes from another device are reused."""
+    digest = hashlib.sha256()
+    graph = getattr(net.module, "graph", None)
+    if graph is not None:
+        for spec in graph.layers:
+            param = type(spec.param)()
+            param.CopyFrom(spec.param)
+            param.ClearField("blobs")
+            digest.update(param.SerializeToString(deterministic=True))
+    else:
+        digest.update(repr(net.module).encode())
+    digest.update(repr(net.preprocessing).encode() + b"\0" + layer.encode() + b"\0")
+    for name, tensor in sorted(net.module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def codes_file(out_dir, layer: str) -> Path:
+    """Where a class's codes are cached: OUT/<class>/codes_<layer>.npz ("output" for "")."""
+    return Path(out_dir) / f"codes_{re.sub(r'[^A-Za-z0-9._-]', '_', layer) or 'output'}.npz"
+
+
+def _stats(paths) -> list[list]:
+    """[name, size in bytes, mtime in ns] of each image (-1, -1 when it cannot be stat'ed)."""
+    rows = []
+    for p in paths:
+        try:
+            st = p.stat()
+            rows.append([p.name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            rows.append([p.name, -1, -1])
+    return rows
+
+
+def _read_cache(path: Path, key: str, layer: str, warn) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            cache = {name: npz[name] for name in ("key", "layer", "names", "sizes", "mtimes", "digests",
+                                                   "readable", "codes")}
+        n = len(cache["names"])
+        if not (cache["codes"].ndim == 2 and cache["codes"].dtype == np.float32 and len(cache["codes"]) == n
+                and all(len(cache[a]) == n for a in ("sizes", "mtimes", "digests", "readable"))):
+            raise ValueError("arrays of different lengths")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        warn(f"{path}: cached codes unreadable ({err}): computed again")
+        return None
+    if str(cache["key"]) != key or str(cache["layer"]) != layer:
+        return None  # another net or layer: its codes say nothing about this one's
+    return cache
+
+
+def cached_codes(net: FacetNet, paths, cache_path, key: str, layer: str = "fc7", batch_size: int = 16,
+                 warn=_warn) -> tuple[np.ndarray, np.ndarray, int]:
+    """Codes of ``paths`` at ``layer``, reusing the cache file's (``codes_file``) codes of
+    images with the same name and size and either the same mtime or the same sha256, and
+    computing the rest in batches of ``batch_size`` on the net's device; the cache is
+    rewritten (atomically) when anything changed. An image that cannot be read is left
+    out with a warning naming it (and tried again on the next run).
+
+    Returns (codes of the readable images, (R, D) float32; readable, (N,) bool; how many
+    images went through the net). The cache holds, per image: name, size, mtime (ns),
+    sha256, readable, code (NaN when unreadable); and the net's ``net_key`` and the layer."""
+    paths = [Path(p) for p in paths]
+    cache_path = Path(cache_path)
+    cache = _read_cache(cache_path, key, layer, warn)
+    old = {} if cache is None else {str(name): i for i, name in enumerate(cache["names"])}
+    stats = _stats(paths)
+    n = len(paths)
+    digests = [""] * n
+    readable = np.ones(n, bool)
+    rows: dict[int, np.ndarray] = {}
+    todo, changed = [], cache is None or len(old) != n
+    for j, (p, (name, size, mtime)) in enumerate(zip(paths, stats)):
+        i = old.get(name)
+        if i is not None and int(cache["sizes"][i]) == size >= 0 and cache["readable"][i]:
+            same_mtime = int(cache["mtimes"][i]) == mtime
+            digests[j] = str(cache["digests"][i]) if same_mtime else _digest(p)
+            if digests[j] == str(cache["digests"][i]):
+                rows[j] = cache["codes"][i]
+                changed = changed or not same_mtime
+                continue
+        else:
+            digests[j] = _digest(p)
+        changed = True
+        todo.append(j)
+    prep = net.preprocessing
+    for start in range(0, len(todo), batch_size):
+        batch, where = [], []
+        for j in todo[start:start + batch_size]:
+            try:
+                batch.append(prep.to_net(load_rgb(paths[j], prep.input_size)))
+                where.append(j)
+            except PortingError as err:
+                warn(f"{err}: left out of its class")
+                readable[j] = False
+        if batch:
+            with torch.no_grad():
+                out = net.blob_output(torch.from_numpy(np.stack(batch)).to(net.device), layer)
+            for j, code in zip(where, out.reshape(len(batch), -1).cpu().numpy().astype(np.float32)):
+                rows[j] = code
+    width = next((len(r) for j, r in rows.items() if readable[j]), 0)
+    codes = np.full((n, width), np.nan, np.float32)
+    for j, row in rows.items():
+        if readable[j]:
+            codes[j] = row
+    if changed:
+        save_npz(cache_path, key=np.array(key), layer=np.array(layer),
+                 names=np.array([s[0] for s in stats], dtype=str).reshape(n),
+                 sizes=np.array([s[1] for s in stats], np.int64), mtimes=np.array([s[2] for s in stats], np.int64),
+                 digests=np.array(digests, dtype=str).reshape(n), readable=readable, codes=codes)
+    return codes[readable], readable, len(todo)
+
+
+def _digest(path: Path) -> str:
+    try:
+        return file_digest(path)
+    except OSError:
+        return ""  # unreadable: load_rgb names it
+
+
+def _parameters(key: str, layer: str, k: int, m: int, seed: int, tsne_iterations: int) -> dict:
+    return {"net": key, "layer": layer, "k": k, "m": m, "seed": seed, "tsne_iterations": tsne_iterations}
+
+
+def up_to_date(out_dir, parameters: dict, images: list[list]) -> bool:
+    """A class's outputs are there, made with these parameters from these images (name,
+    size, mtime): its marker file says so and every file it lists exists."""
+    try:
+        record = json.loads((Path(out_dir) / MARKER).read_text())
+        return (record["parameters"] == parameters and record["images"] == images
+                and all((Path(out_dir) / f).is_file() for f in record["files"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def cluster_class(out_dir: str, paths: list[str], codes: np.ndarray, record: dict, size, layer: str, k: int,
+                  m: int, seed: int, tsne_iterations: int) -> dict:
+    """One class's clusters, means and files (a Ray task, or called in-process): its marker
+    removed first, then ``write_means`` in one thread (threads change t-SNE's and k-means'
+    sums, so one thread gives the same result everywhere), mean_<c> files of an earlier
+    larger k removed, the marker ``record`` (plus files and cluster sizes) written last."""
+    from threadpoolctl import threadpool_limits
+
+    out = Path(out_dir)
+    (out / MARKER).unlink(missing_ok=True)
+    with threadpool_limits(1):
+        result = write_means([Path(p) for p in paths], codes, out, size, layer=layer, k=k, m=m, seed=seed,
+                             tsne_iterations=tsne_iterations)
+    for stale in out.glob("mean_*.*"):
+        if stale.name not in result.files and re.fullmatch(r"mean_\d+\.(png|npy)", stale.name):
+            stale.unlink()
+    sizes = [int((result.clusters.labels == c).sum()) for c in range(k)]
+    save_json(out / MARKER, dict(record, files=sorted(result.files), sizes=sizes))
+    return {"sizes": sizes, "files": len(result.files) + 1}
+
+
+@dataclass
+class ClassesResult:
+    clustered: list     # classes whose outputs were made in this run
+    up_to_date: list    # classes left as they were: outputs with the same parameters and images exist
+    failed: dict        # class -> its one-line problem (the other classes were finished)
+    encoded: int        # images that went through the net
+    left_out: dict      # class -> unreadable images left out of it
+
+
+def class_means(net: FacetNet, classes: list[ClassFolder], out_root, layer: str = "fc7", k: int = 10,
+                m: int = 15, seed: int = 0, batch_size: int = 16, ray=None, progress: bool = True,
+                tsne_iterations: int = 1000, warn=_warn) -> ClassesResult:
+    """``facet_means`` for each class, in OUT/<class>/ (the same files, plus the cached
+    codes ``codes_file`` and the marker ``MARKER``). Codes are computed here, in batches
+    on the net's device, and cached; each class's clustering runs as a Ray task when
+    ``ray`` (an initialised ``ray`` module, see ``mfv.distributed``) is given, else here,
+    one class after another, with the same results. A class whose outputs were made with
+    the same parameters from the same images is left alone; a class that cannot be
+    clustered (too few readable images) is reported in ``failed``, the others finished."""
+    if k < 1 or m < 1:
+        raise PortingError(f"-k and -m must be at least 1, not {k} and {m}")
+    out_root = Path(out_root).absolute()
+    listed = []
+    for cls in classes:
+        paths = [p.absolute() for p in list_images([cls.folder])]
+        if len(paths) < max(k, 4):
+            raise PortingError(f"{len(paths)} images, too few for {k} clusters (at least {max(k, 4)})", cls.folder)
+        listed.append((cls, paths))
+    key = net_key(net, layer)
+    parameters = _parameters(key, layer, k, m, seed, tsne_iterations)
+    size = net.preprocessing.input_size
+    result = ClassesResult([], [], {}, 0, {})
+    remote = None if ray is None else ray.remote(num_cpus=1, max_retries=2)(cluster_class)
+    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1))) if ray is not None else 0
+    pending: dict = {}
+    bar = tqdm(total=len(classes), disable=not progress, desc="classes", unit="class")
+
+    def finished(name: str, outcome=None, error: BaseException | None = None) -> None:
+        if error is None:
+            result.clustered.append(name)
+        elif isinstance(error, (PortingError, ValueError)):
+            result.failed[name] = str(error)
+            warn(f"{name}: {error}")
+        else:
+            raise error
+        bar.update()
+
+    def collect(wait_for_one: bool) -> None:
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=1 if wait_for_one else len(pending),
+                            timeout=None if wait_for_one else 0)
+        for ref in ready:
+            name = pending.pop(ref)
+            try:
+                finished(name, ray.get(ref))
+            except Exception as err:  # a task's error: judged by what it raised
+                from mfv.distributed import cause
+
+                finished(name, error=cause(err))
+
+    try:
+        for cls, paths in listed:
+            out = out_root / cls.name
+            images = _stats(paths)
+            if up_to_date(out, parameters, images):
+                result.up_to_date.append(cls.name)
+                bar.update()
+                continue
+            codes, readable, encoded = cached_codes(net, paths, codes_file(out, layer), key, layer, batch_size,
+                                                    warn=warn)
+            result.encoded += encoded
+            bar.set_postfix(images=result.encoded)
+            kept = [str(p) for p, ok in zip(paths, readable) if ok]
+            left_out = [p.name for p, ok in zip(paths, readable) if not ok]
+            if left_out:
+                result.left_out[cls.name] = left_out
+            record = {"class": cls.name, "label": cls.label, "parameters": parameters, "images": images,
+                      "left_out": left_out}
+            arguments = (str(out), kept, codes, record, size, layer, k, m, seed, tsne_iterations)
+            if remote is None:
+                try:
+                    finished(cls.name, cluster_class(*arguments))
+                except (PortingError, ValueError) as err:
+                    finished(cls.name, error=err)
+                continue
+            pending[remote.remote(*arguments)] = cls.name
+            collect(wait_for_one=len(pending) >= limit)
+        while pending:
+            collect(wait_for_one=True)
+    finally:
+        bar.close()
+    return result
+
+
+def on_device(net: FacetNet, device: str) -> FacetNet:
+    """``net`` with its module moved to ``device`` ("cpu", "cuda", "cuda:1", ...)."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise PortingError(f"not a torch device ({err})", place="--device") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise PortingError("no CUDA device is available to torch", place=f"--device {device}")
+    net.module.to(where)
+    return net
