@@ -107,8 +107,9 @@ def model_files(stored, prototxt=None, caffemodel=None) -> tuple[Path, Path]:
 
 
 def failure_message(verification, report, golden) -> str:
-    """The AssertionError's text: the verdict line, the measured error against the bound
-    allowed at the first departing place, the diagnosis (when there is one) and what had no
+    """The AssertionError's text: the verdict line (where, why; a shape or an error beyond
+    its per-blob tolerance is in it), the error measured at the point of departure against
+    its float32 rounding bound, the diagnosis (when there is one) and what had no
     counterpart in the module."""
     lines = [f"the module does not match Caffe ({Path(golden).name}): {verification.summary}"]
     measured = _measured(verification)
@@ -124,23 +125,17 @@ def failure_message(verification, report, golden) -> str:
 
 
 def _measured(verification) -> str:
-    """One line: the error at the point of departure against its float32 rounding bound,
-    or the first array beyond its per-blob tolerance (relative to the largest element)."""
+    """One line: the error at the point of departure against its float32 rounding bound;
+    "" when the verdict line says it already (a shape, an array beyond its per-blob tolerance)."""
     from porting.verify.verdict import _row_order
 
     dep = verification.departure
     shape = next((r for r in verification.rows if r.problem), None)
-    if shape is not None and (dep is None or _row_order(shape) < dep.order()):
-        return ""  # the verdict line already says which shapes differ
-    if dep is not None:
-        bound = "n/a" if dep.band is None else f"{dep.band:.2g}"
-        return (f"measured at {dep.key}: error {dep.local_rel:.2g} of its largest element, allowed {bound} "
-                f"(float32 rounding bound of {dep.layer}), {dep.error_ratio:.3g}x the bound")
-    row = next((r for r in verification.rows if not r.passed and r.metrics is not None), None)
-    if row is None:
+    if dep is None or shape is not None and _row_order(shape) < dep.order():
         return ""
-    return (f"measured at {row.key}: error {row.metrics.max_rel:.2g} of its largest element, allowed "
-            f"{row.tolerance:g} (per-blob tolerance)")
+    bound = "n/a" if dep.band is None else f"{dep.band:.2g}"
+    return (f"measured at {dep.key}: error {dep.local_rel:.2g} of its largest element, allowed {bound} "
+            f"(float32 rounding bound of {dep.layer}), {dep.error_ratio:.3g}x the bound")
 
 
 def diagnosis_text(verification, report=None) -> str:

@@ -137,6 +137,22 @@ def test_seeded_bug_fails_with_a_short_message(golden, bug):
     assert len(lines) <= 4 and all(len(line) < 400 for line in lines), lines
 
 
+def test_output_only_map_fails_by_its_tolerance(golden):
+    """prob alone mapped: no local check covers it, its per-blob tolerance decides and is the bound shown."""
+    path, files = golden
+    module = _port()
+    _lrn_alpha_per_element(module)
+    with pytest.raises(AssertionError) as raised:
+        assert_matches_caffe(module, path, {"prob": "12"}, **files)
+    lines = str(raised.value).splitlines()
+    found = re.fullmatch(r"the module does not match Caffe \(golden.npz\): FAIL by per-blob tolerance \(no local "
+                         r"check covers it\): top/prob/0/data: (\S+) beyond its tolerance (\S+)\.", lines[0])
+    assert found and float(found[1]) > float(found[2]) > 0, lines
+    assert not any(line.startswith("measured") for line in lines), lines  # the verdict line says it
+    assert lines[-1] == ("no counterpart in the module (not compared): conv1, relu1, pool1, norm1, conv2, relu2, "
+                         "pool2, fc6, relu6, drop6, fc8"), lines
+
+
 def test_diagnosis_is_read_where_the_verifier_puts_it():
     """A sentence on the verification (porting.verify.diagnose), as a string, an object or
     a dict carrying one, or in the mapping report; none: no line."""
