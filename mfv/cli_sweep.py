@@ -16,7 +16,8 @@ def _sweep(args) -> int:
 
     from mfv import schedule
     from mfv.cli import _load_net
-    from mfv.sweep import Model, Settings, find_units, parse_units, run_sweep
+    from mfv.batch import parse_units
+    from mfv.sweep import Model, Settings, find_units, run_sweep
 
     if args.model is not None:
         raise PortingError("mfv sweep takes the net as --prototxt (and --caffemodel); --model is not supported here",

@@ -2,10 +2,10 @@
 
 A sweep visualises facets 0..F-1 of each unit U: facet f starts from the unit's mean image
 f (``mean_<f>.png`` in its folder of the means root, the layout ``mfv means`` writes;
-``.jpg``, ``.jpeg`` or the float64 ``.npy`` when there is no PNG) with the sweep's seed,
-as ``mfv facet --init mean_<f>.png --seed S`` would. The unit of work is a task: one unit
-and a batch of its facets. A task writes, per facet, into ``<out>/<U>/``:
-``facet_<f>.png/.npy/_trace.json/_snapshots.npz`` (``mfv.loop.save_facet``),
+``.jpg``, ``.jpeg`` or the float64 ``.npy`` when there is no PNG) with the sweep's seed.
+The unit of work is a task: one unit and a batch of its facets, run as one batch by
+``mfv.batch.run_facets`` (as `mfv facets` runs a unit's facets). A task writes, per
+facet, into ``<out>/<U>/``: ``facet_<f>.png/.npy/_trace.json/_snapshots.npz`` (``mfv.loop.save_facet``),
 ``mean_<f>.png`` (the start image, 8-bit, for the gallery) and, last, ``facet_<f>.json``,
 the facet's record (seed, start file and its SHA-256, final objective, seconds, worker).
 Every file is written whole or not at all (``mfv.files``); a facet is done when its record
@@ -42,13 +42,13 @@ import numpy as np
 from porting.errors import PortingError
 from porting.files import file_digest
 
+from mfv.batch import MEAN_SUFFIXES
 from mfv.distributed import cause, session
 from mfv.files import save_json, save_png, truncating_uint8
 
 SCHEMA = "caffe-port-harness/mfv-sweep"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-START_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 # Fault injection for tests: when this variable names a file that exists, the first task
 # to remove it kills its own worker process (SIGKILL) right after saving a facet.
 KILL_ONCE_ENV = "MFV_SWEEP_KILL_ONCE"
@@ -106,26 +106,6 @@ class Outcome:
 # inputs: units, synsets, means
 # --------------------------------------------------------------------------------------
 
-def parse_units(text: str) -> list[int]:
-    """"0-999", "498,945" or a mix ("0-9,20") as a sorted list without repeats."""
-    units: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                first, last = (int(v) for v in part.split("-"))
-                if last < first:
-                    raise ValueError
-                units.update(range(first, last + 1))
-            else:
-                units.add(int(part))
-        except ValueError:
-            raise PortingError(f"--units: {part!r} is not a unit number or a range like 0-999") from None
-    if any(u < 0 for u in units):
-        raise PortingError("--units: unit numbers are at least 0")
-    return sorted(units)
-
-
 def read_synset_list(path) -> list[tuple[str, str]]:
     """(WordNet id, class name) per line of a synset_words.txt ("n01440764 tench, Tinca tinca");
     line u is unit u. The name is the first synonym."""
@@ -138,7 +118,7 @@ def read_synset_list(path) -> list[tuple[str, str]]:
 
 def start_file(folder: Path, facet: int) -> Path | None:
     """The start image of ``facet`` in a unit's means folder, or None."""
-    for suffix in START_SUFFIXES:
+    for suffix in MEAN_SUFFIXES:
         path = folder / f"mean_{facet}{suffix}"
         if path.is_file():
             return path
@@ -170,26 +150,18 @@ def find_units(means_root, units: list[int], facets: int, synsets=None) -> list[
         for f in range(facets):
             path = start_file(folder, f)
             if path is None:
-                raise PortingError(f"no mean_{f} image ({', '.join(START_SUFFIXES)}) for facet {f} of unit {unit}",
-                                   folder)
+                raise PortingError(f"no mean_{f} image ({', '.join(MEAN_SUFFIXES)}) for facet {f} of "
+                                   f"unit {unit}", folder)
             starts.append(str(path.resolve()))
         found.append(Unit(unit, name, wnid, tuple(starts)))
     return found
 
 
 def load_start(path) -> np.ndarray:
-    """A start image as RGB 0-255 float32, H x W x 3 (.npy: float RGB 0-255 as ``mfv means`` writes)."""
-    from mfv.means import load_rgb
+    """A start image as RGB 0-255 float32, H x W x 3 (read as `mfv facets` reads mean images)."""
+    from mfv.batch import _read_mean
 
-    if str(path).endswith(".npy"):
-        try:
-            image = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise PortingError(f"cannot read mean image: {err}", path) from None
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise PortingError(f"mean image has shape {image.shape}, not H x W x 3", path)
-        return image.astype(np.float32)
-    return load_rgb(path).astype(np.float32)
+    return _read_mean(Path(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -215,14 +187,14 @@ def _net(model: Model):
 
 
 def _run_unit_facets(net, settings: Settings, unit: int, starts: list[np.ndarray]) -> list:
-    """The facet work of one task: each start image's facet of ``unit`` (``FacetResult``s)."""
+    """The facet work of one task: each start image's facet of ``unit``, all in one batch
+    (``mfv.batch.run_facets``, as `mfv facets` runs them), as ``FacetResult``s."""
     from mfv import schedule
-    from mfv.loop import run_facet
+    from mfv.batch import run_facets
 
-    octaves = schedule.octaves_for(settings.variant)
-    return [run_facet(net, unit, settings.seed, octaves, start=start, layer=settings.layer, xy=settings.xy,
-                      mode=settings.mode, snapshot_every=settings.snapshot_every, progress=False,
-                      iterations=settings.iterations) for start in starts]
+    return run_facets(net, [(unit, settings.seed, start) for start in starts], schedule.octaves_for(settings.variant),
+                      layer=settings.layer, xy=settings.xy, mode=settings.mode, snapshot_every=settings.snapshot_every,
+                      progress=False, iterations=settings.iterations)
 
 
 def facet_name(facet: int) -> str:
