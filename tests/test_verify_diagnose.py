@@ -122,6 +122,28 @@ def _verify(diag, monkeypatch, report, bug="") -> tuple[int, dict]:
     return status, json.loads((Path(report) / "report.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def plan(diag):
+    """The golden file's inputs, objective and Caffe's arrays, for the Python API (no report)."""
+    from porting.cli_verify import plan_from_golden
+    from porting.verify.reference import read_golden
+
+    prototxt, caffemodel, golden, _ = diag
+    golden = read_golden(golden)
+    return plan_from_golden(golden, prototxt, caffemodel), dict(golden.arrays)
+
+
+def _verification(diag, plan, monkeypatch, bug):
+    """Foreign.verify of the fixture's port with ``bug`` (what `porting verify --torch` judges)."""
+    from porting.verify.foreign import Foreign
+
+    monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(diag[3]))
+    monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)
+    run, reference = plan
+    verification, _, _ = Foreign(f"{FIXTURE}:caffenet_diag").verify(run.net, reference, run.inputs, run.objective)
+    return verification
+
+
 def _blamed(report: dict) -> str:
     """The layer the verdict blames: named by the one-line summary ("FAIL at layer X (", "FAIL at
     the forward of layer X ("), or by the first array beyond its tolerance ("FAIL by ...")."""
@@ -138,37 +160,54 @@ def test_correct_port_passes_without_diagnosis(diag, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("bug", list(CASES))
-def test_seeded_bug_is_diagnosed(diag, monkeypatch, tmp_path, bug):
+def test_seeded_bug_is_diagnosed(diag, plan, monkeypatch, bug):
     blamed, layer, explanation = CASES[bug]
-    status, report = _verify(diag, monkeypatch, tmp_path / "r", bug)
-    assert status == 1, report["summary"]
-    diagnosis = report["diagnosis"]
-    assert (diagnosis["layer"], diagnosis["explanation"]) == (layer, explanation), (report["summary"], diagnosis)
-    assert _blamed(report) == blamed, report["summary"]
-    assert diagnosis["sentence"].startswith(f"{layer} ") and explanation in diagnosis["tried"]
+    verification = _verification(diag, plan, monkeypatch, bug)
+    assert not verification.passed
+    assert verification.departed_at == blamed, verification.summary
+    diagnosis = verification.diagnosis
+    assert (diagnosis.layer, diagnosis.explanation) == (layer, explanation), (verification.summary, diagnosis)
+    assert diagnosis.sentence.startswith(f"{layer} ") and explanation in diagnosis.tried
 
 
-def test_sentences(diag, monkeypatch, tmp_path):
-    """The sentence says what was found, in the report's text forms too."""
+@pytest.mark.parametrize("bug, sentence", [
+    ("rgb_swap", "conv1 matches after swapping B and R at the input: the port takes RGB where Caffe's weights "
+                 "take BGR."),
+    ("bn_eps", "bn2 matches with BatchNorm eps 1e-05 instead of 0.001."),
+    ("lrn_alpha", "norm1 matches with alpha divided by local_size once more (0.01 / 5): torch's "
+                  "LocalResponseNorm divides alpha by size itself, as Caffe does; pass Caffe's alpha as it is."),
+    ("ip_transposed", "fc6 matches with the weight transposed (Caffe's num_output x K blob read as K x "
+                      "num_output): Caffe stores it 16 x 108."),
+    ("scale_bias", "scale2 (without a counterpart in the module, checked through relu2) matches without the "
+                   "Scale layer's bias (a multiplication only): the prototxt's scale_param has bias_term: true."),
+    ("dropout_train", "drop6 matches Dropout in training mode ("),
+])
+def test_sentence(diag, plan, monkeypatch, bug, sentence):
+    assert _verification(diag, plan, monkeypatch, bug).diagnosis.sentence.startswith(sentence)
+
+
+def test_report_shows_the_diagnosis(diag, monkeypatch, tmp_path, capsys):
+    """`porting verify --torch`: report.json's diagnosis, one line in report.md, report.html and the output."""
     expected = {
         "floor_pool": "pool1 output is 5x5 in Caffe and 4x4 in the port; pool1 matches with the pooled size "
                       "rounded down (ceil_mode=False): Caffe rounds pooling output size up (ceil_mode=True).",
-        "rgb_swap": "conv1 matches after swapping B and R at the input: the port takes RGB where Caffe's weights "
-                    "take BGR.",
-        "bn_eps": "bn2 matches with BatchNorm eps 1e-05 instead of 0.001.",
         "wrong_mean": "conv1 matches with the mean (B, G, R) = (123.68, 116.28, 103.53) subtracted where Caffe's "
                       "input has (104, 117, 123, BGR) subtracted.",
     }
     for bug, sentence in expected.items():
         status, report = _verify(diag, monkeypatch, tmp_path / bug, bug)
+        assert status == 1 and _blamed(report) == CASES[bug][0]
         assert report["diagnosis"]["sentence"] == sentence
+        assert report["diagnosis"]["explanation"] == CASES[bug][2]
         assert f"**diagnosis**: {sentence}" in (tmp_path / bug / "report.md").read_text()
+        assert "<b>Diagnosis:</b>" in (tmp_path / bug / "report.html").read_text()
+        assert f"diagnosis: {sentence}" in capsys.readouterr().out
 
 
-def test_bug_outside_the_catalogue(diag, monkeypatch, tmp_path):
-    status, report = _verify(diag, monkeypatch, tmp_path / "r", "unexplained")
-    assert status == 1
-    diagnosis = report["diagnosis"]
-    assert diagnosis["layer"] == "fc8" and diagnosis["explanation"] is None
-    assert diagnosis["sentence"].startswith("No known explanation fits the departure at fc8 (InnerProduct): ")
-    assert {"ip-transposed", "bias-missing", "relu-extra"} <= set(diagnosis["tried"])
+def test_bug_outside_the_catalogue(diag, plan, monkeypatch):
+    verification = _verification(diag, plan, monkeypatch, "unexplained")
+    assert not verification.passed and verification.departed_at == "fc8"
+    diagnosis = verification.diagnosis
+    assert diagnosis.layer == "fc8" and diagnosis.explanation is None
+    assert diagnosis.sentence.startswith("No known explanation fits the departure at fc8 (InnerProduct): ")
+    assert {"ip-transposed", "bias-missing", "relu-extra"} <= set(diagnosis.tried)
