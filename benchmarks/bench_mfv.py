@@ -397,8 +397,8 @@ def main(argv=None) -> int:
                   f"{(forward + backward) / 1e9:.2f} GFLOP / {peak / 1e9:.1f} GFLOP/s", None))
 
     print(f"MFV, CaffeNet, mean-image schedule ({n_schedule} iterations a facet), {args.iterations} iterations "
-          f"measured per row (medians), {threads} torch threads"
-          + (f"; Caffe: OpenBLAS {caffe['blas']['core']} with {caffe['blas']['threads']} threads" if caffe else ""))
+          f"measured per row (medians), torch threads: {threads}"
+          + (f"; Caffe: OpenBLAS {caffe['blas']['core']}, threads: {caffe['blas']['threads']}" if caffe else ""))
     width = max(len(r[0]) for r in table)
     print(f"{'':<{width}}  {'s/iteration':>11}  {'s/10 facets':>11}  {'x Caffe':>7}  {'peak RSS':>9}  how")
     for name, per, ten, how, rss in table:
