@@ -115,7 +115,7 @@ def failure_message(verification, report, golden) -> str:
     measured = _measured(verification)
     if measured:
         lines.append(measured)
-    diagnosis = diagnosis_text(verification, report)
+    diagnosis = diagnosis_text(verification)
     if diagnosis:
         lines.append(f"diagnosis: {diagnosis}")
     missing = (report or {}).get("no_counterpart") or []
@@ -138,18 +138,9 @@ def _measured(verification) -> str:
             f"(float32 rounding bound of {dep.layer}), {dep.error_ratio:.3g}x the bound")
 
 
-def diagnosis_text(verification, report=None) -> str:
-    """The diagnosis the verifier put on a foreign result (porting.verify.diagnose, when
-    present): a sentence, or an object or dict carrying one; "" when there is none."""
-    found = getattr(verification, "diagnosis", None)
-    if found is None and isinstance(report, Mapping):
-        found = report.get("diagnosis")
-    if not found:
-        return ""
-    if isinstance(found, str):
-        return found
-    for name in ("sentence", "text", "statement", "summary"):
-        value = found.get(name) if isinstance(found, Mapping) else getattr(found, name, None)
-        if isinstance(value, str) and value:
-            return value
-    return str(found)
+def diagnosis_text(verification) -> str:
+    """The sentence of the diagnosis the verifier puts on a foreign result
+    (``Verification.diagnosis``, porting.verify.diagnose; read with getattr, as a verifier
+    without it puts none); "" when there is none."""
+    sentence = getattr(getattr(verification, "diagnosis", None), "sentence", None)
+    return sentence if isinstance(sentence, str) else ""

@@ -5,15 +5,14 @@ real-Caffe run, `porting reference dump`); every check here reads that file with
 root pointing nowhere. The hand-written port (tests/fixtures/foreign_caffenet.py) passes,
 also given a map and through torchvision's input convention; variants of it made here
 (torch only: B and R swapped at conv1, LRN's alpha divided by its size, pool1 rounded
-down) fail with the verdict line naming the layer and the error measured against its
-bound. Last, a separate test project in a temporary folder (no conftest, its own ini file)
+down) fail with the verdict line naming the layer, the error measured against its bound
+and the diagnosis (porting.verify.diagnose). Last, a separate test project in a temporary folder (no conftest, its own ini file)
 uses the fixture and the function through the installed entry point, in its own pytest.
 The tests that use the golden file are ``caffe`` tests (conftest marks them: it needs Caffe once).
 """
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -120,8 +119,8 @@ def test_seeded_bug_fails_with_a_short_message(golden, bug):
         assert_matches_caffe(module, path, **files)
     lines = str(raised.value).splitlines()
     assert lines[0].startswith(f"the module does not match Caffe (golden.npz): {verdict}"), lines
-    verification, report = verify_module(module, path, **files)
-    diagnosis = diagnosis_text(verification, report)
+    verification, _ = verify_module(module, path, **files)
+    diagnosis = diagnosis_text(verification)
     if key is None:  # a shape: nothing to measure, the verdict line says it
         assert not any(line.startswith("measured") for line in lines), lines
     else:
@@ -129,9 +128,8 @@ def test_seeded_bug_fails_with_a_short_message(golden, bug):
         assert found and found[1] == key and found[4] == key.split("/")[1], lines
         error, bound, ratio = float(found[2]), float(found[3]), float(found[5])
         assert error > 10 * bound > 0 and ratio > 10, lines  # the bug is far beyond float32 rounding
-    if importlib.util.find_spec("porting.verify.diagnose") is not None:  # the verifier diagnoses classic bugs
-        layer = verdict.split("layer ")[1].split(" ")[0]
-        assert f"{layer} matches" in diagnosis, diagnosis
+    layer = verdict.split("layer ")[1].split(" ")[0]
+    assert f"{layer} matches" in diagnosis, diagnosis  # the verifier diagnoses these classic bugs
     assert [line for line in lines if line.startswith("diagnosis: ")] == ([f"diagnosis: {diagnosis}"] if diagnosis
                                                                           else [])
     assert len(lines) <= 4 and all(len(line) < 400 for line in lines), lines
@@ -154,19 +152,15 @@ def test_output_only_map_fails_by_its_tolerance(golden):
 
 
 def test_diagnosis_is_read_where_the_verifier_puts_it():
-    """A sentence on the verification (porting.verify.diagnose), as a string, an object or
-    a dict carrying one, or in the mapping report; none: no line."""
+    """Verification.diagnosis (porting.verify.diagnose) carries a sentence; a result without one: no line."""
     class Found:
         sentence = "norm1 matches with alpha divided by local_size"
 
     class Result:
-        def __init__(self, diagnosis=None):
-            self.diagnosis = diagnosis
+        diagnosis = Found()
 
-    text = Found.sentence
-    assert diagnosis_text(Result(text)) == diagnosis_text(Result(Found())) == text
-    assert diagnosis_text(Result({"text": text})) == diagnosis_text(object(), {"diagnosis": text}) == text
-    assert diagnosis_text(Result()) == diagnosis_text(object(), {}) == ""
+    assert diagnosis_text(Result()) == Found.sentence
+    assert diagnosis_text(object()) == ""
 
 
 # ---------------------------------------------------------------------------- a user's project
@@ -219,8 +213,7 @@ def test_plugin_in_a_separate_project(small, tmp_path):
     assert ("AssertionError: the module does not match Caffe (golden.npz): FAIL at the forward of layer norm1 "
             "(LRN): torch computes norm1 differently from caffe") in out, out
     assert "measured at top/norm1/0/data: error " in out, out
-    if importlib.util.find_spec("porting.verify.diagnose") is not None:
-        assert "diagnosis: norm1 matches" in out, out
+    assert "diagnosis: norm1 matches with alpha divided by local_size once more" in out, out
     assert "FAILED test_port.py::test_port_with_lrn_bug" in out and "porting/testing.py" not in out, out
     # --porting-golden (relative to where pytest starts) overrides the ini option
     done = run("--porting-golden", "golden/golden.npz", "-o", "porting_golden=nowhere.npz", "-k", "matches")
