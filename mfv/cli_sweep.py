@@ -30,6 +30,15 @@ def _sweep(args) -> int:
         raise PortingError(f"--facets-per-task must be at least 1, not {args.facets_per_task}")
     if args.gpus_per_task < 0 or args.cpus_per_task <= 0:
         raise PortingError("--gpus-per-task must be at least 0 and --cpus-per-task above 0")
+    if args.gpus_per_task == 0:   # the net runs on --device, here or on CPU workers
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise PortingError(f"not a torch device: {args.device!r}", place="--device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise PortingError("no CUDA device is available to torch", place=f"--device {args.device}")
     units = find_units(args.means_root, parse_units(args.units), args.facets, args.synsets)
     # the model is read here once, so a bad file is exit 2 before any worker starts
     args.octave_layers = sorted({o.layer for o in schedule.octaves_for(args.variant) if o.layer})

@@ -351,6 +351,12 @@ def run_sweep(model: Model, settings: Settings, units: list[Unit], out, facets: 
 
 def _sweep(ray, model, settings, units, out, facets, per_task, cpus_per_task, gpus_per_task, retries, progress,
            stop_after, log) -> Outcome:
+    if ray is not None:
+        cluster = ray.cluster_resources()
+        for kind, need in (("CPU", cpus_per_task), ("GPU", gpus_per_task)):
+            if need > cluster.get(kind, 0):   # such a task would wait for ever
+                raise PortingError(f"a task asks for {need:g} {kind}s and the Ray cluster has "
+                                   f"{cluster.get(kind, 0):g}", place=f"--{kind.lower()}s-per-task")
     out.mkdir(parents=True, exist_ok=True)
     current = sweep_settings(model, settings)
     manifest = load_manifest(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mfv import schedule
@@ -244,6 +245,24 @@ def test_a_failing_task_is_retried_reported_and_the_rest_finish(inputs, ray_clus
     assert main(args) == 0
     assert "1 facets run now, 4 done" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["failed"] == []
+
+
+def test_a_task_the_cluster_cannot_hold_is_refused(inputs, ray_cluster, tmp_path, capsys):
+    assert main(sweep_args(inputs, tmp_path / "out", "0", 2, "--gpus-per-task", "1")) == 2
+    assert "a task asks for 1 GPUs and the Ray cluster has 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_in_process_sweep_on_cuda(inputs, tmp_path):
+    out = tmp_path / "out"
+    model = Model(str(inputs["prototxt"]), str(inputs["caffemodel"]), device="cuda")
+    outcome = run_sweep(model, Settings(iterations=ITERATIONS, seed=5), find_units(inputs["root"], [0], 2), out,
+                        facets=2, use_ray=False, progress=False)
+    assert outcome.ran == 2 and all(r["worker"]["device"] == "cuda" for r in records(out).values())
+    # the same crops and steps; float32 rounding of another device moves pixels far less than a grey level
+    for f, image in enumerate(batch_facets(inputs, 0, [0, 1])):
+        assert np.abs(np.load(out / "0" / f"facet_{f}.npy") - image).max() < 1.0
 
 
 def test_bad_input_is_one_line(inputs, tmp_path, capsys):
