@@ -29,13 +29,15 @@ def assert_matches_caffe(module, golden, mapping=None, torch_input=None, torch_m
     """Assert that ``module`` computes what Caffe computed when it wrote ``golden``.
 
     ``module``: an ``nn.Module`` with its weights loaded (put in eval mode for the check,
-    its modes restored after), or a spec as ``porting verify --torch`` takes it
-    (``FILE.py:FACTORY``, ``package.module:FACTORY``, ``FILE.pt2``). ``golden``: a golden
+    its modes restored after), or a file or spec as ``porting verify --torch`` takes it
+    (``FILE.py:FACTORY``, ``package.module:FACTORY``, ``FILE.pt2``, a TorchScript file,
+    ``FILE.onnx``: porting.verify.foreign.load_module). ``golden``: a golden
     file of ``porting reference dump``. ``mapping``: Caffe layer or blob name -> module
     path, a dict or a map.json path as ``--map`` takes (None: found automatically).
-    ``torch_input`` "bgr255" (Caffe's input, the default) or "rgb01" with ``torch_mean``,
-    ``torch_std`` (RGB, [0, 1] units) and ``caffe_mean`` (BGR, 0-255), each "a,b,c" or
-    three numbers, as ``--torch-input``/``--torch-mean``/``--torch-std``/``--caffe-mean``.
+    ``torch_input`` "bgr255" (Caffe's input, the default), a convention FILE.json, or "rgb01"
+    with ``torch_mean``, ``torch_std`` (RGB, [0, 1] units) and ``caffe_mean`` (BGR, 0-255),
+    each "a,b,c" or three numbers, as ``--torch-input``/``--torch-mean``/``--torch-std``/
+    ``--caffe-mean`` take them (porting.verify.foreign.convention_from_options).
     ``prototxt``/``caffemodel``: the files the golden file was dumped from (default: the
     names it records, in its folder). ``tolerance``/``strict``: as verify's.
 
@@ -64,8 +66,8 @@ def verify_module(module, golden, mapping=None, torch_input=None, torch_mean=Non
     from porting.verify.reference import read_golden
 
     if not isinstance(module, (str, os.PathLike, torch.nn.Module)):
-        raise PortingError(f"expected an nn.Module or a spec FILE.py:FACTORY, package.module:FACTORY or FILE.pt2, "
-                           f"got {type(module).__name__}")
+        raise PortingError(f"expected an nn.Module or what --torch takes (FILE.py:FACTORY, package.module:FACTORY, "
+                           f"a file), got {type(module).__name__}")
     convention = convention_from_options(torch_input, torch_mean, torch_std, caffe_mean)
     map_path = None
     if mapping is not None and not isinstance(mapping, Mapping):

@@ -76,7 +76,7 @@ def test_bad_input_is_a_porting_error(golden, tmp_path):
         assert_matches_caffe(_port(), path, torch_input="rgb01", torch_std=(1, 0, 1), **files)
     with pytest.raises(PortingError, match="--torch-mean, --torch-std and --caffe-mean are taken only with"):
         assert_matches_caffe(_port(), path, torch_mean="1,2,3", **files)
-    with pytest.raises(PortingError, match="expected an nn.Module or a spec .* got OrderedDict"):
+    with pytest.raises(PortingError, match="expected an nn.Module or what --torch takes .* got OrderedDict"):
         assert_matches_caffe(_port().state_dict(), path, **files)
     other = tmp_path / "other.prototxt"
     other.write_text(Path(files["prototxt"]).read_text() + "\n")
