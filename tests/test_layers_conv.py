@@ -1,12 +1,16 @@
 """Convolution, Deconvolution and InnerProduct against float64 NumPy loops (tests/numpy_ref.py).
 
 Forward and backward (bottom, weight and bias diffs; Caffe's backward is the exact
-derivative here) in float64 and float32. Errors are relative to the larger of max |ref| and
+derivative here) in float64 and float32, on each arithmetic path: "torch" (F.conv*d,
+F.linear) and Caffe's (Convolution "im2col", InnerProduct "blocked"; see
+porting.layers.convolution.set_conv_path, porting.layers.inner_product.set_inner_product_path). Errors are relative to the larger of max |ref| and
 the same sums over absolute values (numpy_ref.rel_err), the scale rounding works on.
 Tolerances: float64 1e-10 (measured max 3.3e-16; a semantic slip shows as >= 1e-3);
 float32 from the measured maxima of two LAYER_EXAMPLES=1000 runs with LAYER_ERRORS_LOG
 (about 7000 comparisons per test), times ~3.
 """
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -14,9 +18,22 @@ from hypothesis import strategies as st
 
 import numpy_ref as ref
 from porting.layers import build_layer
+from porting.layers.convolution import CONV_PATHS, _ConvBase
+from porting.layers.inner_product import INNER_PRODUCT_PATHS, InnerProduct
 
 TOL32_CONV = 5e-7  # measured max 1.65e-7 (conv and deconv; forward and every diff)
 TOL32_IP = 5e-7  # measured max 1.60e-7
+
+
+@contextmanager
+def default_path(cls, path):
+    """Layers of ``cls`` built meanwhile take ``path`` (numpy_ref builds them from text)."""
+    saved = cls.path
+    cls.path = path
+    try:
+        yield
+    finally:
+        cls.path = saved
 
 
 def _field(name, values):
@@ -83,16 +100,20 @@ def _magnitudes(forward, backward, x, w, b, dy, geometry):
     return out
 
 
+@pytest.mark.parametrize("path", CONV_PATHS)
 @settings(max_examples=ref.EXAMPLES, deadline=None)
 @given(conv_cases())
-def test_convolution_matches_reference(c):
-    _run_conv_case("Convolution", c)
+def test_convolution_matches_reference(path, c):
+    with default_path(_ConvBase, path):
+        _run_conv_case("Convolution", c)
 
 
+@pytest.mark.parametrize("path", CONV_PATHS)
 @settings(max_examples=ref.EXAMPLES, deadline=None)
 @given(conv_cases(deconv=True))
-def test_deconvolution_matches_reference(c):
-    _run_conv_case("Deconvolution", c)
+def test_deconvolution_matches_reference(path, c):
+    with default_path(_ConvBase, path):
+        _run_conv_case("Deconvolution", c)
 
 
 @pytest.mark.parametrize("kind,case", [
@@ -111,8 +132,10 @@ def test_deconvolution_matches_reference(c):
     ("Deconvolution", dict(n=2, group=1, channels=2, num_output=3, kernel=[3, 2], stride=[3, 1], pad=[1, 0],
                            dilation=1, size=[4, 3], bias=False, seed=5)),
 ])
-def test_conv_edge_cases(kind, case):
-    _run_conv_case(kind, case)
+@pytest.mark.parametrize("path", CONV_PATHS)
+def test_conv_edge_cases(kind, case, path):
+    with default_path(_ConvBase, path):
+        _run_conv_case(kind, case)
 
 
 def test_conv_shapes_and_describe():
@@ -128,13 +151,15 @@ def test_conv_shapes_and_describe():
     assert deconv.param_shapes == [(21, 1, 64, 64)] and deconv.top_shapes == [(1, 21, 352, 352)]
 
 
-def test_conv_nd_and_axis():
+@pytest.mark.parametrize("path", CONV_PATHS)
+def test_conv_nd_and_axis(path):
     """1-D convolution, and a channel axis of 2 (axes before it are batch axes)."""
     rng = np.random.default_rng(0)
     x = ref.f32(rng.normal(size=(2, 3, 4, 10)))
     w = ref.f32(rng.normal(size=(5, 4, 3)))
-    layer = build_layer('type: "Convolution" convolution_param { num_output: 5 kernel_size: 3 axis: 2 '
-                        'bias_term: false }', [x.shape], [w])
+    with default_path(_ConvBase, path):
+        layer = build_layer('type: "Convolution" convolution_param { num_output: 5 kernel_size: 3 axis: 2 '
+                            'bias_term: false }', [x.shape], [w])
     assert layer.top_shapes == [(2, 3, 5, 8)]
     expected = ref.conv_forward(x.reshape(6, 4, 10), w, None, [1], [0], [1], 1).reshape(2, 3, 5, 8)
     (got,), _, _ = ref.run_layer(layer, [x])
@@ -153,10 +178,11 @@ def test_conv_refuses_impossible_configurations():
         build_layer('type: "Convolution" convolution_param { num_output: 4 }', [(1, 3, 5, 5)])
 
 
+@pytest.mark.parametrize("path", INNER_PRODUCT_PATHS)
 @settings(max_examples=ref.EXAMPLES, deadline=None)
 @given(n=st.integers(1, 3), inner=st.lists(st.integers(1, 4), min_size=1, max_size=3), num_output=st.integers(1, 6),
        transpose=st.booleans(), bias=st.booleans(), axis_choice=st.integers(0, 9), seed=st.integers(0, 2**16))
-def test_inner_product_matches_reference(n, inner, num_output, transpose, bias, axis_choice, seed):
+def test_inner_product_matches_reference(path, n, inner, num_output, transpose, bias, axis_choice, seed):
     rng = np.random.default_rng(seed)
     shape = (n, *inner)
     axis = 1 + axis_choice % len(inner)  # any axis after the batch axis
@@ -173,5 +199,6 @@ def test_inner_product_matches_reference(n, inner, num_output, transpose, bias, 
     magnitudes = {("top", 0): ref.inner_product_forward(np.abs(x), np.abs(w), None if b is None else np.abs(b),
                                                         axis, transpose),
                   ("bottom diff", 0): mdx, ("blob diff", 0): mdw, ("blob diff", 1): mdb}
-    ref.check_layer(text, [x], [dy], [y], [dx], [dw] + ([db] if bias else []),
-                    blobs=[w] + ([b] if bias else []), tol32=TOL32_IP, magnitudes=magnitudes)
+    with default_path(InnerProduct, path):
+        ref.check_layer(text, [x], [dy], [y], [dx], [dw] + ([db] if bias else []),
+                        blobs=[w] + ([b] if bias else []), tol32=TOL32_IP, magnitudes=magnitudes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 
 from porting.layers import CaffeLayer, caffe_int, canonical_axis, count, int_arithmetic, register
@@ -18,6 +19,7 @@ from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+CONV_PATHS = ("torch", "im2col")
 
 
 def conv_geometry(cp, num_spatial: int) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -67,11 +69,76 @@ def conv_out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) 
     return int(span / stride) + 1 if span < 0 else span // stride + 1
 
 
+def set_conv_path(module, path: str):
+    """Choose how every Convolution and Deconvolution in ``module`` (a CaffeNet, one layer, any
+    ``nn.Module`` holding them) multiplies; returns ``module``. Paths (``CONV_PATHS``):
+
+    * "torch" (the default): ``F.conv*d`` / ``F.conv_transpose*d``, whatever kernel torch
+      picks.
+    * "im2col": Caffe's own algorithm, written with torch ops: Convolution is im2col
+      (``F.unfold``) and one matrix product per image and group, W_g (O/g x C/g K) times the
+      columns (C/g K x output pixels), then the bias; its backward to the input is autograd's:
+      the columns' gradient W_g^T dy (a matrix product), added back into the image by col2im
+      (``F.fold``). Deconvolution is the reverse (W_g^T x, then col2im; backward: im2col of
+      the top's gradient times W_g). 1-D and 2-D; a 3-D layer keeps the "torch" path. The
+      columns of every image of the batch are held at once, and autograd keeps them for the
+      weights' gradient (CaffeNet: 18 MB per image).
+
+    Both compute the same sums of the same products (a top: C/g K products and the bias; a
+    bottom gradient: at most O/g K products), only in another order, so each layer's
+    ``forward_bound`` and ``backward_bound`` (any order) hold for both. What differs is how
+    far from the exact sums they typically land: measured in benchmarks/bench_conv_accuracy.py.
+    """
+    if path not in CONV_PATHS:
+        raise ValueError(f"convolution path must be one of {', '.join(CONV_PATHS)}, not {path!r}")
+    for layer in module.modules():
+        if isinstance(layer, _ConvBase):
+            layer.path = path
+    return module
+
+
+def _planar(x, kernel, stride, pad, dilation):
+    """A 1-D case as 2-D with a spatial axis of one (F.unfold and F.fold take 2-D only)."""
+    if x.dim() == 4:
+        return x, kernel, stride, pad, dilation
+    return x.unsqueeze(2), [1] + list(kernel), [1] + list(stride), [0] + list(pad), [1] + list(dilation)
+
+
+def im2col_conv(x, weight, bias, kernel, stride, pad, dilation, group):
+    """Caffe's Convolution forward (forward_cpu_gemm, then forward_cpu_bias) on (N, C, S...)
+    with 1 or 2 spatial axes: y_g = W_g im2col(x)_g per image and group, plus the bias."""
+    flat, kernel, stride, pad, dilation = _planar(x, kernel, stride, pad, dilation)
+    n = flat.shape[0]
+    out = [(flat.shape[2 + i] + 2 * pad[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    col = F.unfold(flat, kernel, dilation=dilation, padding=pad, stride=stride)  # (N, C K, L)
+    w = weight.reshape(group, weight.shape[0] // group, -1)                       # (g, O/g, C/g K)
+    y = torch.matmul(w, col.reshape(n, group, w.shape[2], col.shape[2]))         # (N, g, O/g, L)
+    y = y.reshape(n, weight.shape[0], *out)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y if x.dim() == 4 else y.squeeze(2)
+
+
+def col2im_deconv(x, weight, bias, kernel, stride, pad, dilation, group):
+    """Caffe's Deconvolution forward (backward_cpu_gemm, then forward_cpu_bias) on (N, C, S...)
+    with 1 or 2 spatial axes: col_g = W_g^T x_g per image and group, col2im, plus the bias."""
+    flat, kernel, stride, pad, dilation = _planar(x, kernel, stride, pad, dilation)
+    n, c = flat.shape[:2]
+    out = [stride[i] * (flat.shape[2 + i] - 1) + dilation[i] * (kernel[i] - 1) + 1 - 2 * pad[i] for i in range(2)]
+    w = weight.reshape(group, c // group, -1)                                      # (g, C/g, O/g K)
+    col = torch.matmul(w.transpose(1, 2), flat.reshape(n, group, c // group, -1))  # (N, g, O/g K, L)
+    y = F.fold(col.reshape(n, -1, col.shape[3]), out, kernel, dilation=dilation, padding=pad, stride=stride)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y if x.dim() == 4 else y.squeeze(2)
+
+
 class _ConvBase(CaffeLayer):
     """Shared parameter handling; ``reverse`` is True for Deconvolution."""
     param_fields = ("convolution_param",)  # Deconvolution reads it too
 
     reverse = False
+    path = "torch"  # how the layer multiplies: one of CONV_PATHS, see set_conv_path
 
     def __init__(self, spec, bottom_shapes):
         super().__init__(spec, bottom_shapes)
@@ -187,6 +254,8 @@ class Convolution(_ConvBase):
         short = [max(0, self._extent(i) - x.shape[2 + i] - 2 * self.pad[i]) for i in range(self.num_spatial)]
         if any(short):
             x = F.pad(x, [v for n in reversed(short) for v in (0, n)])
+        if self.path == "im2col" and self.num_spatial <= 2:
+            return im2col_conv(x, weight, bias, self.kernel, stride, self.pad, self.dilation, self.group)
         return _CONV[self.num_spatial](x, weight, bias, stride=stride, padding=self.pad,
                                        dilation=self.dilation, groups=self.group)
 
@@ -206,5 +275,7 @@ class Deconvolution(_ConvBase):
         # Along an axis of one input pixel the stride places nothing; torch traps (SIGFPE)
         # on a stride near 2^31, so it gets 1 there.
         stride = [s if x.shape[2 + i] > 1 else 1 for i, s in enumerate(self.stride)]
+        if self.path == "im2col" and self.num_spatial <= 2:
+            return col2im_deconv(x, weight, bias, self.kernel, stride, self.pad, self.dilation, self.group)
         return _DECONV[self.num_spatial](x, weight, bias, stride=stride, padding=self.pad,
                                          output_padding=0, groups=self.group, dilation=self.dilation)
