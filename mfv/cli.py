@@ -73,14 +73,16 @@ def _load_net(args):
 
 
 def _means(args) -> int:
-    from mfv.means import class_means, facet_means, list_classes, on_device
+    from mfv.means import class_images, class_means, facet_means, list_classes, torch_device
 
+    device = torch_device(args.device)
     if args.classes_root is None:
         if not args.images:
             raise PortingError("give image files or folders (one class), or --classes-root DIR (many)")
         if args.synsets or args.address or args.no_ray:
             raise PortingError("--synsets, --address and --no-ray go with --classes-root")
-        net = on_device(_load_net(args), args.device)
+        net = _load_net(args)
+        net.module.to(device)
         result = facet_means(net, args.images, args.out, layer=args.layer, k=args.k, m=args.m, seed=args.seed,
                              batch_size=args.batch_size, progress=not args.no_progress)
         sizes = [int((result.clusters.labels == c).sum()) for c in range(args.k)]
@@ -91,9 +93,10 @@ def _means(args) -> int:
 
     if args.images:
         raise PortingError("give images (one class) or --classes-root (many), not both")
-    classes = list_classes(args.classes_root, args.synsets, exclude=[args.out])
-    net = on_device(_load_net(args), args.device)
+    classes = class_images(list_classes(args.classes_root, args.synsets, exclude=[args.out]), args.k)
     with session(args.address, num_cpus=args.cpus, enabled=not args.no_ray) as ray:
+        net = _load_net(args)
+        net.module.to(device)
         result = class_means(net, classes, args.out, layer=args.layer, k=args.k, m=args.m, seed=args.seed,
                              batch_size=args.batch_size, ray=ray, progress=not args.no_progress)
     left_out = sum(len(v) for v in result.left_out.values())
@@ -291,7 +294,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device of the net: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--address", help="with --classes-root: cluster the classes on this Ray cluster "
                                      "(default: a local one started here)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
+    p.add_argument("--cpus", type=_positive_int, default=2, help="CPUs of the local Ray cluster (default 2)")
     p.add_argument("--no-ray", action="store_true", help="with --classes-root: cluster in this process")
     p.set_defaults(func=_means)
 

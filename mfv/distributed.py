@@ -51,11 +51,11 @@ def session(address: str | None = None, num_cpus: int = 2, enabled: bool = True,
         log(f"Ray is not installed ({INSTALL_HINT}): working in-process")
         yield None
         return
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         yield ray
         return
-    if address:
-        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)

@@ -250,15 +250,16 @@ def list_classes(root, synsets=None, exclude=(), warn=_warn) -> list[ClassFolder
         present = {p.name: p for p in folders}
         listed = {name for name, _ in entries}
         classes = [ClassFolder(name, present.pop(name), label) for name, label in entries if name in present]
-        unlisted = [p.name for p in folders if p.name not in listed]
-        if unlisted:
-            warn(f"{root}: {len(unlisted)} folders not in {synsets} left out (first: {shown(unlisted[0])})")
-        if classes and len(classes) < len(entries):
-            warn(f"{synsets}: {len(entries) - len(classes)} of its {len(entries)} synsets have no folder "
-                 f"in {root}")
     if not classes:
         raise PortingError("no class folders in it (one folder of images per class)" if synsets is None
                            else f"none of its folders is listed in {shown(synsets)}", root)
+    if synsets is not None:
+        unlisted = [p.name for p in folders if p.name not in listed]
+        if unlisted:
+            warn(f"{root}: {len(unlisted)} folders not in {synsets} left out (first: {shown(unlisted[0])})")
+        if len(classes) < len(entries):
+            warn(f"{synsets}: {len(entries) - len(classes)} of its {len(entries)} synsets have no folder "
+                 f"in {root}")
     return classes
 
 
@@ -356,6 +357,7 @@ def cached_codes(net: FacetNet, paths, cache_path, key: str, layer: str = "fc7",
         changed = True
         todo.append(j)
     prep = net.preprocessing
+    encoded = 0
     for start in range(0, len(todo), batch_size):
         batch, where = [], []
         for j in todo[start:start + batch_size]:
@@ -366,6 +368,7 @@ def cached_codes(net: FacetNet, paths, cache_path, key: str, layer: str = "fc7",
                 warn(f"{err}: left out of its class")
                 readable[j] = False
         if batch:
+            encoded += len(batch)
             with torch.no_grad():
                 out = net.blob_output(torch.from_numpy(np.stack(batch)).to(net.device), layer)
             for j, code in zip(where, out.reshape(len(batch), -1).cpu().numpy().astype(np.float32)):
@@ -380,7 +383,7 @@ def cached_codes(net: FacetNet, paths, cache_path, key: str, layer: str = "fc7",
                  names=np.array([s[0] for s in stats], dtype=str).reshape(n),
                  sizes=np.array([s[1] for s in stats], np.int64), mtimes=np.array([s[2] for s in stats], np.int64),
                  digests=np.array(digests, dtype=str).reshape(n), readable=readable, codes=codes)
-    return codes[readable], readable, len(todo)
+    return codes[readable], readable, encoded
 
 
 def _digest(path: Path) -> str:
@@ -435,25 +438,35 @@ class ClassesResult:
     left_out: dict      # class -> unreadable images left out of it
 
 
-def class_means(net: FacetNet, classes: list[ClassFolder], out_root, layer: str = "fc7", k: int = 10,
-                m: int = 15, seed: int = 0, batch_size: int = 16, ray=None, progress: bool = True,
-                tsne_iterations: int = 1000, warn=_warn) -> ClassesResult:
-    """``facet_means`` for each class, in OUT/<class>/ (the same files, plus the cached
-    codes ``codes_file`` and the marker ``MARKER``). Codes are computed here, in batches
-    on the net's device, and cached; each class's clustering runs as a Ray task when
-    ``ray`` (an initialised ``ray`` module, see ``mfv.distributed``) is given, else here,
-    one class after another, with the same results. A class whose outputs were made with
-    the same parameters from the same images is left alone; a class that cannot be
-    clustered (too few readable images) is reported in ``failed``, the others finished."""
-    if k < 1 or m < 1:
-        raise PortingError(f"-k and -m must be at least 1, not {k} and {m}")
-    out_root = Path(out_root).absolute()
+def class_images(classes: list[ClassFolder], k: int = 10) -> list[tuple[ClassFolder, list[Path]]]:
+    """Each class with its images (absolute paths: Ray workers have another working
+    folder); a class with no images, or too few for ``k`` clusters, is an error before
+    any work is done."""
+    if k < 1:
+        raise PortingError(f"-k must be at least 1, not {k}")
     listed = []
     for cls in classes:
         paths = [p.absolute() for p in list_images([cls.folder])]
         if len(paths) < max(k, 4):
             raise PortingError(f"{len(paths)} images, too few for {k} clusters (at least {max(k, 4)})", cls.folder)
         listed.append((cls, paths))
+    return listed
+
+
+def class_means(net: FacetNet, classes: list[tuple[ClassFolder, list[Path]]], out_root, layer: str = "fc7", k: int = 10,
+                m: int = 15, seed: int = 0, batch_size: int = 16, ray=None, progress: bool = True,
+                tsne_iterations: int = 1000, warn=_warn) -> ClassesResult:
+    """``facet_means`` for each class of ``classes`` (from ``class_images``), in
+    OUT/<class>/ (the same files, plus the cached
+    codes ``codes_file`` and the marker ``MARKER``). Codes are computed here, in batches
+    on the net's device, and cached; each class's clustering runs as a Ray task when
+    ``ray`` (an initialised ``ray`` module, see ``mfv.distributed``) is given, else here,
+    one class after another, with the same results. A class whose outputs were made with
+    the same parameters from the same images is left alone; a class that cannot be
+    clustered (too few readable images) is reported in ``failed``, the others finished."""
+    if m < 1:
+        raise PortingError(f"-m must be at least 1, not {m}")
+    out_root = Path(out_root).absolute()
     key = net_key(net, layer)
     parameters = _parameters(key, layer, k, m, seed, tsne_iterations)
     size = net.preprocessing.input_size
@@ -488,7 +501,7 @@ def class_means(net: FacetNet, classes: list[ClassFolder], out_root, layer: str 
                 finished(name, error=cause(err))
 
     try:
-        for cls, paths in listed:
+        for cls, paths in classes:
             out = out_root / cls.name
             images = _stats(paths)
             if up_to_date(out, parameters, images):
@@ -521,13 +534,12 @@ def class_means(net: FacetNet, classes: list[ClassFolder], out_root, layer: str 
     return result
 
 
-def on_device(net: FacetNet, device: str) -> FacetNet:
-    """``net`` with its module moved to ``device`` ("cpu", "cuda", "cuda:1", ...)."""
+def torch_device(device: str) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:1", ...) checked: a bad name or CUDA missing is an error."""
     try:
         where = torch.device(device)
     except (RuntimeError, ValueError) as err:
         raise PortingError(f"not a torch device ({err})", place="--device") from None
     if where.type == "cuda" and not torch.cuda.is_available():
         raise PortingError("no CUDA device is available to torch", place=f"--device {device}")
-    net.module.to(where)
-    return net
+    return where
