@@ -9,7 +9,9 @@ Scale parameters (U(0.5, 1.5), N(0, 0.5)) are set as training leaves them. Real 
 once (`porting reference dump`, batch 2, objective fc8:3); every verify reads that golden
 file. Each bug fails with exit 1, the layer the verdict blames is where the bug is, and
 the diagnosis names the bug; the correct port passes with no diagnosis; a bug outside the
-catalogue gets "no known explanation fits".
+catalogue gets "no known explanation fits". A second, branching net (BRANCH: a leaky ReLU, a
+Deconvolution, an Eltwise with coefficients, AVE pooling whose last window Caffe drops)
+takes the bugs that need those layers; Caffe runs once for it too.
 """
 from __future__ import annotations
 
@@ -48,6 +50,21 @@ layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }
 layer { name: "drop6" type: "Dropout" bottom: "fc6" top: "fc6" dropout_param { dropout_ratio: 0.5 } }
 layer { name: "fc8" type: "InnerProduct" bottom: "fc6" top: "fc8" inner_product_param { num_output: 10 } }
 layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
+"""
+
+BRANCH = """name: "foreign_branch"
+input: "data"
+input_shape { dim: 2 dim: 3 dim: 9 dim: 9 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" relu_param { negative_slope: 0.1 } }
+layer { name: "up1" type: "Deconvolution" bottom: "conv1" top: "up1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "mix" type: "Eltwise" bottom: "conv1" bottom: "up1" top: "mix" eltwise_param { coeff: 1 coeff: -0.5 } }
+layer { name: "pool1" type: "Pooling" bottom: "mix" top: "pool1"
+  pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 } }
+layer { name: "pool2" type: "Pooling" bottom: "pool1" top: "pool2" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool2" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 """
 
 # bug -> (the layer the verdict blames, the layer the diagnosis names, the explanation)
@@ -122,25 +139,54 @@ def _verify(diag, monkeypatch, report, bug="") -> tuple[int, dict]:
     return status, json.loads((Path(report) / "report.json").read_text())
 
 
+BRANCH_CASES = {
+    "relu_slope": ("relu1", "relu1", "relu-slope"),
+    "eltwise_coeff": ("up1", "mix", "eltwise-coeff"),  # mix has no counterpart: its gradient departs first
+    "deconv_flip": ("up1", "up1", "conv-flipped"),
+    "pool_no_clip": ("pool1", "pool1", "pool-no-clip"),
+}
+
+
+@pytest.fixture(scope="module")
+def branch(tmp_path_factory, caffe_weights):
+    """BRANCH's (prototxt, caffemodel, golden, weights.npz) and its golden file's plan."""
+    folder = tmp_path_factory.mktemp("branch")
+    prototxt = folder / "net.prototxt"
+    prototxt.write_text(BRANCH)
+    caffemodel = caffe_weights(prototxt, seed=5, filler="msra", bias_filler="gaussian", bias_std=0.1)
+    state = load_caffe(prototxt, caffemodel).state_dict()
+    weights = folder / "weights.npz"
+    np.savez(weights, **{f"{k[:-2]}.{'weight' if k.endswith('.0') else 'bias'}": v.numpy() for k, v in state.items()})
+    golden = folder / "golden.npz"
+    assert main(["reference", "dump", str(prototxt), str(caffemodel), "--batch", "2", "--seed", "6",
+                 "--objective", "fc:1", "-o", str(golden)]) == 0
+    files = (prototxt, caffemodel, golden, weights)
+    return files, _plan(files)
+
+
 @pytest.fixture(scope="module")
 def plan(diag):
-    """The golden file's inputs, objective and Caffe's arrays, for the Python API (no report)."""
+    return _plan(diag)
+
+
+def _plan(files):
+    """The golden file's plan (port, inputs, objective) and Caffe's arrays, for the Python API."""
     from porting.cli_verify import plan_from_golden
     from porting.verify.reference import read_golden
 
-    prototxt, caffemodel, golden, _ = diag
+    prototxt, caffemodel, golden, _ = files
     golden = read_golden(golden)
     return plan_from_golden(golden, prototxt, caffemodel), dict(golden.arrays)
 
 
-def _verification(diag, plan, monkeypatch, bug):
+def _verification(files, plan, monkeypatch, bug, factory="caffenet_diag"):
     """Foreign.verify of the fixture's port with ``bug`` (what `porting verify --torch` judges)."""
     from porting.verify.foreign import Foreign
 
-    monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(diag[3]))
+    monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(files[3]))
     monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)
     run, reference = plan
-    verification, _, _ = Foreign(f"{FIXTURE}:caffenet_diag").verify(run.net, reference, run.inputs, run.objective)
+    verification, _, _ = Foreign(f"{FIXTURE}:{factory}").verify(run.net, reference, run.inputs, run.objective)
     return verification
 
 
@@ -168,6 +214,19 @@ def test_seeded_bug_is_diagnosed(diag, plan, monkeypatch, bug):
     diagnosis = verification.diagnosis
     assert (diagnosis.layer, diagnosis.explanation) == (layer, explanation), (verification.summary, diagnosis)
     assert diagnosis.sentence.startswith(f"{layer} ") and explanation in diagnosis.tried
+
+
+@pytest.mark.parametrize("bug", ["", *BRANCH_CASES])
+def test_branching_net(branch, monkeypatch, bug):
+    files, plan = branch
+    verification = _verification(files, plan, monkeypatch, bug, "branch")
+    if not bug:
+        assert verification.passed and verification.diagnosis is None, verification.summary
+        return
+    blamed, layer, explanation = BRANCH_CASES[bug]
+    assert not verification.passed and verification.departed_at == blamed, verification.summary
+    diagnosis = verification.diagnosis
+    assert (diagnosis.layer, diagnosis.explanation) == (layer, explanation), (verification.summary, diagnosis)
 
 
 @pytest.mark.parametrize("bug, sentence", [

@@ -42,7 +42,9 @@ The catalogue (explanation ids), by where it applies:
 * Dropout: ``dropout-train`` (training mode: each output 0 or the input times
   1 / (1 - ratio)), ``dropout-scaled`` (times 1 - ratio at test);
 * Softmax: ``softmax-axis`` (another axis);
-* ReLU: ``relu-missing`` (the port has none there); any other layer: ``relu-missing`` (a
+* Eltwise: ``eltwise-coeff`` (SUM's coefficients ignored), ``eltwise-op`` (another operation);
+* ReLU: ``relu-missing`` (the port has none there), ``relu-slope`` (negative_slope ignored,
+  or a leaky ReLU where Caffe has none); any other layer: ``relu-missing`` (a
   ReLU that wrote its input skipped), ``relu-extra`` (a ReLU on its input or output).
 
 A blamed layer whose one input has no counterpart in the module (it fails by its per-blob
@@ -137,6 +139,9 @@ def diagnose(verification, net64, reference: Mapping, candidate: Mapping,
     values = NetValues(net64.graph)
     dep = verification.departure
     shape_row = next((r for r in verification.rows if r.problem and r.layer == layer), None)
+    forward = next((r for r in verification.rows if r.kind == "data" and not r.passed), None)
+    if shape_row is None and dep is not None and dep.direction != "forward" and forward is not None:
+        layer = forward.layer  # a forward array beyond its tolerance (no local check) comes first
     if shape_row is None and dep is not None and dep.layer == layer:
         if dep.direction != "forward":
             return Diagnosis(layer, None, f"No known explanation fits: {layer} departs in its gradient only "
@@ -286,7 +291,7 @@ def _catalogue(t: _Layer) -> Iterator[_Try]:
     kind = t.spec.type
     per_type = {"Pooling": _pooling, "LRN": _lrn, "Convolution": _convolution, "Deconvolution": _convolution,
                 "InnerProduct": _inner_product, "BatchNorm": _batch_norm, "Scale": _scale, "Dropout": _dropout,
-                "Softmax": _softmax, "ReLU": _relu}
+                "Softmax": _softmax, "ReLU": _relu, "Eltwise": _eltwise}
     if kind in per_type:
         yield from _safely(per_type[kind](t))
     if any(t.values.specs[v.position].is_input for v in t.values.bottoms[t.spec.name]):
@@ -592,9 +597,27 @@ def _softmax(t: _Layer) -> Iterator[_Try]:
 
 
 def _relu(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
     yield _Try("relu-missing", "with no ReLU applied (its input passed on as it is)",
-               _patched(t.spec.module, "apply_to", lambda self, x: x * 1.0), t.bottoms,
-               why=f"the port has no ReLU {t.spec.name}")
+               _patched(m, "apply_to", lambda self, x: x * 1.0), t.bottoms, why=f"the port has no ReLU {t.spec.name}")
+    for slope in ((0.0,) if m.negative_slope else (0.01, 0.1, 0.2)):
+        yield _Try("relu-slope", f"with negative_slope {slope:g} instead of {m.negative_slope:g}",
+                   _rebuilt(t.spec, t.bottoms, lambda p, a=slope: setattr(p.relu_param, "negative_slope", a)),
+                   t.bottoms, why="torch.relu has no slope; Caffe's ReLU takes relu_param.negative_slope"
+                   if m.negative_slope else "nn.LeakyReLU where Caffe's ReLU has none")
+
+
+def _eltwise(t: _Layer) -> Iterator[_Try]:
+    m = t.spec.module
+    if m.operation == "SUM" and any(c != 1 for c in m.coeffs):
+        yield _Try("eltwise-coeff", f"with its coefficients ({', '.join(f'{c:g}' for c in m.coeffs)}) ignored "
+                   "(a plain sum)", _rebuilt(t.spec, t.bottoms, lambda p: p.eltwise_param.ClearField("coeff")),
+                   t.bottoms)
+    for op in ("SUM", "PROD", "MAX"):
+        if op != m.operation:
+            yield _Try("eltwise-op", f"with {op} instead of {m.operation}",
+                       _rebuilt(t.spec, t.bottoms, lambda p, o=op: (p.eltwise_param.ClearField("coeff"), setattr(
+                           p.eltwise_param, "operation", type(p.eltwise_param).EltwiseOp.Value(o)))), t.bottoms)
 
 
 def _relus(t: _Layer) -> Iterator[_Try]:
