@@ -10,8 +10,9 @@ once per process or worker, Ray starts its workers), then ``--repeats`` timed sw
 each into a fresh folder; the table shows medians. Ray's cluster start (``ray.init``) is
 timed apart and not in the sweeps' times.
 
-Threads: each task gets one CPU (Ray sets its worker's torch threads to 1), and the
-in-process sweep runs with one torch thread too, so "ray, 1 worker" against "in-process"
+Threads: each task gets one CPU (Ray sets OMP_NUM_THREADS=1 in its workers: one torch
+thread, one BLAS thread), and the in-process sweep runs with one torch thread and its BLAS
+and OpenMP pools limited to one thread too (threadpoolctl), so "ray, 1 worker" against "in-process"
 is the same work and the ratio is Ray's overhead (target: under 10 % on 20 facets);
 "ray, 2 workers" shows what a second CPU buys.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from mfv.sweep import Model, Settings, find_units, run_sweep
 
@@ -112,8 +114,9 @@ def main(argv=None) -> int:
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        sweep(False)
-        rows.append(("in-process (1 thread)", None, [sweep(False) for _ in range(args.repeats)]))
+        with threadpool_limits(1):   # BLAS and OpenMP pools as a Ray worker has them (OMP_NUM_THREADS=1)
+            sweep(False)
+            rows.append(("in-process (1 thread)", None, [sweep(False) for _ in range(args.repeats)]))
         torch.set_num_threads(threads)
         for workers in (1, 2):
             began = time.perf_counter()
