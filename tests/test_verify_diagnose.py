@@ -179,14 +179,15 @@ def _plan(files):
     return plan_from_golden(golden, prototxt, caffemodel), dict(golden.arrays)
 
 
-def _verification(files, plan, monkeypatch, bug, factory="caffenet_diag"):
+def _verification(files, plan, monkeypatch, bug, factory="caffenet_diag", **options):
     """Foreign.verify of the fixture's port with ``bug`` (what `porting verify --torch` judges)."""
     from porting.verify.foreign import Foreign
 
     monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(files[3]))
     monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)
     run, reference = plan
-    verification, _, _ = Foreign(f"{FIXTURE}:{factory}").verify(run.net, reference, run.inputs, run.objective)
+    verification, _, _ = Foreign(f"{FIXTURE}:{factory}").verify(run.net, reference, run.inputs, run.objective,
+                                                                 **options)
     return verification
 
 
@@ -270,3 +271,14 @@ def test_bug_outside_the_catalogue(diag, plan, monkeypatch):
     assert diagnosis.layer == "fc8" and diagnosis.explanation is None
     assert diagnosis.sentence.startswith("No known explanation fits the departure at fc8 (InnerProduct): ")
     assert {"ip-transposed", "bias-missing", "relu-extra"} <= set(diagnosis.tried)
+
+
+def test_strict_tolerance_failure_has_no_diagnosis(diag, plan, monkeypatch):
+    """The correct port failed by --strict per-blob tolerances alone (every layer within
+    rounding): nothing to diagnose."""
+    from porting.tolerances import parse_tolerances
+
+    verification = _verification(diag, plan, monkeypatch, "", tolerances=parse_tolerances("default=1e-30"),
+                                 strict=True)
+    assert not verification.passed and verification.departure is None
+    assert verification.diagnosis is None
