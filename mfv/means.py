@@ -494,11 +494,16 @@ def class_means(net: FacetNet, classes: list[tuple[ClassFolder, list[Path]]], ou
         for ref in ready:
             name = pending.pop(ref)
             try:
-                finished(name, ray.get(ref))
-            except Exception as err:  # a task's error: judged by what it raised
+                outcome = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:  # the task raised: judged by what it raised
                 from mfv.distributed import cause
 
                 finished(name, error=cause(err))
+            except ray.exceptions.RayError as err:  # Ray's own failure (e.g. its worker lost, after retries)
+                lines = str(err).strip().splitlines()
+                finished(name, error=PortingError(f"Ray: {type(err).__name__}: {lines[0] if lines else ''}"))
+            else:
+                finished(name, outcome)
 
     try:
         for cls, paths in classes:

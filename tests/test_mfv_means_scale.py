@@ -204,6 +204,25 @@ def test_ray_tasks_and_in_process_write_the_same_files(ray_cluster, tmp_path):
     assert net.module.calls == 0 and sorted(again.clustered) == CLASSES
 
 
+def test_a_class_whose_ray_worker_dies_fails_alone(ray_cluster, tmp_path, monkeypatch):
+    import mfv.means
+
+    def dies_on_beta(out_dir, *args):
+        from mfv.means import cluster_class  # in the worker: the real one
+
+        if out_dir.endswith("beta"):
+            os._exit(3)  # the worker process is lost, on every retry
+        return cluster_class(out_dir, *args)
+
+    monkeypatch.setattr(mfv.means, "cluster_class", dies_on_beta)
+    warnings = []
+    result = run(counting_net(), make_classes(tmp_path / "classes"), tmp_path / "out", ray=ray_cluster,
+                 warnings=warnings)
+    assert sorted(result.clustered) == ["alpha", "gamma"] and list(result.failed) == ["beta"]
+    assert result.failed["beta"].startswith("Ray: ") and any(w.startswith("beta: Ray: ") for w in warnings)
+    assert not (tmp_path / "out" / "beta" / MARKER).exists() and (tmp_path / "out" / "gamma" / MARKER).exists()
+
+
 SMALL = """
 name: "small"
 input: "data"
