@@ -13,6 +13,16 @@ averaging the members exactly as they are: the members already have the net's in
 size, and the plain mean matches their mean_<k>.jpg to 1.7-3.7 grey levels (mean
 absolute error), the residual being their JPEG save at quality 75 (re-encoding our mean
 so brings it to 1.0-1.2). tests/test_mfv_means.py holds these measurements.
+
+Many classes at once (``class_means``, `mfv means --classes-root`): one folder of images
+per class in, OUT/<class>/ out with the files above. The codes are computed in the calling
+process, in batches on the net's device, and cached in OUT/<class>/codes_<layer>.npz
+(per image: name, size, mtime, sha256, code; and ``net_key``), so clustering again with
+another k or m needs no forward pass. Each class's clustering (PCA, t-SNE, k-means, means,
+files) is a Ray task when a Ray session is given (``mfv.distributed``), else runs
+in-process; both run it in one thread and write the same bytes. OUT/<class>/means.json is
+written last: a rerun skips a class whose outputs were made with the same parameters from
+the same images.
 """
 from __future__ import annotations
 
