@@ -14,6 +14,8 @@ from porting.errors import PortingError
 def _sweep(args) -> int:
     from pathlib import Path
 
+    import torch
+
     from mfv import schedule
     from mfv.cli import _load_net
     from mfv.batch import parse_units
@@ -31,8 +33,6 @@ def _sweep(args) -> int:
     if args.gpus_per_task < 0 or args.cpus_per_task <= 0:
         raise PortingError("--gpus-per-task must be at least 0 and --cpus-per-task above 0")
     if args.gpus_per_task == 0:   # the net runs on --device, here or on CPU workers
-        import torch
-
         try:
             device = torch.device(args.device)
         except RuntimeError:
@@ -42,7 +42,13 @@ def _sweep(args) -> int:
     units = find_units(args.means_root, parse_units(args.units), args.facets, args.synsets)
     # the model is read here once, so a bad file is exit 2 before any worker starts
     args.octave_layers = sorted({o.layer for o in schedule.octaves_for(args.variant) if o.layer})
-    _load_net(args)
+    net = _load_net(args)
+    height, width = net.preprocessing.input_size
+    with torch.no_grad():
+        count = net.layer_output(torch.zeros((1, 3, height, width)), args.layer).shape[1]
+    bad = [u.unit for u in units if u.unit >= count]
+    if bad:
+        raise PortingError(f"unit {bad[0]} is out of range: {args.layer} has {count} units", place="--units")
     device = "cuda" if args.gpus_per_task > 0 else args.device
     model = Model(str(Path(args.prototxt).resolve()),
                   str(Path(args.caffemodel).resolve()) if args.caffemodel else None, tuple(args.mean), device)

@@ -205,6 +205,15 @@ def record_path(out, unit: int, facet: int) -> Path:
     return Path(out) / str(unit) / f"{facet_name(facet)}.json"
 
 
+def read_record(out, unit: int, facet: int) -> dict | None:
+    """A facet's record, or None when it has none (or one that is not a record: run it again)."""
+    try:
+        record = json.loads(record_path(out, unit, facet).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("facet") == facet else None
+
+
 def _fault_point() -> None:
     marker = os.environ.get(KILL_ONCE_ENV)
     if marker:
@@ -231,7 +240,7 @@ def facet_task(model: Model, settings: Settings, out: str, unit: Unit, facets: l
     from mfv.loop import save_facet
 
     folder = Path(out) / str(unit.unit)
-    todo = [f for f in facets if not record_path(out, unit.unit, f).exists()]
+    todo = [f for f in facets if read_record(out, unit.unit, f) is None]
     if todo:
         net = _net(model)
         starts = [load_start(unit.means[f]) for f in todo]
@@ -254,7 +263,7 @@ def facet_task(model: Model, settings: Settings, out: str, unit: Unit, facets: l
                 "finished": _now(),
             })
             _fault_point()
-    return [json.loads(record_path(out, unit.unit, f).read_text()) for f in facets]
+    return [read_record(out, unit.unit, f) for f in facets]
 
 
 # --------------------------------------------------------------------------------------
@@ -301,12 +310,9 @@ def _disk_records(out, units: list[Unit], facets: int) -> dict:
     found = {}
     for unit in units:
         for f in range(facets):
-            path = record_path(out, unit.unit, f)
-            if path.exists():
-                try:
-                    found[(unit.unit, f)] = json.loads(path.read_text())
-                except ValueError:
-                    pass  # cannot happen for a record written whole; run the facet again
+            record = read_record(out, unit.unit, f)
+            if record is not None:
+                found[(unit.unit, f)] = record
     return found
 
 

@@ -271,3 +271,13 @@ def test_bad_input_is_one_line(inputs, tmp_path, capsys):
     assert len(err) == 1 and "no folder of mean images for unit 3" in err[0]
     assert main(sweep_args(inputs, tmp_path / "out", "0", 2, "--no-ray", "--address", "somewhere:6379")) == 2
     assert "--address and --no-ray" in capsys.readouterr().err
+    (tmp_path / "means" / "6").mkdir(parents=True)
+    shutil.copy(inputs["root"] / "0" / "mean_0.png", tmp_path / "means" / "6" / "mean_0.png")
+    assert main(sweep_args({**inputs, "root": tmp_path / "means"}, tmp_path / "out", "6", 1, "--no-ray")) == 2
+    assert "--units: unit 6 is out of range: fc8 has 6 units" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "manifest.json").write_text("{not json")
+    assert main(sweep_args(inputs, tmp_path / "junk", "0", 2, "--no-ray")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("mfv: torch on")]
+    assert len(err) == 1 and "manifest.json: cannot read the sweep manifest" in err[0]
+    assert not (tmp_path / "out").exists()
