@@ -12,6 +12,7 @@ Caffe on MFV crops: benchmarks/bench_conv_accuracy.py.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,8 +182,6 @@ def test_caffenet_with_caffe_paths_verifies(caffe_worker, caffe_weights):
     """CaffeNet (Caffe's Xavier weights) on an MFV-like start (noise around grey 175) with
     both Caffe-like paths: porting.verify against Caffe passes, every layer of both within
     its float32 bound or its flips classified."""
-    from pathlib import Path
-
     from porting.verify import Objective, verify_port
 
     prototxt = Path(__file__).resolve().parents[1] / "porting" / "models" / "caffenet.prototxt"
@@ -194,3 +193,15 @@ def test_caffenet_with_caffe_paths_verifies(caffe_worker, caffe_weights):
     reference = caffe_worker.run_net(prototxt, caffemodel, inputs={"data": x}, top_diffs={"fc8": objective.seed((1, 1000))})
     verification, _ = verify_port(net, reference, {"data": x}, objective, names=("caffe", "port"))
     assert verification.passed, verification.summary
+
+
+def test_mfv_uses_caffe_arithmetic():
+    """MFV's FacetNet.from_caffe puts a port on Caffe's paths unless told not to."""
+    from mfv.step import FacetNet
+
+    prototxt = Path(__file__).resolve().parents[1] / "porting" / "models" / "caffenet.prototxt"
+    kinds = lambda net: {(type(m).__name__, m.path) for m in net.modules() if hasattr(m, "path")}  # noqa: E731
+    assert kinds(FacetNet.from_caffe(load_caffe(prototxt)).module) == {("Convolution", "im2col"),
+                                                                       ("InnerProduct", "blocked")}
+    assert kinds(FacetNet.from_caffe(load_caffe(prototxt), caffe_arithmetic=False).module) == {
+        ("Convolution", "torch"), ("InnerProduct", "torch")}
