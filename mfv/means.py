@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from porting.errors import PortingError, shown
+from porting.errors import PortingError, escaped, shown
 from porting.files import file_digest
 
 from mfv.files import save_figure, save_json, save_npy, save_npz, save_png, truncating_uint8
@@ -225,7 +225,8 @@ MARKER = "means.json"       # written last in a class's folder: what its outputs
 
 
 def _warn(text: str) -> None:
-    tqdm.write(f"mfv: warning: {text}", file=sys.stderr)
+    """One line on stderr (names from strangers' files escaped), beside a progress bar."""
+    tqdm.write(f"mfv: warning: {escaped(text)}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
