@@ -169,6 +169,7 @@ def load_start(path) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 _NETS: dict = {}   # per process: Model -> FacetNet (a worker loads its net once)
+_LOADS = [0]       # nets this process has loaded (in each facet's record)
 
 
 def _net(model: Model):
@@ -181,6 +182,7 @@ def _net(model: Model):
 
         net = FacetNet.from_caffe(load_caffe(model.prototxt, model.caffemodel), mean=model.mean)
         net.module.to(torch.device(model.device))
+        _LOADS[0] += 1
         _NETS.clear()
         _NETS[model] = net
     return _NETS[model]
@@ -259,7 +261,7 @@ def facet_task(model: Model, settings: Settings, out: str, unit: Unit, facets: l
                 "files": sorted([f"{unit.unit}/{Path(p).name}" for p in saved.values()]
                                 + [f"{unit.unit}/mean_{f}.png"]),
                 "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": model.device,
-                           "ray_node": _ray_node()},
+                           "ray_node": _ray_node(), "net_loads": _LOADS[0]},
                 "finished": _now(),
             })
             _fault_point()

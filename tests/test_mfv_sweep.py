@@ -219,6 +219,9 @@ def test_ray_sweep_interrupted_then_resumed(inputs, ray_cluster, tmp_path):
     assert {k: after[k] for k in before} == before
     assert min(after[k]["finished"] for k in after if k not in before) > max(r["finished"] for r in before.values())
     assert [r["facets_planned"] for r in second.manifest["runs"]] == [2, 4]
+    # six tasks on two CPUs: a worker process served several and loaded the net once
+    pids = {r["worker"]["pid"] for r in after.values()}
+    assert len(pids) <= 3 and all(r["worker"]["net_loads"] == 1 for r in after.values())
 
 
 def test_a_failing_task_is_retried_reported_and_the_rest_finish(inputs, ray_cluster, tmp_path, capsys):
