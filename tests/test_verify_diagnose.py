@@ -186,8 +186,9 @@ def _verification(files, plan, monkeypatch, bug, factory="caffenet_diag", **opti
     monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(files[3]))
     monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)
     run, reference = plan
-    verification, _, _ = Foreign(f"{FIXTURE}:{factory}").verify(run.net, reference, run.inputs, run.objective,
-                                                                 **options)
+    foreign = Foreign(f"{FIXTURE}:{factory}", **{k: v for k, v in options.items() if k == "convention"})
+    verification, _, _ = foreign.verify(run.net, reference, run.inputs, run.objective,
+                                        **{k: v for k, v in options.items() if k != "convention"})
     return verification
 
 
@@ -262,6 +263,22 @@ def test_report_shows_the_diagnosis(diag, monkeypatch, tmp_path, capsys):
         assert f"**diagnosis**: {sentence}" in (tmp_path / bug / "report.md").read_text()
         assert "<b>Diagnosis:</b>" in (tmp_path / bug / "report.html").read_text()
         assert f"diagnosis: {sentence}" in capsys.readouterr().out
+
+
+def test_input_convention_found_and_its_options_pass(diag, plan, monkeypatch):
+    """A torchvision-style port verified as if it took Caffe's input: the diagnosis fits a * x + b
+    per channel and spells the --torch-input options; with them the same port passes."""
+    from porting.verify.foreign import convention_from_options
+
+    verification = _verification(diag, plan, monkeypatch, "torchvision")
+    diagnosis = verification.diagnosis
+    assert verification.departed_at == "conv1" and diagnosis.explanation == "input-convention", diagnosis
+    options = "--torch-input rgb01 --torch-mean 0.485,0.456,0.406 --torch-std 0.229,0.224,0.225"
+    assert diagnosis.sentence.endswith(f"the module takes another input convention; {options} feeds it what "
+                                       "Caffe sees."), diagnosis.sentence
+    convention = convention_from_options("rgb01", "0.485,0.456,0.406", "0.229,0.224,0.225")
+    verification = _verification(diag, plan, monkeypatch, "torchvision", convention=convention)
+    assert verification.passed and verification.diagnosis is None, verification.summary
 
 
 def test_bug_outside_the_catalogue(diag, plan, monkeypatch):

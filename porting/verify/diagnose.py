@@ -25,9 +25,11 @@ The catalogue (explanation ids), by where it applies:
 * the first layer reading the net's input (the input conversion), in Caffe's input space
   (BGR, 0-255 minus ``caffe_mean``): ``input-swap`` (B and R swapped), ``input-unit``
   (0-1 units: / 255), ``input-mean-kept`` (mean not subtracted), ``input-mean-twice``,
-  ``input-unit-no-mean`` (ToTensor alone: picture / 255), each also after the swap; and
+  ``input-unit-no-mean`` (ToTensor alone: picture / 255), each also after the swap;
   ``input-mean`` (another mean: the per-channel offset fitted by least squares, then
-  checked like the others);
+  checked like the others) and ``input-convention`` (a * x + b per channel fitted the same
+  way, e.g. a torchvision-style module fed Caffe's input: spelled as the --torch-input
+  options that feed it what Caffe sees);
 * Pooling: ``pool-floor`` (size rounded down: ceil_mode=False), ``pool-no-clip`` (Caffe's
   rule dropping a last window that starts in the padding ignored), ``ave-divisor``
   (count_include_pad=False), ``pool-pad`` (another padding);
@@ -122,15 +124,18 @@ class _Layer:
     reference: Mapping
     caffe_mean: tuple
     through: list = field(default_factory=list)  # layers applied after it, up to the blamed one
+    input_kind: str = "bgr255"                   # --torch-input: what the module was fed
 
 
 def diagnose(verification, net64, reference: Mapping, candidate: Mapping,
-             caffe_mean=CAFFE_MEAN_BGR) -> Diagnosis | None:
+             caffe_mean=CAFFE_MEAN_BGR, input_kind: str = "bgr255") -> Diagnosis | None:
     """The diagnosis of a failed verification of a foreign module (None when it passed).
 
     ``net64``: the port in float64 (its layers are the exact reading); ``reference`` and
     ``candidate``: Caffe's and the module's keyed arrays as verify_arrays judged them;
-    ``caffe_mean``: the mean (BGR, 0-255) Caffe's input has had subtracted.
+    ``caffe_mean``: the mean (BGR, 0-255) Caffe's input has had subtracted; ``input_kind``:
+    the module's input convention as given (``InputConvention.kind``; with "bgr255" the
+    module was fed Caffe's input itself, and a fitted convention is spelled as options).
     """
     if verification.passed:
         return None
@@ -154,6 +159,8 @@ def diagnose(verification, net64, reference: Mapping, candidate: Mapping,
             return Diagnosis(layer, None, f"No known explanation fits: at {layer} Caffe departs from the "
                              "port's float64 reading, not the module.")
     targets = _blamed(values, layer, reference, candidate, caffe_mean)
+    for target in targets:
+        target.input_kind = input_kind
     if not targets:
         return Diagnosis(layer, None, f"No known explanation fits: {layer} has no output of the module to test.")
     row = next((r for r in verification.rows if r.layer == layer and r.kind == "data"), None)
@@ -345,10 +352,11 @@ def _input(t: _Layer) -> Iterator[_Try]:
             yield _input_try(t, module, slot, f(z), f"{tag}+{id_}" if tag else id_,
                              f"{lead}, {what}" if tag else what)
     if rgb and t.spec.type in LINEAR_TYPES:
-        for swapped, z in swaps:
-            found = _fitted_mean(t, module, slot, z, swapped)
-            if found is not None:
-                yield found
+        for scaled in (False, True):
+            for swapped, z in swaps:
+                found = _fitted_input(t, module, slot, z, swapped, scaled)
+                if found is not None:
+                    yield found
 
 
 def _input_try(t: _Layer, module, slot: int, z: torch.Tensor, id_: str, what: str, why: str = "") -> _Try:
@@ -358,46 +366,78 @@ def _input_try(t: _Layer, module, slot: int, z: torch.Tensor, id_: str, what: st
 
 
 def _input_slack(t: _Layer, module, bottoms, slot: int):
-    """The port converts its input in float32 (up to two roundings of each element): for a
-    layer linear in its input, 2u times the layer's |weights| applied to |input|."""
+    """The port converts its input in float32: a few roundings (at most 4) of each element,
+    each relative to a value of at most |Caffe's input| + |the converted input| + |the mean|.
+    For a layer linear in its input: 4u times the layer's |weights| applied to that sum."""
     if t.spec.type not in LINEAR_TYPES:
         return 0.0
-    mags = magnitude(module, [b if i == slot else torch.zeros_like(b) for i, b in enumerate(bottoms)])
-    return 2 * U * mags[t.value.index] + ETA
+    size = bottoms[slot].abs() + t.bottoms[slot].abs()
+    if size.dim() == 4 and size.shape[1] == 3:
+        size = size + torch.tensor(t.caffe_mean, dtype=torch.float64).abs().view(1, 3, 1, 1)
+    mags = magnitude(module, [size if i == slot else torch.zeros_like(b) for i, b in enumerate(bottoms)])
+    return 4 * U * mags[t.value.index] + ETA
 
 
-def _fitted_mean(t: _Layer, module, slot: int, z: torch.Tensor, swapped: bool) -> _Try | None:
-    """Another mean: the per-channel offset d with layer(z + d) closest to the module's output
-    (least squares over every output element; the layer is linear in its input), then
-    checked like any alternative."""
+def _fitted_input(t: _Layer, module, slot: int, z: torch.Tensor, swapped: bool, scaled: bool) -> _Try | None:
+    """Another mean (``scaled`` False: the per-channel offset b with layer(z + b) closest to
+    the module's output) or another input convention altogether (``scaled``: a * z + b per
+    channel), by least squares over every output element (the layer is linear in its
+    input), then checked like any alternative. ``z``: Caffe's input, B and R swapped when
+    ``swapped``."""
     index = t.value.index
+    bottoms = list(t.bottoms)
+
+    def run(value):
+        bottoms[slot] = value
+        return module(*bottoms)[index]
+
     with torch.no_grad():
-        bottoms = list(t.bottoms)
-        bottoms[slot] = z
-        base = module(*bottoms)[index]
-        if tuple(base.shape) != tuple(t.output.shape):
+        zero = run(torch.zeros_like(z))
+        if tuple(zero.shape) != tuple(t.output.shape):
             return None
         columns = []
         for c in range(3):
             unit = torch.zeros(1, 3, 1, 1, dtype=torch.float64)
             unit[0, c] = 1.0
-            bottoms[slot] = z + unit
-            columns.append((module(*bottoms)[index] - base).reshape(-1))
-        a = torch.stack(columns, dim=1)
-        d = torch.linalg.lstsq(a, (t.output - base).reshape(-1, 1)).solution.reshape(-1)
-    if not bool(torch.isfinite(d).all()) or float(d.abs().max()) < 1e-3:
+            if scaled:
+                columns.append((run(z * unit) - zero).reshape(-1))
+            columns.append((run(unit.expand_as(z)) - zero).reshape(-1))
+        target = t.output - (zero if scaled else run(z))
+        solution = torch.linalg.lstsq(torch.stack(columns, dim=1), target.reshape(-1, 1)).solution.reshape(-1)
+    if not bool(torch.isfinite(solution).all()):
         return None
-    caffe_mean = torch.tensor(t.caffe_mean, dtype=torch.float64)
-    if swapped:  # the port's input is RGB picture - (flip(caffe_mean) - d)
-        subtracted, order = caffe_mean.flip(0) - d, "R, G, B"
-    else:
-        subtracted, order = caffe_mean - d, "B, G, R"
-    shown = ", ".join(f"{float(m):.2f}" for m in subtracted)
+    a = solution[0::2] if scaled else torch.ones(3, dtype=torch.float64)
+    b = solution[1::2] if scaled else solution
+    if float((a - 1).abs().max()) < 1e-6 and float(b.abs().max()) < 1e-3:
+        return None  # Caffe's own input: not another convention
+    cm = torch.tensor(t.caffe_mean, dtype=torch.float64)
     lead = "after swapping B and R at the input, " if swapped else ""
-    what = (f"{lead}with the mean ({order}) = ({shown}) subtracted where Caffe's input has "
-            f"({', '.join(f'{m:g}' for m in t.caffe_mean)}, BGR) subtracted")
-    return _input_try(t, module, slot, z + d.view(1, 3, 1, 1), ("input-swap+" if swapped else "") + "input-mean",
-                      what)
+    given = f"({', '.join(f'{m:g}' for m in t.caffe_mean)}, BGR)"
+    if not scaled:  # the module's input is z + b: the picture (in z's channel order) minus (mean - b)
+        order, cm_z = ("R, G, B", cm.flip(0)) if swapped else ("B, G, R", cm)
+        what = (f"{lead}with the mean ({order}) = ({_fmt(cm_z - b)}) subtracted where Caffe's input has "
+                f"{given} subtracted")
+        return _input_try(t, module, slot, z + b.view(1, 3, 1, 1), ("input-swap+" if swapped else "") + "input-mean",
+                          what)
+    what = (f"with its input x taken as a * x{' with B and R swapped' if swapped else ''} + b per channel "
+            f"(Caffe's B, G, R: a = ({_fmt(a, 4)}), b = ({_fmt(b)}))")
+    why = ""
+    if t.input_kind == "bgr255" and bool((a > 0).all()):
+        # a module taking (picture / 255 - mean) / std treats Caffe's x as that: Caffe's input is
+        # then 255 * (std * x + mean) - Caffe's mean, channel by channel (B, G, R)
+        std, mean = a / 255, (b + cm) / 255
+        if swapped:  # the module's channels are R, G, B
+            why = (f"the module takes another input convention; --torch-input rgb01 --torch-mean "
+                   f"{_fmt(mean.flip(0), 3, ',')} --torch-std {_fmt(std.flip(0), 3, ',')} feeds it what Caffe sees")
+        else:
+            why = ("the module takes another input convention; --torch-input FILE.json with "
+                   f'{{"channel_order": "BGR", "range": 1, "mean": [{_fmt(mean, 3)}], "std": [{_fmt(std, 3)}]}} '
+                   "feeds it what Caffe sees")
+    return _input_try(t, module, slot, a.view(1, 3, 1, 1) * z + b.view(1, 3, 1, 1), "input-convention", what, why)
+
+
+def _fmt(values, digits: int = 2, sep: str = ", ") -> str:
+    return sep.join(f"{float(v):.{digits}f}" for v in values)
 
 
 def _pooling(t: _Layer) -> Iterator[_Try]:
