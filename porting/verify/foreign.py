@@ -956,5 +956,6 @@ class Foreign:
         verification = verify_arrays(net64, reference, candidate, tolerances, objective, exact,
                                      names=("caffe", self.name), inputs=inputs, strict=strict, foreign=True)
         # which classic porting bug accounts for a departure (None when it passes)
-        verification.diagnosis = diagnose(verification, net64, reference, candidate, self.convention.caffe_mean)
+        verification.diagnosis = diagnose(verification, net64, reference, candidate, self.convention.caffe_mean,
+                                          self.convention.kind)
         return verification, candidate, mapping
