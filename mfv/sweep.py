@@ -439,8 +439,10 @@ def _sweep(ray, model, settings, units, out, facets, per_task, cpus_per_task, gp
     write(force=True)
     try:
         if ray is not None:
-            run["executor"] = _run_on_ray(ray, model, settings, out, tasks, cpus_per_task, gpus_per_task, retries,
-                                          finished, advance)
+            cluster = ray.cluster_resources()
+            run["executor"] = (f"ray {ray.__version__}: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} "
+                               f"GPUs; {cpus_per_task:g} CPUs and {gpus_per_task:g} GPUs per task")
+            _run_on_ray(ray, model, settings, out, tasks, cpus_per_task, gpus_per_task, retries, finished, advance)
         else:
             run["executor"] = "in-process"
             for task in tasks:
@@ -459,10 +461,9 @@ def _sweep(ray, model, settings, units, out, facets, per_task, cpus_per_task, gp
     return outcome
 
 
-def _run_on_ray(ray, model, settings, out, tasks, cpus_per_task, gpus_per_task, retries, finished, advance) -> str:
-    cluster = ray.cluster_resources()
-    executor = (f"ray {ray.__version__}: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
-                f"{cpus_per_task:g} CPUs and {gpus_per_task:g} GPUs per task")
+def _run_on_ray(ray, model, settings, out, tasks, cpus_per_task, gpus_per_task, retries, finished, advance) -> None:
+    """Every task as a Ray task; ``finished`` and ``advance`` called as each ends. Interrupted,
+    the tasks still pending are cancelled."""
     remote = ray.remote(facet_task).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
                                             max_retries=retries, retry_exceptions=True)
     model_ref, settings_ref = ray.put(model), ray.put(settings)
@@ -482,4 +483,3 @@ def _run_on_ray(ray, model, settings, out, tasks, cpus_per_task, gpus_per_task, 
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
-    return executor
