@@ -41,7 +41,7 @@ def _sweep(args) -> int:
             raise PortingError("no CUDA device is available to torch", place=f"--device {args.device}")
     units = find_units(args.means_root, parse_units(args.units), args.facets, args.synsets)
     # the model is read here once, so a bad file is exit 2 before any worker starts
-    args.octave_layers = sorted({o.layer for o in schedule.octaves_for(args.variant) if o.layer})
+    args.octave_layers = sorted({o.layer for o in schedule.MEAN_OCTAVES if o.layer})
     net = _load_net(args)
     height, width = net.preprocessing.input_size
     with torch.no_grad():
@@ -52,8 +52,7 @@ def _sweep(args) -> int:
     device = "cuda" if args.gpus_per_task > 0 else args.device
     model = Model(str(Path(args.prototxt).resolve()),
                   str(Path(args.caffemodel).resolve()) if args.caffemodel else None, tuple(args.mean), device)
-    settings = Settings(args.layer, args.xy, args.variant, args.mode, args.iterations, args.seed,
-                        args.snapshot_every)
+    settings = Settings(args.layer, args.xy, "mean", args.mode, args.iterations, args.seed, args.snapshot_every)
     outcome = run_sweep(model, settings, units, args.out, facets=args.facets, facets_per_task=args.facets_per_task,
                         use_ray=not args.no_ray, address=args.address, workers=args.workers,
                         cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, retries=args.retries,
@@ -94,8 +93,6 @@ def add_parser(subparsers) -> None:
                                      "unit u): class names, and folders named by synset id")
     p.add_argument("--xy", type=int, default=0, help="spatial position for conv layers")
     p.add_argument("--mode", choices=["faithful", "modern"], default="faithful")
-    p.add_argument("--variant", choices=["mean", "center-bias"], default="mean",
-                   help="octave schedule (default: mean)")
     p.add_argument("--iterations", type=int, help="stop each facet after N iterations (quick runs)")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="trace arrays every N iterations, plus the first and last (default 0: none)")

@@ -68,7 +68,8 @@ class Model:
 
 @dataclass(frozen=True)
 class Settings:
-    """How every facet of the sweep runs (``mfv.loop.run_facet``'s arguments)."""
+    """How every facet of the sweep runs (``mfv.batch.run_facets``'s arguments; the octave
+    table of ``variant``, "mean": facets start from mean images)."""
     layer: str = "fc8"
     xy: int = 0
     variant: str = "mean"
