@@ -55,7 +55,8 @@ layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
 BRANCH = """name: "foreign_branch"
 input: "data"
 input_shape { dim: 2 dim: 3 dim: 9 dim: 9 }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" relu_param { negative_slope: 0.1 } }
 layer { name: "up1" type: "Deconvolution" bottom: "conv1" top: "up1"
   convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }

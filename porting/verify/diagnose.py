@@ -507,7 +507,8 @@ def _lrn(t: _Layer) -> Iterator[_Try]:
         return _rebuilt(t.spec, x, edit)
 
     yield _Try("lrn-alpha-whole", "with alpha not divided by local_size (k + alpha * the window's sum of squares)",
-               edited(alpha=m.alpha * m.size), x, why=f"Caffe scales the sum by alpha / local_size = {m.alpha:g} / {m.size}")
+               edited(alpha=m.alpha * m.size), x,
+               why=f"Caffe scales the sum by alpha / local_size = {m.alpha:g} / {m.size}")
     yield _Try("lrn-alpha-divided", f"with alpha divided by local_size once more ({m.alpha:g} / {m.size})",
                edited(alpha=m.alpha / m.size), x,
                why="torch's LocalResponseNorm divides alpha by size itself, as Caffe does; pass Caffe's alpha as it is")
