@@ -126,11 +126,12 @@ def variant_of(octaves) -> str | None:
     return next((name for name, table in AUTHORS_TABLES.items() if tuple(table) == tuple(octaves)), None)
 
 
-def octave_dicts(octaves) -> list[dict]:
-    """Octaves in the original's dict form (numbers keep their int or float type)."""
+def octave_dicts(octaves, input_size=(227, 227)) -> list[dict]:
+    """Octaves in the original's dict form (numbers keep their int or float type), margins
+    as the loop takes them for a net of ``input_size`` (``schedule.margin_for``)."""
     out = []
     for o in octaves:
-        d = {"margin": o.margin, "window": o.window, "iter_n": o.iter_n,
+        d = {"margin": schedule.margin_for(o, input_size), "window": o.window, "iter_n": o.iter_n,
              "start_denoise_weight": o.start_denoise_weight, "end_denoise_weight": o.end_denoise_weight,
              "start_step_size": o.start_step_size, "end_step_size": o.end_step_size}
         if o.layer is not None:
@@ -156,6 +157,7 @@ class CaffeRun:
     final: np.ndarray | None = None
     provenance: dict = field(default_factory=dict)
     owns_folder: bool = False
+    input_size: tuple = (227, 227)    # the net's (rows, cols): the octaves' margins scale to it
 
     def array(self, iteration: int, name: str) -> np.ndarray:
         """Array ``name`` (of ``ARRAYS``, or "input": the crop, cut from "image") of ``iteration``."""
@@ -180,7 +182,8 @@ class CaffeRun:
         mean = np.asarray(self.provenance.get("mean", (104.0, 117.0, 123.0)), np.float32).reshape(3, 1, 1)
         final = np.dstack((image + mean)[::-1])   # the 2016 deprocess: BGR net layout -> RGB
         return CaffeRun(self.unit, self.seed, self.octaves, self.layer, self.xy, self.start, self.folder,
-                        self.records[:iterations], final, self.provenance, owns_folder=False)
+                        self.records[:iterations], final, self.provenance, owns_folder=False,
+                        input_size=self.input_size)
 
     def seconds_per_iteration(self) -> float:
         """Median seconds of one iteration on the Caffe side (Caffe round trip, numpy, TV)."""
@@ -194,19 +197,21 @@ class CaffeRun:
 def run_caffe_side(worker, prototxt, caffemodel, unit: int, seed: int, octaves=schedule.MEAN_OCTAVES,
                    start: np.ndarray | None = None, layer: str = "fc8", xy: int = 0,
                    mean=(104.0, 117.0, 123.0), iterations: int | None = None, folder=None, chunk: int = 10,
-                   progress: bool = True) -> CaffeRun:
+                   progress: bool = True, *, input_size: tuple[int, int]) -> CaffeRun:
     """Run the Caffe side (reference/mfv_legacy.py) in ``worker`` (a porting.legacy.Worker).
 
     start: RGB 0-255 start image (H x W x 3), or None for the seeded noise image. The
     authors' tables go by name (the Python 2 side keeps its own transcription of them);
-    other tables travel as the original's dicts. folder: where the per-iteration arrays
+    other tables, and any table for a net whose input side is not 227 (``input_size``, which
+    scales the margins as the port's loop does), travel as the original's dicts. folder: where the per-iteration arrays
     go (default: a temporary folder, removed by ``cleanup()``)."""
     owns = folder is None
     folder = Path(tempfile.mkdtemp(prefix="mfv-caffe-")) if owns else Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     run = CaffeRun(unit, seed, tuple(octaves), layer, xy, None if start is None else np.asarray(start), folder,
-                   owns_folder=owns)
-    variant = variant_of(octaves)
+                   owns_folder=owns, input_size=tuple(input_size))
+    scaled = any(schedule.margin_for(o, input_size) != o.margin for o in octaves)
+    variant = None if scaled else variant_of(octaves)
     args = dict(prototxt=Path(prototxt), unit=int(unit), seed=int(seed), layer=layer, xy=int(xy),
                 mean=[float(m) for m in mean], iterations=iterations)
     if caffemodel is not None:
@@ -214,7 +219,7 @@ def run_caffe_side(worker, prototxt, caffemodel, unit: int, seed: int, octaves=s
     if variant is not None:
         args["variant"] = variant
     else:
-        args["octaves"] = octave_dicts(octaves)
+        args["octaves"] = octave_dicts(octaves, input_size)
     if start is not None:
         args["start_image"] = np.ascontiguousarray(start)
     try:
@@ -412,7 +417,7 @@ def attribute_operations(net: FacetNet, caffe: CaffeRun, every: int = 10, iterat
         x = caffe.array(n, "input")
         g_caffe = caffe.array(n, "gradient")
         stepped_caffe = caffe.array(n, "after_step")
-        ours = gradient_step(net, x, record["layer"], caffe.unit, record["step_size"], margin=octave.margin,
+        ours = gradient_step(net, x, record["layer"], caffe.unit, record["step_size"], margin=schedule.margin_for(octave, prep.input_size),
                              xy=caffe.xy, mode="faithful")
         g_diff = difference(ours.gradient, g_caffe)
         g_top = float(np.abs(g_caffe).max()) or 1.0
@@ -730,7 +735,7 @@ def caffe_floor(worker, prototxt, caffemodel, caffe: CaffeRun, port_final: np.nd
         other["differs_in_fma"] = differs_in_fma(reference["core"], other["core"])
         again = run_caffe_side(second, prototxt, caffemodel, caffe.unit, caffe.seed, caffe.octaves, start=caffe.start,
                                layer=caffe.layer, xy=caffe.xy, mean=mean, iterations=len(caffe.records),
-                               folder=folder, progress=progress)
+                               folder=folder, progress=progress, input_size=caffe.input_size)
     try:
         ours = [r["objective"] for r in caffe.records]
         theirs = [r["objective"] for r in again.records]
@@ -793,7 +798,8 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
         net = FacetNet.from_caffe(load_caffe(prototxt, caffemodel), mean=mean)
     say("Caffe side (Python 2.7, numpy 1.11.0, scipy 0.17.0, scikit-image 0.13.1, Caffe 1.0)")
     caffe = run_caffe_side(worker, prototxt, caffemodel, unit, seed, octaves, start=start, layer=layer, xy=xy,
-                           mean=mean, iterations=iterations, folder=keep, progress=progress)
+                           mean=mean, iterations=iterations, folder=keep, progress=progress,
+                           input_size=net.preprocessing.input_size)
     try:
         runs = {}
         for mode in ("faithful", "modern") if modern else ("faithful",):
@@ -819,7 +825,7 @@ def compare_facet(worker, prototxt, caffemodel, unit: int, seed: int, octaves=sc
         versions = {"caffe_side": {"python2": caffe.provenance.get("python2")}}
         settings = {"prototxt": str(prototxt), "caffemodel": None if caffemodel is None else str(caffemodel),
                     "unit": int(unit), "seed": int(seed), "variant": variant_of(octaves) or "custom",
-                    "octaves": octave_dicts(octaves), "layer": layer, "xy": int(xy), "mean": [float(m) for m in mean],
+                    "octaves": octave_dicts(octaves, net.preprocessing.input_size), "layer": layer, "xy": int(xy), "mean": [float(m) for m in mean],
                     "start": "noise" if start is None else f"RGB image {np.asarray(start).shape[1]}x"
                                                             f"{np.asarray(start).shape[0]}",
                     "sync": bool(sync), "iterations": len(caffe.records), "every": int(every)}

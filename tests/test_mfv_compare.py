@@ -44,7 +44,7 @@ SIZE = 16
 SMALL_OCTAVES = (
     Octave(None, 0, 0.3, None, 3, 0.4, 0.4, 1, 2),        # integer steps: Python 2 keeps 1
     Octave("1", 0, 0.3, 1.25, 4, 0.01, 2, 1., 1.),         # zoom 16 -> 20, crops drawn, another layer
-    Octave(None, 4, 0.2, 1.0, 2, 0.1, 2, 2., 2.),          # margin
+    Octave(None, 50, 0.2, 1.0, 2, 0.1, 2, 2., 2.),         # margin (of a 227 net: 4 of this 16 one)
 )
 
 
@@ -98,7 +98,7 @@ def small_torch_net():
 def torch_made_run(net, folder: Path, unit=2, seed=4, octaves=SMALL_OCTAVES, layer="3") -> CaffeRun:
     """A stand-in for the Caffe side, recorded from the torch loop itself (same files, same records)."""
     folder.mkdir(parents=True, exist_ok=True)
-    run = CaffeRun(unit, seed, tuple(octaves), layer, 0, None, folder)
+    run = CaffeRun(unit, seed, tuple(octaves), layer, 0, None, folder, input_size=(SIZE, SIZE))
 
     def start_from(iteration, image):
         np.save(folder / f"{iteration:04d}_image.npy", image)
@@ -240,7 +240,7 @@ def small_caffe_net(tmp_path_factory, caffe_weights):
 def test_small_net_loop_is_the_2016_loop(caffe_worker, small_caffe_net, tmp_path):
     prototxt, caffemodel, net = small_caffe_net
     caffe = run_caffe_side(caffe_worker, prototxt, caffemodel, 2, 4, SMALL_CAFFE_OCTAVES, folder=tmp_path,
-                           progress=False)
+                           progress=False, input_size=net.preprocessing.input_size)
     steps = [r["step_size"] for r in caffe.records]
     assert steps == [1, 1, 1, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
     assert [type(s) for s in steps[:3]] == [int] * 3               # Python 2's integer '/'
@@ -331,7 +331,7 @@ def mean_image():
 def synchronised(worker, caffenet, folder, octaves, start, every):
     prototxt, caffemodel, net = caffenet
     caffe = run_caffe_side(worker, prototxt, caffemodel, MOVIE_THEATER, 0, octaves, start=start, folder=folder,
-                           progress=False)
+                           progress=False, input_size=net.preprocessing.input_size)
     run = compare_torch_side(net, caffe, sync=True, progress=False)
     return caffe, run, attribute_operations(net, caffe, every=every)
 
