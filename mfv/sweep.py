@@ -108,13 +108,11 @@ class Outcome:
 # --------------------------------------------------------------------------------------
 
 def read_synset_list(path) -> list[tuple[str, str]]:
-    """(WordNet id, class name) per line of a synset_words.txt ("n01440764 tench, Tinca tinca");
+    """(WordNet id, class name) per line of a synset_words.txt (``porting.report.read_synset_list``);
     line u is unit u. The name is the first synonym."""
-    from porting.report import read_synsets
+    from porting.report import read_synset_list as entries
 
-    names = read_synsets(path)
-    ids = [line.strip().partition(" ")[0] for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    return [(wnid, name.split(",")[0].strip()) for wnid, name in zip(ids, names)]
+    return [(wnid, words.split(",")[0].strip() or wnid) for wnid, words in entries(path)]
 
 
 def start_file(folder: Path, facet: int) -> Path | None:

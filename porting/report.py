@@ -131,18 +131,31 @@ def _diagnosis(verification) -> dict | None:
     return found.to_json() if found is not None else None
 
 
-def read_synsets(path: str | os.PathLike) -> list[str]:
-    """Class names from a synset_words.txt ("n01440764 tench, Tinca tinca" per line): the
-    text after the WordNet id, first synonym first."""
+def read_synset_list(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(WordNet id, class words) per line of a synset_words.txt ("n01440764 tench, Tinca
+    tinca"): line u names class u. Blank lines at the end are ignored; one elsewhere would
+    shift every class after it, so it is refused, as is text that is not UTF-8."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise PortingError(f"cannot read synset list: {err.strerror}", path) from None
-    names = []
-    for line in lines:
+    except UnicodeDecodeError as err:
+        raise PortingError(f"synset list is not UTF-8 text (byte {err.start})", path) from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    entries = []
+    for number, line in enumerate(lines, 1):
         wnid, _, words = line.strip().partition(" ")
-        names.append(words.strip() or wnid)
-    return names
+        if not wnid:
+            raise PortingError(f"line {number} is blank (line u names class u)", path)
+        entries.append((wnid, words.strip()))
+    return entries
+
+
+def read_synsets(path: str | os.PathLike) -> list[str]:
+    """Class names from a synset_words.txt: the text after the WordNet id (or the id alone)."""
+    return [words or wnid for wnid, words in read_synset_list(path)]
 
 
 def top5_table(reference: np.ndarray, candidate: np.ndarray, labels=None, synsets=None,

@@ -178,6 +178,14 @@ def test_top5_table_and_synsets(tmp_path):
     assert rows[0]["label"] == "input 0"
     assert [e["name"] for e in rows[0]["caffe"]] == ["goldfish, Carassius auratus", "n0000"]
     assert [e["class"] for e in rows[0]["port"]] == [0, 1] and rows[0]["port"][0]["score"] == 0.6
+    path.write_text("n01 one\n\nn02 two\n")        # a blank line would shift the classes after it
+    with pytest.raises(PortingError, match="line 2 is blank"):
+        read_synsets(path)
+    path.write_bytes(b"n01 caf\xe9\n")
+    with pytest.raises(PortingError, match="not UTF-8 text"):
+        read_synsets(path)
+    path.write_text("n01 one\nn02 two\n\n\n")      # blank lines at the end are no classes
+    assert read_synsets(path) == ["one", "two"]
 
 
 # ---------------------------------------------------------------------------- drift-diff
