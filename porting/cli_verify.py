@@ -310,7 +310,7 @@ def _verify_command(args) -> int:
 
 def _foreign_from_args(args):
     """The --torch (or --onnx) module and its options (a porting.verify.foreign.Foreign), or None."""
-    from porting.verify.foreign import Foreign, OnnxModel, convention_from_options, load_module, load_onnx, read_map
+    from porting.verify.foreign import Foreign, convention_from_options, load_module, load_onnx, read_map
 
     if args.torch is not None and args.onnx is not None:
         raise PortingError("--torch and --onnx: give one model to verify")
@@ -325,8 +325,7 @@ def _foreign_from_args(args):
     map_data = read_map(args.map) if args.map is not None else None
     spec = args.torch if args.torch is not None else args.onnx
     module = load_module(spec) if args.torch is not None else load_onnx(spec)  # before Caffe runs
-    return Foreign(spec, convention, map_data, args.map, name="onnx" if isinstance(module, OnnxModel) else "torch",
-                   module=module)
+    return Foreign(spec, convention, map_data, args.map, module=module)
 
 
 def _dump_command(args) -> int:

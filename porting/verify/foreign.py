@@ -853,10 +853,11 @@ def foreign_arrays(module: torch.nn.Module, graph, caffe: Mapping, inputs: Mappi
     was fed, before the conversion); its diff is the gradient taken back through it."""
     values = NetValues(graph)
     feeds = [n for n in inputs if not _is_label(graph, n)]
-    if len(feeds) != 1:
-        raise PortingError(f"--torch feeds one input blob; the net has {len(feeds)} ({', '.join(feeds)})")
-    name = feeds[0]
     onnx_model = isinstance(module, OnnxModel)  # no gradients: ONNX Runtime computes none
+    if len(feeds) != 1:
+        raise PortingError(f"{'--onnx' if onnx_model else '--torch'} feeds one input blob; the net has "
+                           f"{len(feeds)} ({', '.join(feeds)})")
+    name = feeds[0]
     dtype = module.dtype if onnx_model else next(
         (p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     grads = objective is not None and not onnx_model
@@ -926,13 +927,13 @@ class Foreign:
     """Someone else's module to verify (``spec`` as load_module takes it; ``module``, when
     given, is what it loaded: an nn.Module, a ScriptModule or an OnnxModel), its input
     ``convention`` and the correspondence ``map_data`` (read_map; None: auto_map);
-    ``name``: the candidate's name in the report ("torch", "onnx")."""
+    ``name``: the candidate's name in the report (None: "onnx" for an ONNX model, else "torch")."""
 
     spec: str
     convention: InputConvention = InputConvention()
     map_data: dict | None = None
     map_path: object = None
-    name: str = "torch"
+    name: str | None = None
     module: object = None
 
     def verify(self, net, reference: Mapping, inputs: Mapping[str, np.ndarray], objective=None,
@@ -954,7 +955,7 @@ class Foreign:
         net64 = float64_twin(net)
         exact = port_arrays(net64, inputs, objective)
         verification = verify_arrays(net64, reference, candidate, tolerances, objective, exact,
-                                     names=("caffe", self.name), inputs=inputs, strict=strict, foreign=True)
+                                     names=("caffe", self.name or ("onnx" if isinstance(module, OnnxModel) else "torch")), inputs=inputs, strict=strict, foreign=True)
         # which classic porting bug accounts for a departure (None when it passes)
         verification.diagnosis = diagnose(verification, net64, reference, candidate, self.convention.caffe_mean,
                                           self.convention.kind)
