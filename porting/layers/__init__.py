@@ -23,14 +23,20 @@ registered ``CaffeLayer`` subclass) is left out whole, with one warning line nam
 distribution and entry point (logger ``porting.layers``; also kept in ``PLUGIN_PROBLEMS``).
 A fork layer whose parameter message is not in Caffe 1.0's caffe.proto declares it
 (``fork_param``, a ``ForkParam``); prototxt parsing then accepts that field.
+
+A layer type also knows the classic ways a port of it goes wrong (``port_bugs``: each a
+``PortBug``, the variant built from the layer itself), which porting.verify.diagnose
+tries on the layer where someone else's port departs from Caffe.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import numpy as np
 import torch
@@ -249,6 +255,32 @@ def _dims(shape) -> str:
     return "x".join(map(str, shape)) if shape else "()"
 
 
+@dataclass
+class PortBug:
+    """One classic way a port of a layer type gets it wrong (``CaffeLayer.port_bugs``).
+
+    ``id``: its name in the diagnosis catalogue (e.g. "pool-floor"); ``what``: the words
+    completing "<layer> matches ..." (e.g. "with the pooled size rounded down
+    (ceil_mode=False)"); ``why``: what Caffe does instead (may be empty). The variant:
+    ``layer``, a float64 layer (this one rebuilt with ``CaffeLayer.variant``, patched with
+    ``CaffeLayer.patched``, or itself) whose tops are what the buggy port computes from
+    ``bottoms`` (float64; None: the bottoms ``port_bugs`` was given). It is claimed only when
+    the port's output is within ``layer.forward_bound`` of it, plus ``slack``: a bound on
+    the port's extra float32 rounding (0, a tensor of the top's shape, or a function giving
+    it). A variant no layer reproduces (random) gives ``explain`` instead: a function of the
+    port's output (float64) returning ``(what, why)`` when the output is that variant, else
+    None; such a bug is tried after every re-run one.
+    """
+
+    id: str
+    what: str
+    layer: object = None
+    bottoms: list | None = None
+    why: str = ""
+    slack: object = 0.0
+    explain: Callable | None = None
+
+
 class CaffeLayer(nn.Module):
     """Base class. Subclasses set ``param_shapes`` and ``top_shapes`` in ``__init__``.
 
@@ -372,6 +404,36 @@ class CaffeLayer(nn.Module):
         """Per decision of ``decisions``, how far the deciding value is from its kink or tie,
         in the bottom's units (0: a tie; inf: nothing to decide); None: no decisions."""
         return None
+
+    # -- classic porting bugs (see porting.verify.diagnose) -----------------------
+    def port_bugs(self, bottoms, top_shape) -> Iterator[PortBug]:
+        """The classic porting bugs of this type that could explain a port's output of shape
+        ``top_shape`` (the top compared) from ``bottoms`` (float64, as this layer reads them;
+        called on the float64 layer), in the order to try them. A bug that cannot be built
+        for this configuration may raise ValueError, RuntimeError, IndexError or KeyError:
+        the rest are then skipped. Default: none."""
+        return iter(())
+
+    def variant(self, bottoms, edit=None, blobs=None) -> "CaffeLayer":
+        """This layer built again in float64 for ``bottoms`` from a copy of its LayerParameter
+        edited by ``edit(param)``, with ``blobs`` (arrays in Caffe order; default its own)."""
+        param = type(self.spec.param)()
+        param.CopyFrom(self.spec.param)
+        if edit is not None:
+            edit(param)
+        arrays = [b.detach().double().numpy() for b in self.blobs] if blobs is None else blobs
+        layer = build_layer(param, [tuple(b.shape) for b in bottoms], arrays)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.data = p.data.double()
+        return layer
+
+    def patched(self, name: str, fn) -> "CaffeLayer":
+        """A copy of this layer with its method ``name`` replaced by ``fn`` (called as
+        ``fn(layer, ...)``) on the copy only."""
+        twin = copy.deepcopy(self)
+        setattr(twin, name, MethodType(fn, twin))
+        return twin
 
 
 def build_layer(param: caffe_pb2.LayerParameter | str, bottom_shapes, blobs=None) -> CaffeLayer:

@@ -15,10 +15,13 @@ derivative of the batch forward, so autograd computes it.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from porting.layers import CaffeLayer, register
+from porting.layers import CaffeLayer, PortBug, register
 from porting.rounding import ETA, LIBM, gamma
+
+PORT_EPS = (1e-5, 1e-3, 1e-4, 2e-5, 1e-6, 1e-2, 0.0)  # eps values ports use (torch's default first)
 
 
 @register("BatchNorm")
@@ -78,6 +81,22 @@ class BatchNorm(CaffeLayer):
             return None
         _, var = self._global_stats(bottoms[0])
         return [(gamma(4) + LIBM) * top_diffs[0].abs() / torch.sqrt(var + self.eps) + ETA]
+
+    def port_bugs(self, bottoms, top_shape):
+        """With the stored statistics only: bn-eps (another eps of PORT_EPS), bn-factor (the
+        moving-average factor, blob 2, ignored)."""
+        if not self.use_global_stats:
+            return
+        for eps in PORT_EPS:
+            if eps != self.eps:
+                yield PortBug("bn-eps", f"with BatchNorm eps {eps:g} instead of {self.eps:g}",
+                              self.variant(bottoms, lambda p, e=eps: setattr(p.batch_norm_param, "eps", e)), bottoms)
+        blobs = [b.detach().double().numpy() for b in self.blobs]
+        factor = float(blobs[2].reshape(-1)[0])
+        if factor not in (0.0, 1.0):
+            yield PortBug("bn-factor", f"with the stored mean and variance not divided by the moving-average factor "
+                          f"(blob 2, {factor:g})", self.variant(bottoms, blobs=blobs[:2] + [np.ones_like(blobs[2])]),
+                          bottoms, why="Caffe's running statistics are blob 0 and blob 1 over blob 2")
 
     @torch.no_grad()
     def _update_statistics(self, mean, var, m: int) -> None:

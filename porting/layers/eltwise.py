@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from porting import caffe_pb2
-from porting.layers import CaffeLayer, register
+from porting.layers import CaffeLayer, PortBug, register
 from porting.rounding import ETA, U, gamma, vjp
 
 OP = caffe_pb2.EltwiseParameter
@@ -78,6 +78,18 @@ class Eltwise(CaffeLayer):
                 y = y * x
             return (y,)
         return (caffe_eltwise_max(xs),)
+
+    def port_bugs(self, bottoms, top_shape):
+        """eltwise-coeff (SUM's coefficients ignored), eltwise-op (another operation)."""
+        if self.operation == "SUM" and any(c != 1 for c in self.coeffs):
+            yield PortBug("eltwise-coeff", f"with its coefficients ({', '.join(f'{c:g}' for c in self.coeffs)}) "
+                          "ignored (a plain sum)", self.variant(bottoms, lambda p: p.eltwise_param.ClearField("coeff")),
+                          bottoms)
+        for op in ("SUM", "PROD", "MAX"):
+            if op != self.operation:
+                yield PortBug("eltwise-op", f"with {op} instead of {self.operation}",
+                              self.variant(bottoms, lambda p, o=op: (p.eltwise_param.ClearField("coeff"), setattr(
+                                  p.eltwise_param, "operation", OP.EltwiseOp.Value(o)))), bottoms)
 
     def decisions(self, bottoms):
         """MAX: the index of the winning bottom (ties: the first in the order 1, 0, 2, 3, ...)."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from porting import caffe_pb2
-from porting.layers import INT_MAX, CaffeLayer, blob_problem, caffe_int, count, int_arithmetic, register
+from porting.layers import INT_MAX, CaffeLayer, PortBug, blob_problem, caffe_int, count, int_arithmetic, register
 from porting.layers.neuron import caffe_power
 from porting.layers.pooling import caffe_ave_pool, pool_work
 from porting.rounding import ETA, LIBM, LIBM_ETA, U, gamma, stored_error
@@ -114,6 +114,34 @@ class LRN(CaffeLayer):
         squared = caffe_power(x, 2.0)
         averaged = caffe_ave_pool(squared, (self.size, self.size), (1, 1), (pad, pad), pooled)
         return (x * caffe_power(averaged, -self.beta, self.alpha, 1.0),)
+
+    def port_bugs(self, bottoms, top_shape):
+        """lrn-alpha-whole (alpha not divided by local_size), lrn-alpha-divided (divided once
+        more), lrn-k, lrn-beta (the values ports use), lrn-region (the other norm_region)."""
+        def edited(**changes):
+            def edit(param):
+                for k, v in changes.items():
+                    setattr(param.lrn_param, k, v)
+            return self.variant(bottoms, edit)
+
+        yield PortBug("lrn-alpha-whole", "with alpha not divided by local_size (k + alpha * the window's sum of "
+                      "squares)", edited(alpha=self.alpha * self.size), bottoms,
+                      why=f"Caffe scales the sum by alpha / local_size = {self.alpha:g} / {self.size}")
+        yield PortBug("lrn-alpha-divided", f"with alpha divided by local_size once more ({self.alpha:g} / {self.size})",
+                      edited(alpha=self.alpha / self.size), bottoms,
+                      why="torch's LocalResponseNorm divides alpha by size itself, as Caffe does; pass Caffe's "
+                      "alpha as it is")
+        for k in (1.0, 2.0):
+            if k != self.k:
+                yield PortBug("lrn-k", f"with k = {k:g} instead of {self.k:g}", edited(k=k), bottoms)
+        for beta in (0.75, 0.5, 1.0):
+            if beta != self.beta:
+                yield PortBug("lrn-beta", f"with beta = {beta:g} instead of {self.beta:g}", edited(beta=beta), bottoms)
+        region = caffe_pb2.LRNParameter
+        other = region.ACROSS_CHANNELS if self.within else region.WITHIN_CHANNEL
+        yield PortBug("lrn-region", f"with the window {'across channels' if self.within else 'within each channel'} "
+                      f"instead of {'within each channel' if self.within else 'across channels'}",
+                      edited(norm_region=other), bottoms)
 
     def _scale(self, x):
         """s = k + alpha/size * (window sum over channels of x^2), float64 (N, C, ...)."""

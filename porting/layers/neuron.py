@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from porting.errors import PortingError
-from porting.layers import CaffeLayer, register
+from porting.layers import CaffeLayer, PortBug, register
 from porting.rounding import ETA, LIBM, LIBM_ETA, U, U64, gamma, stored_error, vjp
 
 
@@ -89,6 +89,18 @@ class ReLU(_Kinked):
         if self.negative_slope == 0:
             return [torch.zeros_like(x)]
         return [U * (g * self.negative_slope).abs() * (x <= 0) + ETA]
+
+    def port_bugs(self, bottoms, top_shape):
+        """relu-missing (the port has no ReLU here), relu-slope (negative_slope ignored, or a
+        leaky ReLU where Caffe has none)."""
+        yield PortBug("relu-missing", "with no ReLU applied (its input passed on as it is)",
+                      self.patched("apply_to", lambda self, x: x * 1.0), bottoms,
+                      why=f"the port has no ReLU {self.name}")
+        for slope in ((0.0,) if self.negative_slope else (0.01, 0.1, 0.2)):
+            yield PortBug("relu-slope", f"with negative_slope {slope:g} instead of {self.negative_slope:g}",
+                          self.variant(bottoms, lambda p, a=slope: setattr(p.relu_param, "negative_slope", a)),
+                          bottoms, why="torch.relu has no slope; Caffe's ReLU takes relu_param.negative_slope"
+                          if self.negative_slope else "nn.LeakyReLU where Caffe's ReLU has none")
 
     def describe(self):
         return f"slope {self.negative_slope:g}" if self.negative_slope else ""
@@ -623,6 +635,36 @@ class Dropout(_Exact):
         if not self._rounds() or top_diffs[0] is None:
             return super().backward_bound(bottoms, tops, exact_tops, top_diffs, abs_module)
         return [U * (top_diffs[0] * self.mask.to(top_diffs[0].dtype) * self.scale).abs()]
+
+    def port_bugs(self, bottoms, top_shape):
+        """dropout-scaled (times 1 - ratio at test), dropout-train (training mode: each output 0
+        or the input times 1 / (1 - ratio); random, so recognised by that pattern)."""
+        if not self.ratio:
+            return
+        if self.phase == "test":
+            kept = 1.0 - self.ratio
+            y = bottoms[0] * kept
+            yield PortBug("dropout-scaled", f"multiplied by 1 - ratio = {kept:g}",
+                          self.patched("apply_to", lambda self, x: x * kept), bottoms,
+                          why="Caffe's Dropout scales at training, and is the identity at test",
+                          slack=U * y.abs() + ETA)
+        yield PortBug("dropout-train", "Dropout in training mode", explain=lambda output: self._train_pattern(
+            bottoms[0], output))
+
+    def _train_pattern(self, x, y):
+        """(what, why) when ``y`` is ``x`` through Dropout in training mode: each output 0 or the
+        input times 1 / (1 - ratio) (within one rounding), some of each where the input is not 0."""
+        if tuple(y.shape) != tuple(x.shape):
+            return None
+        scaled = x / (1.0 - self.ratio)
+        kept = (y - scaled).abs() <= 2 * U * scaled.abs() + ETA
+        dropped = (y == 0) & (x != 0)
+        if not bool((kept | (y == 0)).all()) or not bool(dropped.any()):
+            return None
+        n = int(dropped.sum())
+        return (f"Dropout in training mode ({n} of {x.numel()} outputs zeroed, the others scaled by "
+                f"1 / (1 - {self.ratio:g}))", "F.dropout's training=True default or a module left in train mode; "
+                "Caffe's Dropout is the identity at test")
 
     def describe(self):
         return f"ratio {self.ratio:g}"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from porting import caffe_pb2
-from porting.layers import INT_MAX, CaffeLayer, caffe_int, int_arithmetic, register
+from porting.layers import INT_MAX, CaffeLayer, PortBug, caffe_int, int_arithmetic, register
 from porting.rounding import ETA, gamma, vjp
 
 P = caffe_pb2.PoolingParameter
@@ -291,6 +291,56 @@ class Pooling(CaffeLayer):
             return [gamma(self._overlap(bottoms[0])) * mag]
         return [gamma(self._overlap(bottoms[0]) + 1) * mag + ETA]
 
+    def port_bugs(self, bottoms, top_shape):
+        """pool-floor (size rounded down: ceil_mode=False), pool-no-clip (Caffe's dropping of a
+        last window that starts in the padding ignored), ave-divisor (count_include_pad=False),
+        pool-pad (another padding giving the port's size)."""
+        x = bottoms[0]
+        kernel, stride, pad, pooled = self.geometry(x)
+        if self.global_pooling:
+            return
+        floor = tuple(pooled_size(s, k, st, p, ceil_mode=False)
+                      for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
+        if floor != tuple(pooled):
+            def floored(self, x):
+                if self.method == "MAX":
+                    return (F.max_pool2d(x, kernel, stride, pad, ceil_mode=False),)
+                return (F.avg_pool2d(x, kernel, stride, pad, ceil_mode=False),)
+
+            yield PortBug("pool-floor", "with the pooled size rounded down (ceil_mode=False)",
+                          self.patched("forward", floored), [x],
+                          why="Caffe rounds pooling output size up (ceil_mode=True)")
+        unclipped = tuple(pooled_size(s, k, st, p) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
+        if unclipped != tuple(pooled):
+            def no_clip(self, x):
+                pool = caffe_max_pool if self.method == "MAX" else caffe_ave_pool
+                return (pool(x, kernel, stride, pad, unclipped),)
+
+            yield PortBug("pool-no-clip", "with a last window that starts in the padding kept",
+                          self.patched("forward", no_clip), [x],
+                          why="Caffe drops it ((pooled - 1) * stride >= size + pad)")
+        if self.method == "AVE" and any(pad):
+            def exclude_pad(self, x):
+                return (F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=False),)
+
+            yield PortBug("ave-divisor", "with each average over the image cells only (count_include_pad=False)",
+                          self.patched("forward", exclude_pad), [x], why="Caffe's divisor counts the padding")
+        for p in range(0, max(kernel)):
+            if (p, p) == tuple(pad):
+                continue
+
+            def edit(param, p=p):
+                pp = param.pooling_param
+                pp.ClearField("pad_h"), pp.ClearField("pad_w")
+                pp.pad = p
+
+            try:
+                layer = self.variant([x], edit)
+            except ValueError:
+                continue
+            if tuple(layer.top_shapes[0]) == tuple(top_shape):
+                yield PortBug("pool-pad", f"with pad {p} instead of {_pair(pad)}", layer, [x])
+
     def work(self) -> int:
         return pool_work(self.bottom_shapes[0], self.kernel, self.stride, self.pooled)
 
@@ -301,3 +351,9 @@ class Pooling(CaffeLayer):
         if self.global_pooling:
             return f"{self.method} global"
         return f"{self.method} k{fmt(self.kernel)} s{fmt(self.stride)} p{fmt(self.pad)}"
+
+
+def _pair(values) -> str:
+    """"3" for (3, 3), "3x2" for (3, 2)."""
+    values = tuple(values)
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))

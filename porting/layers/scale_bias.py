@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from porting.layers import CaffeLayer, canonical_axis, register
+from porting.layers import CaffeLayer, PortBug, canonical_axis, register
 from porting.rounding import ETA, U, gamma, magnitude, magnitude_vjp
 
 
@@ -85,6 +85,14 @@ class Scale(_BroadcastLayer):
             n = bottoms[0].numel() // max(bottoms[1].numel(), 1)
             bounds.append(gamma(n + 1) * mags[1] + n * ETA)
         return bounds
+
+    def port_bugs(self, bottoms, top_shape):
+        """scale-bias: the bias dropped (a multiplication only)."""
+        if self.bias_term:
+            blobs = [b.detach().double().numpy() for b in self.blobs]
+            yield PortBug("scale-bias", "without the Scale layer's bias (a multiplication only)",
+                          self.variant(bottoms, lambda p: setattr(p.scale_param, "bias_term", False), blobs[:-1]),
+                          bottoms, why="the prototxt's scale_param has bias_term: true")
 
     def describe(self) -> str:
         return f"axis {self.start}" + (" bottom" if self.two_bottoms else "") + (" +bias" if self.bias_term else "")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from porting.layers import CaffeLayer, canonical_axis, register
+from porting.layers import CaffeLayer, PortBug, canonical_axis, register
 from porting.rounding import ETA, LIBM, U, gamma, stored_error
 
 
@@ -23,6 +23,14 @@ class Softmax(CaffeLayer):
 
     def forward(self, x):
         return (torch.softmax(x, dim=self.axis),)
+
+    def port_bugs(self, bottoms, top_shape):
+        """softmax-axis: the softmax over another axis (dim=0, the batch, first)."""
+        for axis in range(bottoms[0].dim()):
+            if axis != self.axis:
+                yield PortBug("softmax-axis", f"with the softmax over axis {axis}"
+                              + (" (the batch)" if axis == 0 else "") + f" instead of axis {self.axis}",
+                              self.variant(bottoms, lambda p, a=axis: setattr(p.softmax_param, "axis", a)), bottoms)
 
     def forward_bound(self, bottoms, exact_tops, abs_module=None):
         x, axis = bottoms[0], self.axis

@@ -57,22 +57,18 @@ layer's per-blob tolerance.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MethodType
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from porting.rounding import ETA, U, magnitude
 from porting.verify.keys import NetValues, Value
 
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # the mean verify's image inputs have had subtracted
-BN_EPS = (1e-5, 1e-3, 1e-4, 2e-5, 1e-6, 1e-2, 0.0)  # eps values ports use (torch's default first)
 LINEAR_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
 
@@ -169,7 +165,8 @@ def diagnose(verification, net64, reference: Mapping, candidate: Mapping,
         tolerance = None
         if target.through or not all(target.own):
             tolerance = row.tolerance if row is not None else 1e-4
-        for attempt in _catalogue(target):
+        patterns = []  # tried after the others, on the blamed layer itself only
+        for attempt in _catalogue(target, patterns):
             if attempt.id not in tried:
                 tried.append(attempt.id)
             try:
@@ -178,11 +175,11 @@ def diagnose(verification, net64, reference: Mapping, candidate: Mapping,
                 fits = False
             if fits:
                 return Diagnosis(target.spec.name, attempt.id, _sentence(target, attempt.what, attempt.why), tried)
-        if target.spec.type == "Dropout" and not target.through:
-            tried.append("dropout-train")
-            special = _dropout_train(target)
+        for bug in [] if target.through else patterns:
+            tried.append(bug.id)
+            special = bug.explain(target.output)
             if special is not None:
-                return Diagnosis(layer, "dropout-train", _sentence(target, *special), tried)
+                return Diagnosis(target.spec.name, bug.id, _sentence(target, *special), tried)
     kind = values.specs[values.position[layer]].type
     return Diagnosis(layer, None, f"No known explanation fits the departure at {layer} ({kind}): "
                      f"{len(tried)} tried ({', '.join(tried) or 'none applies to this type'}).", tried)
@@ -277,37 +274,22 @@ def _dims(shape) -> str:
 # Building alternatives from the port's own layer classes
 # --------------------------------------------------------------------------------------
 
-def _rebuilt(spec, bottoms, edit=None, blobs=None):
-    """``spec``'s layer built again from an edited copy of its LayerParameter (``edit(param)``)
-    with ``blobs`` (default its own), in float64."""
-    from porting.layers import build_layer
-
-    param = type(spec.param)()
-    param.CopyFrom(spec.param)
-    if edit is not None:
-        edit(param)
-    arrays = [b.detach().double().numpy() for b in spec.module.blobs] if blobs is None else blobs
-    layer = build_layer(param, [tuple(b.shape) for b in bottoms], arrays)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.data = p.data.double()
-    return layer
-
-
-def _patched(module, name: str, fn):
-    """A copy of ``module`` with method ``name`` replaced on the copy only."""
-    twin = copy.deepcopy(module)
-    setattr(twin, name, MethodType(fn, twin))
-    return twin
-
-
-def _catalogue(t: _Layer) -> Iterator[_Try]:
+def _catalogue(t: _Layer, patterns: list) -> Iterator[_Try]:
+    """The layer type's own bugs (``CaffeLayer.port_bugs``), then the input conversion (at a
+    layer reading the net's input) and missing or extra ReLUs around it. The type's bugs
+    recognised by a pattern of the output (``PortBug.explain``) are added to ``patterns``."""
     kind = t.spec.type
-    per_type = {"Pooling": _pooling, "LRN": _lrn, "Convolution": _convolution, "Deconvolution": _convolution,
-                "InnerProduct": _inner_product, "BatchNorm": _batch_norm, "Scale": _scale, "Dropout": _dropout,
-                "Softmax": _softmax, "ReLU": _relu, "Eltwise": _eltwise}
-    if kind in per_type:
-        yield from _safely(per_type[kind](t))
+    if kind in ("Convolution", "Deconvolution"):
+        yield from _safely(_convolution(t))
+    elif kind == "InnerProduct":
+        yield from _safely(_inner_product(t))
+    else:
+        for bug in _safely(t.spec.module.port_bugs(t.bottoms, tuple(t.output.shape))):
+            if bug.explain is not None:
+                patterns.append(bug)
+                continue
+            yield _Try(bug.id, bug.what, bug.layer, t.bottoms if bug.bottoms is None else bug.bottoms,
+                       why=bug.why, slack=bug.slack)
     if any(t.values.specs[v.position].is_input for v in t.values.bottoms[t.spec.name]):
         yield from _safely(_input(t))
     if kind != "ReLU":
@@ -440,104 +422,21 @@ def _fmt(values, digits: int = 2, sep: str = ", ") -> str:
     return sep.join(f"{float(v):.{digits}f}" for v in values)
 
 
-def _pooling(t: _Layer) -> Iterator[_Try]:
-    from porting.layers.pooling import caffe_ave_pool, caffe_max_pool, pooled_size
-
-    m = t.spec.module
-    x = t.bottoms[0]
-    kernel, stride, pad, pooled = m.geometry(x)
-    if m.global_pooling:
-        return
-    floor = tuple(pooled_size(s, k, st, p, ceil_mode=False) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
-    if floor != tuple(pooled):
-        def floored(self, x):
-            if self.method == "MAX":
-                return (F.max_pool2d(x, kernel, stride, pad, ceil_mode=False),)
-            return (F.avg_pool2d(x, kernel, stride, pad, ceil_mode=False),)
-
-        yield _Try("pool-floor", "with the pooled size rounded down (ceil_mode=False)", _patched(m, "forward", floored),
-                   [x], why="Caffe rounds pooling output size up (ceil_mode=True)")
-    unclipped = tuple(pooled_size(s, k, st, p) for s, k, st, p in zip(x.shape[2:], kernel, stride, pad))
-    if unclipped != tuple(pooled):
-        def no_clip(self, x):
-            pool = caffe_max_pool if self.method == "MAX" else caffe_ave_pool
-            return (pool(x, kernel, stride, pad, unclipped),)
-
-        yield _Try("pool-no-clip", "with a last window that starts in the padding kept",
-                   _patched(m, "forward", no_clip), [x],
-                   why="Caffe drops it ((pooled - 1) * stride >= size + pad)")
-    if m.method == "AVE" and any(pad):
-        def exclude_pad(self, x):
-            return (F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=False),)
-
-        yield _Try("ave-divisor", "with each average over the image cells only (count_include_pad=False)",
-                   _patched(m, "forward", exclude_pad), [x], why="Caffe's divisor counts the padding")
-    for p in range(0, max(kernel)):
-        if (p, p) == tuple(pad):
-            continue
-
-        def edit(param, p=p):
-            pp = param.pooling_param
-            pp.ClearField("pad_h"), pp.ClearField("pad_w")
-            pp.pad = p
-
-        try:
-            layer = _rebuilt(t.spec, [x], edit)
-        except ValueError:
-            continue
-        if tuple(layer.top_shapes[0]) == tuple(t.output.shape):
-            yield _Try("pool-pad", f"with pad {p} instead of {_pair(pad)}", layer, [x])
-
-
-def _pair(values) -> str:
-    values = tuple(values)
-    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
-
-
-def _lrn(t: _Layer) -> Iterator[_Try]:
-    from porting import caffe_pb2
-
-    m = t.spec.module
-    x = t.bottoms
-
-    def edited(**changes):
-        def edit(param):
-            for k, v in changes.items():
-                setattr(param.lrn_param, k, v)
-        return _rebuilt(t.spec, x, edit)
-
-    yield _Try("lrn-alpha-whole", "with alpha not divided by local_size (k + alpha * the window's sum of squares)",
-               edited(alpha=m.alpha * m.size), x,
-               why=f"Caffe scales the sum by alpha / local_size = {m.alpha:g} / {m.size}")
-    yield _Try("lrn-alpha-divided", f"with alpha divided by local_size once more ({m.alpha:g} / {m.size})",
-               edited(alpha=m.alpha / m.size), x,
-               why="torch's LocalResponseNorm divides alpha by size itself, as Caffe does; pass Caffe's alpha as it is")
-    for k in (1.0, 2.0):
-        if k != m.k:
-            yield _Try("lrn-k", f"with k = {k:g} instead of {m.k:g}", edited(k=k), x)
-    for beta in (0.75, 0.5, 1.0):
-        if beta != m.beta:
-            yield _Try("lrn-beta", f"with beta = {beta:g} instead of {m.beta:g}", edited(beta=beta), x)
-    region = caffe_pb2.LRNParameter
-    other = region.ACROSS_CHANNELS if m.within else region.WITHIN_CHANNEL
-    yield _Try("lrn-region", f"with the window {'across channels' if m.within else 'within each channel'} "
-               f"instead of {'within each channel' if m.within else 'across channels'}",
-               edited(norm_region=other), x)
-
-
 def _convolution(t: _Layer) -> Iterator[_Try]:
+    from porting.layers.pooling import _pair
+
     m = t.spec.module
     x = t.bottoms
     blobs = [b.detach().double().numpy() for b in m.blobs]
     spatial = tuple(range(2, 2 + m.num_spatial))
     yield _Try("conv-flipped", "with its kernels rotated by 180 degrees (flipped)",
-               _rebuilt(t.spec, x, blobs=[np.flip(blobs[0], spatial).copy()] + blobs[1:]), x,
+               t.spec.module.variant(x, blobs=[np.flip(blobs[0], spatial).copy()] + blobs[1:]), x,
                why="Caffe cross-correlates with the kernel as stored" if not m.reverse else
                "Caffe's deconvolution is the convolution's backward, with the kernel as stored")
     if m.group > 1 and not m.reverse:
         tiled = np.tile(blobs[0], (1, m.group) + (1,) * m.num_spatial)
         yield _Try("group-ignored", f"with groups=1 and each filter's weights tiled over the {m.group} channel groups",
-                   _rebuilt(t.spec, x, lambda p: setattr(p.convolution_param, "group", 1), [tiled] + blobs[1:]), x,
+                   t.spec.module.variant(x, lambda p: setattr(p.convolution_param, "group", 1), [tiled] + blobs[1:]), x,
                    why=f"Caffe's group: {m.group} convolves each group of channels with its own filters")
     for p in range(0, max(m.kernel) + 1):
         if all(q == p for q in m.pad):
@@ -550,7 +449,7 @@ def _convolution(t: _Layer) -> Iterator[_Try]:
             cp.pad.append(p)
 
         try:
-            layer = _rebuilt(t.spec, x, edit)
+            layer = t.spec.module.variant(x, edit)
         except ValueError:
             continue
         if tuple(layer.top_shapes[0]) == tuple(t.output.shape):
@@ -561,7 +460,7 @@ def _convolution(t: _Layer) -> Iterator[_Try]:
 
 def _bias_missing(t: _Layer, field_name: str) -> _Try:
     blobs = [b.detach().double().numpy() for b in t.spec.module.blobs]
-    layer = _rebuilt(t.spec, t.bottoms, lambda p: setattr(getattr(p, field_name), "bias_term", False), blobs[:1])
+    layer = t.spec.module.variant(t.bottoms, lambda p: setattr(getattr(p, field_name), "bias_term", False), blobs[:1])
     return _Try("bias-missing", "without its bias", layer, t.bottoms)
 
 
@@ -571,7 +470,7 @@ def _inner_product(t: _Layer) -> Iterator[_Try]:
     k = math.prod(m.param_shapes[0]) // m.num_output
     yield _Try("ip-transposed", "with the weight transposed (Caffe's num_output x K blob read as K x num_output)"
                if not m.transpose else "with the weight transposed (the K x num_output blob read as num_output x K)",
-               _rebuilt(t.spec, x, lambda p: setattr(p.inner_product_param, "transpose", not m.transpose)), x,
+               t.spec.module.variant(x, lambda p: setattr(p.inner_product_param, "transpose", not m.transpose)), x,
                why=f"Caffe stores it {m.num_output} x {k}" if not m.transpose else "")
     if x[0].dim() == 4 and m.axis == 1:
         nhwc = x[0].permute(0, 2, 3, 1).reshape(x[0].shape)
@@ -579,93 +478,6 @@ def _inner_product(t: _Layer) -> Iterator[_Try]:
                    why="Caffe flattens N x C x H x W")
     if m.bias_term:
         yield _bias_missing(t, "inner_product_param")
-
-
-def _batch_norm(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    if not m.use_global_stats:
-        return
-    for eps in BN_EPS:
-        if eps != m.eps:
-            yield _Try("bn-eps", f"with BatchNorm eps {eps:g} instead of {m.eps:g}",
-                       _rebuilt(t.spec, t.bottoms, lambda p, e=eps: setattr(p.batch_norm_param, "eps", e)), t.bottoms)
-    blobs = [b.detach().double().numpy() for b in m.blobs]
-    factor = float(blobs[2].reshape(-1)[0])
-    if factor not in (0.0, 1.0):
-        yield _Try("bn-factor", f"with the stored mean and variance not divided by the moving-average factor "
-                   f"(blob 2, {factor:g})", _rebuilt(t.spec, t.bottoms, blobs=blobs[:2] + [np.ones_like(blobs[2])]),
-                   t.bottoms, why="Caffe's running statistics are blob 0 and blob 1 over blob 2")
-
-
-def _scale(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    if m.bias_term:
-        blobs = [b.detach().double().numpy() for b in m.blobs]
-        yield _Try("scale-bias", "without the Scale layer's bias (a multiplication only)",
-                   _rebuilt(t.spec, t.bottoms, lambda p: setattr(p.scale_param, "bias_term", False), blobs[:-1]),
-                   t.bottoms, why="the prototxt's scale_param has bias_term: true")
-
-
-def _dropout(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    if m.phase != "test" or not m.ratio:
-        return
-    keep = 1.0 - m.ratio
-    twin = _patched(m, "apply_to", lambda self, x: x * keep)
-    y = t.bottoms[0] * keep
-    yield _Try("dropout-scaled", f"multiplied by 1 - ratio = {keep:g}", twin, t.bottoms,
-               why="Caffe's Dropout scales at training, and is the identity at test", slack=U * y.abs() + ETA)
-
-
-def _dropout_train(t: _Layer) -> tuple[str, str] | None:
-    """Dropout left in training mode: each output 0 or the input times 1 / (1 - ratio)
-    (within one rounding), some of each where the input is not 0."""
-    m = t.spec.module
-    if t.spec.type != "Dropout" or not m.ratio or tuple(t.output.shape) != tuple(t.bottoms[0].shape):
-        return None
-    x, y = t.bottoms[0], t.output
-    scaled = x / (1.0 - m.ratio)
-    kept = (y - scaled).abs() <= 2 * U * scaled.abs() + ETA
-    dropped = (y == 0) & (x != 0)
-    if not bool((kept | (y == 0)).all()) or not bool(dropped.any()):
-        return None
-    n = int(dropped.sum())
-    return (f"Dropout in training mode ({n} of {x.numel()} outputs zeroed, the others scaled by "
-            f"1 / (1 - {m.ratio:g}))", "F.dropout's training=True default or a module left in train mode; "
-            "Caffe's Dropout is the identity at test")
-
-
-def _softmax(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    for axis in range(t.bottoms[0].dim()):
-        if axis != m.axis:
-            yield _Try("softmax-axis", f"with the softmax over axis {axis}"
-                       + (" (the batch)" if axis == 0 else "") + f" instead of axis {m.axis}",
-                       _rebuilt(t.spec, t.bottoms, lambda p, a=axis: setattr(p.softmax_param, "axis", a)), t.bottoms)
-
-
-def _relu(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    yield _Try("relu-missing", "with no ReLU applied (its input passed on as it is)",
-               _patched(m, "apply_to", lambda self, x: x * 1.0), t.bottoms, why=f"the port has no ReLU {t.spec.name}")
-    for slope in ((0.0,) if m.negative_slope else (0.01, 0.1, 0.2)):
-        yield _Try("relu-slope", f"with negative_slope {slope:g} instead of {m.negative_slope:g}",
-                   _rebuilt(t.spec, t.bottoms, lambda p, a=slope: setattr(p.relu_param, "negative_slope", a)),
-                   t.bottoms, why="torch.relu has no slope; Caffe's ReLU takes relu_param.negative_slope"
-                   if m.negative_slope else "nn.LeakyReLU where Caffe's ReLU has none")
-
-
-def _eltwise(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    if m.operation == "SUM" and any(c != 1 for c in m.coeffs):
-        yield _Try("eltwise-coeff", f"with its coefficients ({', '.join(f'{c:g}' for c in m.coeffs)}) ignored "
-                   "(a plain sum)", _rebuilt(t.spec, t.bottoms, lambda p: p.eltwise_param.ClearField("coeff")),
-                   t.bottoms)
-    for op in ("SUM", "PROD", "MAX"):
-        if op != m.operation:
-            yield _Try("eltwise-op", f"with {op} instead of {m.operation}",
-                       _rebuilt(t.spec, t.bottoms, lambda p, o=op: (p.eltwise_param.ClearField("coeff"), setattr(
-                           p.eltwise_param, "operation", type(p.eltwise_param).EltwiseOp.Value(o)))), t.bottoms)
 
 
 def _relus(t: _Layer) -> Iterator[_Try]:
