@@ -32,16 +32,21 @@ Fidelity against ``run_facet`` of the same task (same unit, seed, start):
   depend on the planes beside it; the plain torch sweep, used on a GPU or without a C
   compiler, within 1e-12 grey levels);
 * the gradient is not bit for bit a batch of one: a batched convolution blocks its
-  float32 sums differently (measured here on CaffeNet, seeded weights: per-sample
-  gradients up to 6e-12 apart on gradients of 5e-6, ~1e-6 relative; small nets can be
-  bit-equal). tests/test_mfv_batch.py runs the single run synchronised on the batched
+  float32 sums differently (measured here on CaffeNet: per-sample gradients up to 1e-9
+  apart on gradients of 2.5e-3 with Xavier-like weights and mean-image crops, 6e-12 on
+  5e-6 with 0.01-Gaussian weights and random crops; ~1e-6 relative or less).
+  tests/test_mfv_batch.py runs the single run synchronised on the batched
   run's crops and holds the gradient and the stepped crop within derived float32 bounds.
 
-Free-running, such a rounding difference grows as any float32 perturbation of MFV does
-(see ``mfv.compare`` and the noise floor: Caffe against itself under another BLAS
-kernel ends at SSIM 0.73), so a batched facet's final image equals the single run's only
-where the batched gradients happen to be bit-equal. Measured on CaffeNet with seeded
-weights on this CPU (see README, ``mfv facets``) rather than asserted.
+Free-running, such a rounding difference may grow as any float32 perturbation of MFV
+does (``mfv.compare``'s noise floor: Caffe against itself under another BLAS kernel ends
+at SSIM 0.731, max |diff| 121, mean 4.83 grey levels), or vanish. Measured on this 2-core
+CPU (CaffeNet, seeded Xavier-like weights, unit 498 from the authors' theater mean_0..,
+seed 1, all 370 iterations, final 8-bit images against ``run_facet``'s): with one torch
+thread, 3 facets batched ended bit for bit equal to their single runs (their gradients
+differ by ~4e-7 relative, objectives by up to 8e-4: the image did not keep the
+difference); with two threads, 2 facets ended at SSIM 0.734 and 0.735, max |diff| 135 and
+145, mean 4.74 and 4.76 grey levels: Caffe's own floor. Neither is asserted.
 """
 from __future__ import annotations
 
