@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from porting.layers import CaffeLayer, caffe_int, canonical_axis, count, int_arithmetic, register
+from porting.layers import CaffeLayer, PortBug, caffe_int, canonical_axis, count, int_arithmetic, register
 from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -226,6 +227,42 @@ class _ConvBase(CaffeLayer):
         n = self.terms()[1]
         mags = magnitude_vjp(self, bottoms, top_diffs, abs_module)
         return [None if m is None else gamma(n) * m + n * ETA for m in mags]
+
+    def port_bugs(self, bottoms, top_shape):
+        """conv-flipped (kernels rotated by 180 degrees), group-ignored (groups=1, the weights
+        tiled), conv-pad (another padding giving the port's size), bias-missing."""
+        blobs = [b.detach().double().numpy() for b in self.blobs]
+        spatial = tuple(range(2, 2 + self.num_spatial))
+        yield PortBug("conv-flipped", "with its kernels rotated by 180 degrees (flipped)",
+                      self.variant(bottoms, blobs=[np.flip(blobs[0], spatial).copy()] + blobs[1:]), bottoms,
+                      why="Caffe cross-correlates with the kernel as stored" if not self.reverse else
+                      "Caffe's deconvolution is the convolution's backward, with the kernel as stored")
+        if self.group > 1 and not self.reverse:
+            tiled = np.tile(blobs[0], (1, self.group) + (1,) * self.num_spatial)
+            yield PortBug("group-ignored", f"with groups=1 and each filter's weights tiled over the {self.group} "
+                          "channel groups", self.variant(bottoms, lambda p: setattr(p.convolution_param, "group", 1),
+                                                         [tiled] + blobs[1:]), bottoms,
+                          why=f"Caffe's group: {self.group} convolves each group of channels with its own filters")
+        for p in range(0, max(self.kernel) + 1):
+            if all(q == p for q in self.pad):
+                continue
+
+            def edit(param, p=p):
+                cp = param.convolution_param
+                cp.ClearField("pad_h"), cp.ClearField("pad_w")
+                del cp.pad[:]
+                cp.pad.append(p)
+
+            try:
+                layer = self.variant(bottoms, edit)
+            except ValueError:
+                continue
+            if tuple(layer.top_shapes[0]) == tuple(top_shape):
+                pad = str(self.pad[0]) if len(set(self.pad)) == 1 else "x".join(map(str, self.pad))
+                yield PortBug("conv-pad", f"with pad {p} instead of {pad}", layer, bottoms)
+        if self.bias_term:
+            yield PortBug("bias-missing", "without its bias", self.variant(
+                bottoms, lambda p: setattr(p.convolution_param, "bias_term", False), blobs[:1]), bottoms)
 
     def describe(self) -> str:
         def fmt(values):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from porting.layers import CaffeLayer, caffe_int, canonical_axis, count, register
+from porting.layers import CaffeLayer, PortBug, caffe_int, canonical_axis, count, register
 from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 INNER_PRODUCT_PATHS = ("torch", "blocked")
@@ -97,6 +97,24 @@ class InnerProduct(CaffeLayer):
         n = self.num_output
         return [None if m is None else gamma(n) * m + n * ETA
                 for m in magnitude_vjp(self, bottoms, top_diffs, abs_module)]
+
+    def port_bugs(self, bottoms, top_shape):
+        """ip-transposed (the weight blob read transposed), flatten-nhwc (a 4-axis input
+        flattened channels-last), bias-missing."""
+        k = count(self.param_shapes[0]) // self.num_output
+        yield PortBug("ip-transposed", "with the weight transposed (Caffe's num_output x K blob read as K x num_output)"
+                      if not self.transpose else "with the weight transposed (the K x num_output blob read as "
+                      "num_output x K)", self.variant(
+                          bottoms, lambda p: setattr(p.inner_product_param, "transpose", not self.transpose)), bottoms,
+                      why=f"Caffe stores it {self.num_output} x {k}" if not self.transpose else "")
+        x = bottoms[0]
+        if x.dim() == 4 and self.axis == 1:
+            yield PortBug("flatten-nhwc", "with its input flattened channels-last (N x H x W x C)", self,
+                          [x.permute(0, 2, 3, 1).reshape(x.shape)], why="Caffe flattens N x C x H x W")
+        if self.bias_term:
+            blobs = [b.detach().double().numpy() for b in self.blobs]
+            yield PortBug("bias-missing", "without its bias", self.variant(
+                bottoms, lambda p: setattr(p.inner_product_param, "bias_term", False), blobs[:1]), bottoms)
 
     def work(self) -> int:
         """Products: each top value is a dot product of K = count(axis) terms."""

@@ -57,7 +57,6 @@ layer's per-blob tolerance.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -279,17 +278,12 @@ def _catalogue(t: _Layer, patterns: list) -> Iterator[_Try]:
     layer reading the net's input) and missing or extra ReLUs around it. The type's bugs
     recognised by a pattern of the output (``PortBug.explain``) are added to ``patterns``."""
     kind = t.spec.type
-    if kind in ("Convolution", "Deconvolution"):
-        yield from _safely(_convolution(t))
-    elif kind == "InnerProduct":
-        yield from _safely(_inner_product(t))
-    else:
-        for bug in _safely(t.spec.module.port_bugs(t.bottoms, tuple(t.output.shape))):
-            if bug.explain is not None:
-                patterns.append(bug)
-                continue
-            yield _Try(bug.id, bug.what, bug.layer, t.bottoms if bug.bottoms is None else bug.bottoms,
-                       why=bug.why, slack=bug.slack)
+    for bug in _safely(t.spec.module.port_bugs(t.bottoms, tuple(t.output.shape))):
+        if bug.explain is not None:
+            patterns.append(bug)
+            continue
+        yield _Try(bug.id, bug.what, bug.layer, t.bottoms if bug.bottoms is None else bug.bottoms,
+                   why=bug.why, slack=bug.slack)
     if any(t.values.specs[v.position].is_input for v in t.values.bottoms[t.spec.name]):
         yield from _safely(_input(t))
     if kind != "ReLU":
@@ -420,64 +414,6 @@ def _fitted_input(t: _Layer, module, slot: int, z: torch.Tensor, swapped: bool, 
 
 def _fmt(values, digits: int = 2, sep: str = ", ") -> str:
     return sep.join(f"{float(v):.{digits}f}" for v in values)
-
-
-def _convolution(t: _Layer) -> Iterator[_Try]:
-    from porting.layers.pooling import _pair
-
-    m = t.spec.module
-    x = t.bottoms
-    blobs = [b.detach().double().numpy() for b in m.blobs]
-    spatial = tuple(range(2, 2 + m.num_spatial))
-    yield _Try("conv-flipped", "with its kernels rotated by 180 degrees (flipped)",
-               t.spec.module.variant(x, blobs=[np.flip(blobs[0], spatial).copy()] + blobs[1:]), x,
-               why="Caffe cross-correlates with the kernel as stored" if not m.reverse else
-               "Caffe's deconvolution is the convolution's backward, with the kernel as stored")
-    if m.group > 1 and not m.reverse:
-        tiled = np.tile(blobs[0], (1, m.group) + (1,) * m.num_spatial)
-        yield _Try("group-ignored", f"with groups=1 and each filter's weights tiled over the {m.group} channel groups",
-                   t.spec.module.variant(x, lambda p: setattr(p.convolution_param, "group", 1), [tiled] + blobs[1:]), x,
-                   why=f"Caffe's group: {m.group} convolves each group of channels with its own filters")
-    for p in range(0, max(m.kernel) + 1):
-        if all(q == p for q in m.pad):
-            continue
-
-        def edit(param, p=p):
-            cp = param.convolution_param
-            cp.ClearField("pad_h"), cp.ClearField("pad_w")
-            del cp.pad[:]
-            cp.pad.append(p)
-
-        try:
-            layer = t.spec.module.variant(x, edit)
-        except ValueError:
-            continue
-        if tuple(layer.top_shapes[0]) == tuple(t.output.shape):
-            yield _Try("conv-pad", f"with pad {p} instead of {_pair(m.pad)}", layer, x)
-    if m.bias_term:
-        yield _bias_missing(t, "convolution_param")
-
-
-def _bias_missing(t: _Layer, field_name: str) -> _Try:
-    blobs = [b.detach().double().numpy() for b in t.spec.module.blobs]
-    layer = t.spec.module.variant(t.bottoms, lambda p: setattr(getattr(p, field_name), "bias_term", False), blobs[:1])
-    return _Try("bias-missing", "without its bias", layer, t.bottoms)
-
-
-def _inner_product(t: _Layer) -> Iterator[_Try]:
-    m = t.spec.module
-    x = t.bottoms
-    k = math.prod(m.param_shapes[0]) // m.num_output
-    yield _Try("ip-transposed", "with the weight transposed (Caffe's num_output x K blob read as K x num_output)"
-               if not m.transpose else "with the weight transposed (the K x num_output blob read as num_output x K)",
-               t.spec.module.variant(x, lambda p: setattr(p.inner_product_param, "transpose", not m.transpose)), x,
-               why=f"Caffe stores it {m.num_output} x {k}" if not m.transpose else "")
-    if x[0].dim() == 4 and m.axis == 1:
-        nhwc = x[0].permute(0, 2, 3, 1).reshape(x[0].shape)
-        yield _Try("flatten-nhwc", "with its input flattened channels-last (N x H x W x C)", m, [nhwc],
-                   why="Caffe flattens N x C x H x W")
-    if m.bias_term:
-        yield _bias_missing(t, "inner_product_param")
 
 
 def _relus(t: _Layer) -> Iterator[_Try]:
