@@ -3,15 +3,20 @@
 When someone else's module departs from Caffe (``porting verify --torch``,
 porting.verify.foreign), ``diagnose`` takes the layer the verdict blames
 (``Verification.departed_at``: the first departing layer, forward in net order) and
-re-runs it in float64 with the alternative semantics ports classically get wrong, each
-built from the port's own layer class (a copy of the layer's LayerParameter edited and
-rebuilt, or its blobs or inputs changed), so what is particular to a layer type stays in
-its class. An explanation is claimed only when the module's output then matches: the
-same shape and every element within the float32 rounding bound of the alternative layer
-on those inputs (``CaffeLayer.forward_bound``, the verdict's rule), plus, where the port
-rounds once more than Caffe's layer would (an input converted in float32, a product
-added), that rounding. The first explanation that fits is reported; when none does, the
-sentence says that no known explanation fits.
+re-runs it in float64 with the alternative semantics ports classically get wrong. What a
+port gets wrong in one layer type lives in that type's class (``CaffeLayer.port_bugs``,
+each a ``PortBug`` built from the layer itself: a copy of its LayerParameter edited and
+rebuilt, or its blobs, inputs or a method changed); this module holds what is not
+particular to a type: the walk to the layer to re-run, the re-run, the rule for claiming
+an explanation, the input conversion (a property of the input, not of a layer) and a
+missing or extra ReLU around the layer. An explanation is claimed only when the module's
+output then matches: the same shape and every element within the float32 rounding bound
+of the alternative layer on those inputs (``CaffeLayer.forward_bound``, the verdict's
+rule), plus, where the port rounds once more than Caffe's layer would (an input converted
+in float32, a product added: ``PortBug.slack``), that rounding; a random variant (Dropout
+left in training mode) is recognised by its pattern instead (``PortBug.explain``). The
+first explanation that fits is reported; when none does, the sentence says that no known
+explanation fits.
 
 The layer's inputs are the module's own (its counterparts' recorded arrays), which are
 Caffe's up to float32 rounding: every layer before the first departing one is within it.
@@ -20,7 +25,8 @@ fails by its per-blob tolerance), Caffe's array stands in, and the match is judg
 per-blob tolerance (relative to the largest element), since the module computed from
 inputs that were not recorded.
 
-The catalogue (explanation ids), by where it applies:
+The catalogue (explanation ids), by where it applies (the per-type ones defined in the
+layer classes' ``port_bugs``; tried first, then the input's, then the ReLUs'):
 
 * the first layer reading the net's input (the input conversion), in Caffe's input space
   (BGR, 0-255 minus ``caffe_mean``): ``input-swap`` (B and R swapped), ``input-unit``
@@ -270,7 +276,7 @@ def _dims(shape) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Building alternatives from the port's own layer classes
+# The alternatives: the layer type's own (its class), the input conversion, the ReLUs
 # --------------------------------------------------------------------------------------
 
 def _catalogue(t: _Layer, patterns: list) -> Iterator[_Try]:
