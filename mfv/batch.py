@@ -169,13 +169,17 @@ def load_means(folder) -> list[tuple[Path, np.ndarray]]:
     means = []
     for k in range(len(found)):
         chosen = min(found[k], key=lambda p: (MEAN_SUFFIXES.index(p.suffix.lower()), p.name))
-        means.append((chosen, _read_mean(chosen)))
+        means.append((chosen, read_mean(chosen)))
     return means
 
 
-def _read_mean(path: Path) -> np.ndarray:
+def read_mean(path) -> np.ndarray:
+    """A mean image file as RGB 0-255, H x W x 3: an 8-bit file (.png, .jpg) as float32, a
+    .npy (as `mfv means` writes it) as float64, its header checked before anything is read
+    (no pickles); not an RGB array, or NaN/infinite values, is a ``PortingError``."""
     from mfv.means import load_rgb
 
+    path = Path(path)
     if path.suffix.lower() != ".npy":
         return load_rgb(path).astype(np.float32)
     try:

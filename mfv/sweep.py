@@ -42,7 +42,7 @@ import numpy as np
 from porting.errors import PortingError
 from porting.files import file_digest
 
-from mfv.batch import MEAN_SUFFIXES
+from mfv.batch import MEAN_SUFFIXES, read_mean
 from mfv.distributed import cause, session
 from mfv.files import save_json, save_png, truncating_uint8
 
@@ -156,13 +156,6 @@ def find_units(means_root, units: list[int], facets: int, synsets=None) -> list[
     return found
 
 
-def load_start(path) -> np.ndarray:
-    """A start image as RGB 0-255 float32, H x W x 3 (read as `mfv facets` reads mean images)."""
-    from mfv.batch import _read_mean
-
-    return _read_mean(Path(path))
-
-
 # --------------------------------------------------------------------------------------
 # the task (runs on a worker)
 # --------------------------------------------------------------------------------------
@@ -244,7 +237,7 @@ def facet_task(model: Model, settings: Settings, out: str, unit: Unit, facets: l
     todo = [f for f in facets if read_record(out, unit.unit, f) is None]
     if todo:
         net = _net(model)
-        starts = [load_start(unit.means[f]) for f in todo]
+        starts = [read_mean(unit.means[f]) for f in todo]
         began = time.perf_counter()
         results = _run_unit_facets(net, settings, unit.unit, starts)
         seconds = time.perf_counter() - began
