@@ -27,18 +27,18 @@ class FacetNet:
         self._is_caffe = getattr(module, "graph", None) is not None
 
     @classmethod
-    def from_caffe(cls, net, mean=(104.0, 117.0, 123.0), caffe_arithmetic: bool = True) -> "FacetNet":
+    def from_caffe(cls, net, mean=(104.0, 117.0, 123.0), blocked_inner_products: bool = True) -> "FacetNet":
         """A porting CaffeNet with BGR 0-255 minus ``mean`` input; size from its input blob.
-        ``caffe_arithmetic`` sets the net's convolutions to Caffe's im2col + GEMM and its
-        inner products' input gradient to block sums (``set_conv_path``,
-        ``set_inner_product_path``): gradients as close to float64 as Caffe's (median relative
-        L2 4.2e-7 against Caffe's 4.9e-7 and torch's kernels' 1.2e-6; benchmarks/
-        bench_conv_accuracy.py); False leaves the net's paths as they are."""
-        if caffe_arithmetic:
-            from porting.layers.convolution import set_conv_path
+        ``blocked_inner_products`` sets its InnerProducts' input gradient to block sums
+        (``porting.layers.inner_product.set_inner_product_path(net, "blocked")``): the input
+        gradient as close to float64 as Caffe's (median relative L2 4.4e-7 against Caffe's
+        4.9e-7 and 1.2e-6 without; same cost; benchmarks/bench_conv_accuracy.py); False leaves
+        the net's paths as they are. Convolutions keep torch's kernels: Caffe's im2col
+        ("im2col", ``set_conv_path``) adds little here and cost 1.5-2x at a batch of 10."""
+        if blocked_inner_products:
             from porting.layers.inner_product import set_inner_product_path
 
-            set_inner_product_path(set_conv_path(net, "im2col"), "blocked")
+            set_inner_product_path(net, "blocked")
         shape = next(iter(net.inputs.values()))
         return cls(net, Preprocessing("BGR", tuple(float(m) for m in mean), input_size=tuple(shape[-2:])))
 

@@ -195,13 +195,14 @@ def test_caffenet_with_caffe_paths_verifies(caffe_worker, caffe_weights):
     assert verification.passed, verification.summary
 
 
-def test_mfv_uses_caffe_arithmetic():
-    """MFV's FacetNet.from_caffe puts a port on Caffe's paths unless told not to."""
+def test_mfv_blocks_inner_products():
+    """MFV's FacetNet.from_caffe puts a port's inner products on the blocked path unless told
+    not to; its convolutions stay on torch's kernels."""
     from mfv.step import FacetNet
 
     prototxt = Path(__file__).resolve().parents[1] / "porting" / "models" / "caffenet.prototxt"
     kinds = lambda net: {(type(m).__name__, m.path) for m in net.modules() if hasattr(m, "path")}  # noqa: E731
-    assert kinds(FacetNet.from_caffe(load_caffe(prototxt)).module) == {("Convolution", "im2col"),
+    assert kinds(FacetNet.from_caffe(load_caffe(prototxt)).module) == {("Convolution", "torch"),
                                                                        ("InnerProduct", "blocked")}
-    assert kinds(FacetNet.from_caffe(load_caffe(prototxt), caffe_arithmetic=False).module) == {
+    assert kinds(FacetNet.from_caffe(load_caffe(prototxt), blocked_inner_products=False).module) == {
         ("Convolution", "torch"), ("InnerProduct", "torch")}
