@@ -37,7 +37,11 @@ OpenBLAS in the legacy stack; 10 crops: mean_0-4 of n03032252, each at 0 and 5 s
     caffe                   4.88e-07  5.21e-07   6.17e-07      0         -       -
 
 (the max: crops where one ReLU decision flipped against float64; fc8: the forward's relative
-L2; flips: summed over the crops; other runs put im2col at 1.14-1.20x.) Each layer's own input
+L2; flips: summed over the crops.) Timings again at load ~3 (``--no-caffe --crops 1``), x torch:
+batch 1, 1 thread (torch 0.076 s): im2col 1.17, conv-float64 1.57, blocked-ip 0.96, both 1.17;
+batch 10 (MFV's batched facets), 2 threads (torch 0.305 s): im2col 1.53, conv-float64 1.78,
+blocked-ip 0.75, both 1.62 (1 thread at load ~4: im2col 2.03, blocked-ip 1.10). So MFV
+(``FacetNet.from_caffe``) takes blocked-ip alone: as accurate as Caffe, at no cost. Each layer's own input
 gradient on mean_0 (``--layers``): conv1 Caffe 9.4e-8, torch 1.9e-7, im2col 9.5e-8; conv2-5
 1.0-1.9e-7 on all three; fc6 Caffe 2.4e-7, torch 8.1e-7, blocked 1.7e-7; fc7 Caffe 2.4e-7,
 torch 7.8e-7, blocked 1.7e-7. So the port's distance from Caffe's accuracy was InnerProduct's
