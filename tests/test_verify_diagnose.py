@@ -11,7 +11,9 @@ file. Each bug fails with exit 1, the layer the verdict blames is where the bug 
 the diagnosis names the bug; the correct port passes with no diagnosis; a bug outside the
 catalogue gets "no known explanation fits". A second, branching net (BRANCH: a leaky ReLU, a
 Deconvolution, an Eltwise with coefficients, AVE pooling whose last window Caffe drops)
-takes the bugs that need those layers; Caffe runs once for it too.
+takes the bugs that need those layers; Caffe runs once for it too. A few representative
+bugs (B/R swap, LRN alpha, pooling rounding, fc transposed) go through TorchScript, .pt2
+and ONNX too, verified from the same golden file.
 """
 from __future__ import annotations
 
@@ -300,3 +302,67 @@ def test_strict_tolerance_failure_has_no_diagnosis(diag, plan, monkeypatch):
                                  strict=True)
     assert not verification.passed and verification.departure is None
     assert verification.diagnosis is None
+
+
+
+def _saved(tmp_path, monkeypatch, weights, bug, fmt) -> tuple[str, Path]:
+    """The fixture's port with ``bug`` (empty: none) saved in format ``fmt``: a traced
+    TorchScript archive (torch.jit.save), an ExportedProgram (torch.export.save) or ONNX
+    (torch.onnx.export, the TorchScript-based exporter); returns (verify's option, the file).
+    For ONNX the BatchNorm (affine=False) becomes the same BatchNorm with weight 1 and bias 0
+    (the exporter needs a channel count it cannot infer after the LRN's shape arithmetic),
+    and the export keeps it a node of its own (TrainingMode.PRESERVE: eval mode, no folding
+    into conv2, which would leave conv2 without a counterpart)."""
+    import warnings
+
+    from porting.verify.foreign import load_module
+
+    monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(weights))
+    monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)
+    module = load_module(f"{FIXTURE}:caffenet_diag")
+    x = torch.zeros(2, 3, 21, 21)
+    path = tmp_path / f"port.{fmt}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "ts":
+            torch.jit.save(torch.jit.trace(module, x), path)
+        elif fmt == "pt2":
+            torch.export.save(torch.export.export(module, (x,)), path)
+        else:
+            for i, m in enumerate(module):
+                if isinstance(m, torch.nn.BatchNorm2d) and not m.affine:
+                    bn = torch.nn.BatchNorm2d(m.num_features, eps=m.eps).eval()
+                    bn.load_state_dict({**bn.state_dict(), "running_mean": m.running_mean,
+                                        "running_var": m.running_var})
+                    module[i] = bn
+            torch.onnx.export(module, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE)
+    return ("--onnx" if fmt == "onnx" else "--torch"), path
+
+
+# bug -> where ONNX differs from CASES: (blamed, diagnosed, explanation). torch's LocalResponseNorm
+# exports as several nodes, the last matched to norm1 by value; with alpha wrong none matches,
+# norm1 has no counterpart, conv2 fails by its per-blob tolerance and the diagnosis checks
+# norm1's alternatives through conv2.
+ONNX_CASES = {"lrn_alpha": ("conv2", "norm1", "lrn-alpha-divided")}
+
+
+@pytest.mark.parametrize("fmt", ["ts", "pt2", "onnx"])
+@pytest.mark.parametrize("bug", ["", "rgb_swap", "lrn_alpha", "floor_pool", "ip_transposed"])
+def test_seeded_bug_through_saved_formats(diag, monkeypatch, tmp_path, bug, fmt):
+    """The same port, traced to TorchScript, exported to .pt2 or to ONNX (forward only: ONNX
+    Runtime computes no gradients, and the catalogue is of forward bugs), from the same
+    golden file: the correct port passes, each seeded bug fails with exit 1 at its layer
+    and the diagnosis names it."""
+    prototxt, caffemodel, golden, weights = diag
+    option, path = _saved(tmp_path, monkeypatch, weights, bug, fmt)
+    status = main(["verify", str(prototxt), str(caffemodel), option, str(path), "--reference", str(golden),
+                   "--report", str(tmp_path / "r")])
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    if not bug:
+        assert status == 0 and report["diagnosis"] is None, report["summary"]
+        return
+    blamed, layer, explanation = ONNX_CASES.get(bug, CASES[bug]) if fmt == "onnx" else CASES[bug]
+    assert status == 1 and _blamed(report) == blamed, report["summary"]
+    diagnosis = report["diagnosis"]
+    assert (diagnosis["layer"], diagnosis["explanation"]) == (layer, explanation), diagnosis
+    assert diagnosis["sentence"].startswith(f"{layer} "), diagnosis["sentence"]
