@@ -31,7 +31,7 @@ import numpy_ref as ref
 from porting import load_caffe
 from porting.errors import PortingError
 from porting.write import write_caffemodel
-from test_layers_caffe import _normal, _ties
+from test_layers_caffe import _ties
 
 TOL = {
     "exact": 0.0,  # measured 0
@@ -64,7 +64,7 @@ def _compare(caffe_worker, tmp_path, text, inputs, diff_tops, family, blobs=None
     grad_inputs = set(inputs) if grad_inputs is None else set(grad_inputs)
     xs = {k: torch.tensor(v, requires_grad=backward and k in grad_inputs) for k, v in inputs.items()}
     out = net(**xs)
-    diffs = {t: _normal(tuple(out[t].shape), 300 + i) for i, t in enumerate(diff_tops)} if backward else None
+    diffs = {t: ref.seeded_normal(tuple(out[t].shape), 300 + i) for i, t in enumerate(diff_tops)} if backward else None
     caffe = caffe_worker.run_net(prototxt, caffemodel, inputs=inputs, top_diffs=diffs, params=bool(blobs))
     tol = TOL[family]
     for t in diff_tops:
@@ -109,7 +109,7 @@ MVN_CASES = [
 @pytest.mark.parametrize("shape,body", [pytest.param(s, b, id=i) for i, s, b in MVN_CASES])
 def test_mvn_matches_caffe(caffe_worker, tmp_path, shape, body):
     text = _inputs_text({"x": shape}) + _layer("mvn", "MVN", ["x"], ["y"], body)
-    x = _normal(shape, 1, scale=0.2) + np.float32(0.5)
+    x = ref.seeded_normal(shape, 1, scale=0.2) + np.float32(0.5)
     _, _, out = _compare(caffe_worker, tmp_path, text, {"x": x}, ["y"], "mvn")
     assert out["y"].dim() == 4  # Caffe's top is (num, channels, height, width)
 
@@ -119,13 +119,13 @@ def test_mvn_backward_is_caffes_formula_not_the_derivative(caffe_worker, tmp_pat
     differs from the derivative of its forward; the port gives Caffe's."""
     shape = (1, 2, 4, 4)
     text = _inputs_text({"x": shape}) + _layer("mvn", "MVN", ["x"], ["y"], "mvn_param { eps: 0.5 }")
-    x = _normal(shape, 2, scale=0.3)
+    x = ref.seeded_normal(shape, 2, scale=0.3)
     caffe, _, _ = _compare(caffe_worker, tmp_path, text, {"x": x}, ["y"], "mvn")
     xd = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     rows = xd.reshape(2, -1)
     c = rows - rows.mean(1, keepdim=True)
     y = c / (c.pow(2).mean(1, keepdim=True).sqrt() + 0.5)
-    y.backward(torch.tensor(_normal(shape, 300), dtype=torch.float64).reshape(2, -1))
+    y.backward(torch.tensor(ref.seeded_normal(shape, 300), dtype=torch.float64).reshape(2, -1))
     assert ref.rel_err(xd.grad.numpy(), caffe["blob/x/diff"]) > 1e-2
 
 
@@ -137,7 +137,7 @@ def test_mvn_backward_is_caffes_formula_not_the_derivative(caffe_worker, tmp_pat
 def test_spp_matches_caffe(caffe_worker, tmp_path, pool, height, shape):
     text = _inputs_text({"x": shape}) + _layer("spp", "SPP", ["x"], ["y"],
                                                f"spp_param {{ pyramid_height: {height} pool: {pool} }}")
-    x = _ties(shape, 3, -2, 2) if pool == "MAX" else _normal(shape, 3)  # ties: Caffe's first maximum
+    x = _ties(shape, 3, -2, 2) if pool == "MAX" else ref.seeded_normal(shape, 3)  # ties: Caffe's first maximum
     family = ("exact" if height == 1 else "order") if pool == "MAX" else "sum"
     _compare(caffe_worker, tmp_path, text, {"x": x}, ["y"], family)
 
@@ -145,7 +145,7 @@ def test_spp_matches_caffe(caffe_worker, tmp_path, pool, height, shape):
 # ------------------------------------------------------------------------------------------ Embed
 
 def _embed_blobs(k, n, bias, seed=5):
-    blobs = [_normal((k, n), seed)] + ([_normal((n,), seed + 1)] if bias else [])
+    blobs = [ref.seeded_normal((k, n), seed)] + ([ref.seeded_normal((n,), seed + 1)] if bias else [])
     return [("embed", "Embed", blobs)]
 
 
@@ -166,11 +166,11 @@ def test_embed_backward_is_caffes_scatter():
     index = np.array([[0, 3, 1], [3, 3, 2]], np.float32)
     from porting.layers import build_layer
 
-    w, b = _normal((4, 5), 6), _normal((5,), 7)
+    w, b = ref.seeded_normal((4, 5), 6), ref.seeded_normal((5,), 7)
     layer = build_layer('top: "y" type: "Embed" embed_param { num_output: 5 input_dim: 4 }', [index.shape], [w, b])
     x = torch.tensor(index, requires_grad=True)
     (y,) = layer(x)
-    g = _normal((2, 3, 5), 8)
+    g = ref.seeded_normal((2, 3, 5), 8)
     y.backward(torch.tensor(g))
     want_w = np.zeros_like(w)
     for n, k in enumerate(index.reshape(-1).astype(int)):
@@ -189,15 +189,15 @@ def test_parameter_matches_caffe(caffe_worker, tmp_path):
     text = (_inputs_text({"x": shape}) + _layer("param", "Parameter", [], ["p"], "parameter_param { shape { "
                                                 "dim: 2 dim: 3 dim: 4 } }")
             + _layer("prod", "Eltwise", ["x", "p"], ["y"], "eltwise_param { operation: PROD }"))
-    blobs = [("param", "Parameter", [_normal(shape, 9)])]
-    caffe, net, out = _compare(caffe_worker, tmp_path, text, {"x": _normal(shape, 10)}, ["y"], "exact", blobs=blobs)
+    blobs = [("param", "Parameter", [ref.seeded_normal(shape, 9)])]
+    caffe, net, out = _compare(caffe_worker, tmp_path, text, {"x": ref.seeded_normal(shape, 10)}, ["y"], "exact", blobs=blobs)
     np.testing.assert_array_equal(out["p"].detach().numpy(), caffe["blob/p/data"])
     np.testing.assert_array_equal(caffe["param/param/0/diff"], caffe["blob/p/diff"])
 
 
 def test_parameter_alone_top_diff_is_blob_diff(caffe_worker, tmp_path):
     text = _layer("param", "Parameter", [], ["p"], "parameter_param { shape { dim: 3 dim: 2 } }")
-    _compare(caffe_worker, tmp_path, text, {}, ["p"], "exact", blobs=[("param", "Parameter", [_normal((3, 2), 11)])])
+    _compare(caffe_worker, tmp_path, text, {}, ["p"], "exact", blobs=[("param", "Parameter", [ref.seeded_normal((3, 2), 11)])])
 
 
 # ------------------------------------------------------------------------------------------ Im2col
@@ -217,7 +217,7 @@ IM2COL_CASES = [
 @pytest.mark.parametrize("shape,body", [pytest.param(s, b, id=i) for i, s, b in IM2COL_CASES])
 def test_im2col_matches_caffe(caffe_worker, tmp_path, shape, body):
     text = _inputs_text({"x": shape}) + _layer("cols", "Im2col", ["x"], ["y"], f"convolution_param {{ {body} }}")
-    _compare(caffe_worker, tmp_path, text, {"x": _normal(shape, 12)}, ["y"], "order")
+    _compare(caffe_worker, tmp_path, text, {"x": ref.seeded_normal(shape, 12)}, ["y"], "order")
 
 
 # ------------------------------------------------------------------------------------------ BatchReindex, Filter
@@ -226,16 +226,16 @@ def test_batch_reindex_forward_matches_caffe(caffe_worker, tmp_path):
     """Repeats, a left-out item and a non-integer index (Caffe truncates 2.5 to 2)."""
     text = _inputs_text({"x": (4, 3, 2), "p": (6,)}) + _layer("reindex", "BatchReindex", ["x", "p"], ["y"])
     p = np.array([3, 0, 0, 2.5, 1, 3], np.float32)
-    _compare(caffe_worker, tmp_path, text, {"x": _normal((4, 3, 2), 13), "p": p}, ["y"], "exact", backward=False)
+    _compare(caffe_worker, tmp_path, text, {"x": ref.seeded_normal((4, 3, 2), 13), "p": p}, ["y"], "exact", backward=False)
 
 
 def test_batch_reindex_backward_accumulates():
     from porting.layers import build_layer
 
     layer = build_layer('top: "y" type: "BatchReindex"', [(4, 3), (5,)])
-    x = torch.tensor(_normal((4, 3), 14), requires_grad=True)
+    x = torch.tensor(ref.seeded_normal((4, 3), 14), requires_grad=True)
     p = torch.tensor([3.0, 0.0, 0.0, 2.0, 3.0], requires_grad=True)
-    g = _normal((5, 3), 15)
+    g = ref.seeded_normal((5, 3), 15)
     layer(x, p)[0].backward(torch.tensor(g))
     want = np.zeros((4, 3), np.float32)  # Caffe: bot_diff[permut[n]] += top_diff[n], in order of n
     for n, k in enumerate([3, 0, 0, 2, 3]):
@@ -264,7 +264,7 @@ def test_filter_forward_matches_caffe(caffe_worker, tmp_path):
     text = _inputs_text({"x": (5, 3, 2), "z": (5, 2), "s": (5, 1)}) + \
         _layer("filter", "Filter", ["x", "z", "s"], ["fx", "fz"])
     s = np.array([[1], [0], [-2.5], [0], [1]], np.float32)
-    _, net, out = _compare(caffe_worker, tmp_path, text, {"x": _normal((5, 3, 2), 16), "z": _normal((5, 2), 17), "s": s},
+    _, net, out = _compare(caffe_worker, tmp_path, text, {"x": ref.seeded_normal((5, 3, 2), 16), "z": ref.seeded_normal((5, 2), 17), "s": s},
                            ["fx", "fz"], "exact", backward=False)
     assert net.graph.blob_shapes["fx"] == (5, 3, 2)  # declared: every item (Caffe's first Reshape)
     assert tuple(out["fx"].shape) == (3, 3, 2)  # at run time: the selected items
@@ -274,10 +274,10 @@ def test_filter_backward_scatters_and_empty_selection():
     from porting.layers import build_layer
 
     layer = build_layer('top: "a" type: "Filter"', [(4, 3), (4, 1)])
-    x = torch.tensor(_normal((4, 3), 18), requires_grad=True)
+    x = torch.tensor(ref.seeded_normal((4, 3), 18), requires_grad=True)
     s = torch.tensor([[0.0], [1.0], [0.0], [float("nan")]])  # NaN is nonzero in C++ too
     (y,) = layer(x, s)
-    g = _normal((2, 3), 19)
+    g = ref.seeded_normal((2, 3), 19)
     y.backward(torch.tensor(g))
     want = np.zeros((4, 3), np.float32)
     want[1], want[3] = g[0], g[1]
@@ -294,17 +294,17 @@ INDEX_BACKWARD = [
     ("embed", {"i": np.array([[0, 3, 1, 4], [4, 4, 2, 3.5]], np.float32)},
      _layer("embed", "Embed", ["i"], ["y"], "embed_param { num_output: 6 input_dim: 5 }")
      + _layer("scale", "Scale", ["y"], ["z"], "scale_param { axis: 2 } loss_weight: 1"),
-     [("embed", "Embed", [_normal((5, 6), 26), _normal((6,), 27)]), ("scale", "Scale", [_normal((6,), 28)])]),
+     [("embed", "Embed", [ref.seeded_normal((5, 6), 26), ref.seeded_normal((6,), 27)]), ("scale", "Scale", [ref.seeded_normal((6,), 28)])]),
     ("batch-reindex", {"p": np.array([3, 0, 0, 2.5, 1, 3], np.float32)},
      _layer("param", "Parameter", [], ["d"], "parameter_param { shape { dim: 4 dim: 3 dim: 2 } }")
      + _layer("reindex", "BatchReindex", ["d", "p"], ["y"])
      + _layer("scale", "Scale", ["y"], ["z"], "scale_param { axis: 1 num_axes: 2 } loss_weight: 1"),
-     [("param", "Parameter", [_normal((4, 3, 2), 29)]), ("scale", "Scale", [_normal((3, 2), 30)])]),
+     [("param", "Parameter", [ref.seeded_normal((4, 3, 2), 29)]), ("scale", "Scale", [ref.seeded_normal((3, 2), 30)])]),
     ("filter", {"s": np.array([[1], [0], [-2.5], [0], [1]], np.float32)},
      _layer("param", "Parameter", [], ["d"], "parameter_param { shape { dim: 5 dim: 3 dim: 2 } }")
      + _layer("filter", "Filter", ["d", "s"], ["y"])
      + _layer("scale", "Scale", ["y"], ["z"], "scale_param { axis: 1 num_axes: 2 } loss_weight: 1"),
-     [("param", "Parameter", [_normal((5, 3, 2), 31)]), ("scale", "Scale", [_normal((3, 2), 32)])]),
+     [("param", "Parameter", [ref.seeded_normal((5, 3, 2), 31)]), ("scale", "Scale", [ref.seeded_normal((3, 2), 32)])]),
 ]
 
 
@@ -341,8 +341,8 @@ def test_caffe_refuses_to_backpropagate_to_indices(caffe_worker, tmp_path, type_
     layers abort; the port gives the index bottom no gradient."""
     from porting.legacy_worker import CaffeError
 
-    inputs = {**inputs, "x": _normal((2, 3), 20)} if "x" in text else inputs
-    blobs = [("embed", "Embed", [_normal((3, 2), 21), _normal((2,), 22)])] if type_ == "Embed" else None
+    inputs = {**inputs, "x": ref.seeded_normal((2, 3), 20)} if "x" in text else inputs
+    blobs = [("embed", "Embed", [ref.seeded_normal((3, 2), 21), ref.seeded_normal((2,), 22)])] if type_ == "Embed" else None
     prototxt = tmp_path / "net.prototxt"
     prototxt.write_text(_inputs_text({k: v.shape for k, v in inputs.items()}) + text)
     caffemodel = None
@@ -351,7 +351,7 @@ def test_caffe_refuses_to_backpropagate_to_indices(caffe_worker, tmp_path, type_
         write_caffemodel(caffemodel, blobs)
     shape = load_caffe(prototxt, caffemodel).graph.blob_shapes["y"]
     with pytest.raises(CaffeError, match="(?i)backprop"):
-        caffe_worker.run_net(prototxt, caffemodel, inputs=inputs, top_diffs={"y": _normal(shape, 23)})
+        caffe_worker.run_net(prototxt, caffemodel, inputs=inputs, top_diffs={"y": ref.seeded_normal(shape, 23)})
 
 
 # ------------------------------------------------------------------------------------------ HDF5Output
@@ -366,12 +366,12 @@ def test_hdf5_output_is_a_sink_that_writes_nothing(caffe_worker, tmp_path):
     net_text = (_inputs_text({"x": (2, 3, 4), "label": (2, 1)})
                 + _layer("clip", "Clip", ["x"], ["y"], "clip_param { min: -0.5 max: 0.5 }"))
     sink = _layer("out", "HDF5Output", ["x", "label"], [], f'hdf5_output_param {{ file_name: "{target}" }}')
-    inputs = {"x": _normal((2, 3, 4), 24), "label": _normal((2, 1), 25)}
+    inputs = {"x": ref.seeded_normal((2, 3, 4), 24), "label": ref.seeded_normal((2, 1), 25)}
     caffe, _, _ = _compare(caffe_worker, tmp_path, net_text, inputs, ["y"], "exact", grad_inputs=["x"])
     port = load_caffe_text(tmp_path, net_text + sink)
     x = torch.tensor(inputs["x"], requires_grad=True)
     out = port(x=x, label=torch.tensor(inputs["label"]))
-    out["y"].backward(torch.tensor(_normal((2, 3, 4), 300)))
+    out["y"].backward(torch.tensor(ref.seeded_normal((2, 3, 4), 300)))
     np.testing.assert_array_equal(out["y"].detach().numpy(), caffe["blob/y/data"])
     np.testing.assert_array_equal(x.grad.numpy(), caffe["blob/x/diff"])
     assert not target.exists()
