@@ -7,38 +7,11 @@ from PIL import Image
 
 from mfv.cli import main
 from mfv.files import truncating_uint8
-
-SMALL = """
-name: "small"
-input: "data"
-input_dim: 1
-input_dim: 3
-input_dim: 24
-input_dim: 24
-force_backward: true
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-        convolution_param { num_output: 4 kernel_size: 5 stride: 3 } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "fc7" type: "InnerProduct" bottom: "conv1" top: "fc7" inner_product_param { num_output: 8 } }
-layer { name: "relu7" type: "ReLU" bottom: "fc7" top: "fc7" }
-layer { name: "fc8" type: "InnerProduct" bottom: "fc7" top: "fc8" inner_product_param { num_output: 6 } }
-layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
-"""
-
+from mfv_nets import write_small_net
 
 @pytest.fixture
 def small_net(tmp_path):
-    from porting.write import write_caffemodel
-
-    prototxt = tmp_path / "small.prototxt"
-    prototxt.write_text(SMALL)
-    rng = np.random.RandomState(0)
-    shapes = {"conv1": [(4, 3, 5, 5), (4,)], "fc7": [(8, 4 * 7 * 7), (8,)], "fc8": [(6, 8), (6,)]}
-    layers = [(name, "Convolution" if name == "conv1" else "InnerProduct",
-               [rng.normal(0, 0.05, s).astype(np.float32) for s in blob_shapes]) for name, blob_shapes in shapes.items()]
-    caffemodel = tmp_path / "small.caffemodel"
-    write_caffemodel(caffemodel, layers)
-    return prototxt, caffemodel
+    return write_small_net(tmp_path)
 
 
 def test_facet_from_a_mean_image(small_net, tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ from torch import nn
 
 from mfv.preprocess import CAFFENET, Preprocessing
 from mfv.step import FacetNet, central_mask, gradient_step
+from mfv_nets import SMALL
 
 SIZE = 12
 
@@ -115,22 +116,6 @@ def test_caffe_conv_objective_is_the_pre_relu_unit_at_xy(tmp_path):
     assert result.best_unit == int(np.argmax(conv))
 
 
-SMALL = """
-name: "small"
-input: "data"
-input_dim: 1
-input_dim: 3
-input_dim: 24
-input_dim: 24
-force_backward: true
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-        convolution_param { num_output: 4 kernel_size: 5 stride: 3 } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "fc7" type: "InnerProduct" bottom: "conv1" top: "fc7" inner_product_param { num_output: 8 } }
-layer { name: "relu7" type: "ReLU" bottom: "fc7" top: "fc7" }
-layer { name: "fc8" type: "InnerProduct" bottom: "fc7" top: "fc8" inner_product_param { num_output: 6 } }
-layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
-"""
 
 
 @pytest.mark.caffe

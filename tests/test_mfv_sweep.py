@@ -21,7 +21,7 @@ from mfv import schedule
 from mfv.cli import main
 from mfv.sweep import KILL_ONCE_ENV, Model, Settings, find_units, run_sweep
 from porting.errors import PortingError
-from test_mfv_cli import SMALL
+from mfv_nets import write_small_net
 
 ITERATIONS = 3
 FACET_FILES = ("facet_{f}.png", "facet_{f}.npy", "facet_{f}_trace.json", "facet_{f}_snapshots.npz",
@@ -31,17 +31,8 @@ FACET_FILES = ("facet_{f}.png", "facet_{f}.npy", "facet_{f}_trace.json", "facet_
 def write_inputs(folder: Path, units=(0, 1, 2), facets: int = 2) -> dict:
     """A small net (24 x 24 input, 6 fc8 units, seeded weights) and a means root with one
     numbered folder per unit holding mean_0.png ... (random 26 x 26 images)."""
-    from porting.write import write_caffemodel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    prototxt = folder / "small.prototxt"
-    prototxt.write_text(SMALL)
-    rng = np.random.RandomState(0)
-    shapes = {"conv1": [(4, 3, 5, 5), (4,)], "fc7": [(8, 4 * 7 * 7), (8,)], "fc8": [(6, 8), (6,)]}
-    caffemodel = folder / "small.caffemodel"
-    write_caffemodel(caffemodel, [(name, "Convolution" if name == "conv1" else "InnerProduct",
-                                   [rng.normal(0, 0.05, s).astype(np.float32) for s in blob_shapes])
-                                  for name, blob_shapes in shapes.items()])
+    prototxt, caffemodel = write_small_net(folder)
+    rng = np.random.RandomState(1)
     root = folder / "means"
     for unit in units:
         (root / str(unit)).mkdir(parents=True, exist_ok=True)
