@@ -6,8 +6,9 @@ bound (``forward_bound``/``backward_bound``: any order of the same terms) of the
 layer, on inputs of a wide dynamic range; so do real Caffe's on the same layers; CaffeNet
 with both Caffe-like paths passes ``porting.verify`` against Caffe. The blocked inner
 product is shown to sum by blocks on a sum built so that one long chain loses what blocks
-keep (the bound of the block structure, not a measured margin). Accuracy figures against
-Caffe on MFV crops: benchmarks/bench_conv_accuracy.py.
+keep (the bound of the block structure, not a measured margin). MFV's FacetNet.from_caffe
+blocks the inner products. Accuracy figures against Caffe on MFV crops:
+benchmarks/bench_conv_accuracy.py.
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ def _one_layer(tmp_path, text, shape, blob_shapes):
     prototxt.write_text(f'name: "one"\nlayer {{ name: "input" type: "Input" top: "x" input_param {{ shape {{ {dims} '
                         f'}} }} }}\nlayer {{ name: "under_test" bottom: "x" top: "t" {text} }}\n')
     caffemodel = tmp_path / "one.caffemodel"
-    write_caffemodel(caffemodel, [("under_test", text.split('"')[1], [_w(s, 10 + i) for i, s in enumerate(blob_shapes)])])
+    blobs = [_w(s, 10 + i) for i, s in enumerate(blob_shapes)]
+    write_caffemodel(caffemodel, [("under_test", text.split('"')[1], blobs)])
     return prototxt, caffemodel
 
 
@@ -178,19 +180,21 @@ def test_paths_and_caffe_within_rounding_bound(caffe_worker, tmp_path, case):
     assert all(f <= 1 and b <= 1 for f, b in ratios.values()), ratios
 
 
-def test_caffenet_with_caffe_paths_verifies(caffe_worker, caffe_weights):
+@pytest.mark.parametrize("paths", [("torch", "blocked"), ("im2col", "blocked")], ids=["mfv", "caffe-like"])
+def test_caffenet_with_caffe_paths_verifies(caffe_worker, caffe_weights, paths):
     """CaffeNet (Caffe's Xavier weights) on an MFV-like start (noise around grey 175) with
-    both Caffe-like paths: porting.verify against Caffe passes, every layer of both within
-    its float32 bound or its flips classified."""
+    MFV's paths and with both Caffe-like ones: porting.verify against Caffe passes, every
+    layer of both within its float32 bound or its flips classified."""
     from porting.verify import Objective, verify_port
 
     prototxt = Path(__file__).resolve().parents[1] / "porting" / "models" / "caffenet.prototxt"
     caffemodel = caffe_weights(prototxt, filler="xavier")
-    net = set_inner_product_path(set_conv_path(load_caffe(prototxt, caffemodel), "im2col"), "blocked")
+    net = set_inner_product_path(set_conv_path(load_caffe(prototxt, caffemodel), paths[0]), paths[1])
     rgb = np.random.RandomState(1).normal(175, 8, (227, 227, 3))
     x = (rgb[:, :, ::-1].transpose(2, 0, 1) - np.array([104.0, 117.0, 123.0])[:, None, None])[None].astype(np.float32)
     objective = Objective("fc8", 498, "fc8")
-    reference = caffe_worker.run_net(prototxt, caffemodel, inputs={"data": x}, top_diffs={"fc8": objective.seed((1, 1000))})
+    reference = caffe_worker.run_net(prototxt, caffemodel, inputs={"data": x},
+                                     top_diffs={"fc8": objective.seed((1, 1000))})
     verification, _ = verify_port(net, reference, {"data": x}, objective, names=("caffe", "port"))
     assert verification.passed, verification.summary
 

@@ -3,8 +3,9 @@
 Forward and backward (bottom, weight and bias diffs; Caffe's backward is the exact
 derivative here) in float64 and float32, on each arithmetic path: "torch" (F.conv*d,
 F.linear) and Caffe's (Convolution "im2col", InnerProduct "blocked"; see
-porting.layers.convolution.set_conv_path, porting.layers.inner_product.set_inner_product_path). Errors are relative to the larger of max |ref| and
-the same sums over absolute values (numpy_ref.rel_err), the scale rounding works on.
+porting.layers.convolution.set_conv_path, porting.layers.inner_product.set_inner_product_path).
+Errors are relative to the larger of max |ref| and the same sums over absolute values
+(numpy_ref.rel_err), the scale rounding works on.
 Tolerances: float64 1e-10 (measured max 3.3e-16; a semantic slip shows as >= 1e-3);
 float32 from the measured maxima of two LAYER_EXAMPLES=1000 runs with LAYER_ERRORS_LOG
 (about 7000 comparisons per test), times ~3.
