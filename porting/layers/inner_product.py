@@ -25,7 +25,8 @@ def set_inner_product_path(module, path: str):
     (``blocked_linear``): dx sums ``BLOCK`` outputs at a time, one matrix product per block,
     then adds the partial sums (1.7e-7; the same products). Either path's top is a sum of
     the same K + 1 terms and its dx of the same N terms, in some order: ``forward_bound`` and
-    ``backward_bound`` hold for both.
+    ``backward_bound`` hold for both. Meant for small batches (MFV): the blocks' partial
+    input gradients are held at once, N / BLOCK times the input (32x for fc6).
     Measured in benchmarks/bench_conv_accuracy.py."""
     if path not in INNER_PRODUCT_PATHS:
         raise ValueError(f"inner product path must be one of {', '.join(INNER_PRODUCT_PATHS)}, not {path!r}")
