@@ -20,11 +20,11 @@ Every problem is a ``PortingError`` naming the option (or the file) in one line.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from porting.errors import PortingError, shown
+from porting.files import read_json
 from porting.verify.foreign import parse_triple
 
 from mfv.preprocess import Preprocessing
@@ -70,17 +70,7 @@ def parse_preprocessing(text: str) -> Preprocessing:
 def read_preprocessing(path) -> Preprocessing:
     """The JSON form (see the module's docstring); a PortingError naming the file and key."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(JSON_LIMIT + 1)
-    except OSError as err:
-        raise PortingError(f"cannot read: {err.strerror or err}", path) from None
-    if len(data) > JSON_LIMIT:
-        raise PortingError(f"larger than {JSON_LIMIT} bytes", path)
-    try:
-        spec = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise PortingError(f"not JSON: {shown(err, 120)}", path) from None
+    spec = read_json(path, JSON_LIMIT)
     if not isinstance(spec, dict):
         raise PortingError("expected a JSON object", path)
     unknown = sorted(set(spec) - set(JSON_KEYS))

@@ -77,6 +77,26 @@ def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
         shutil.copyfile(source, tmp)
 
 
+def read_json(path: str | os.PathLike, limit: int = 1 << 20):
+    """A small JSON file (at most ``limit`` bytes, read no further) as Python values; a
+    PortingError naming the file when it cannot be read, is larger, or is not UTF-8 JSON."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise PortingError(f"cannot read: {err.strerror or err}", path) from None
+    if len(data) > limit:
+        raise PortingError(f"larger than {limit} bytes", path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise PortingError(f"not JSON: not UTF-8 text (byte {err.start})", path) from None
+    except json.JSONDecodeError as err:
+        raise PortingError(f"not JSON: {err.msg}", path, f"line {err.lineno}") from None
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
     """Hex digest of a file's bytes, read in chunks (``algorithm``: any hashlib name)."""
     digest = hashlib.new(algorithm)

@@ -37,11 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from porting.errors import PortingError
-from porting.files import write_atomic
+from porting.files import read_json, write_atomic
 from porting.verify import EXACT, Verification, top_classes, top_key
 
 SCHEMA = "caffe-port-harness/drift-report"
 SCHEMA_VERSION = 2
+REPORT_LIMIT = 1 << 28   # bytes: the largest report.json read back
 
 ROUNDING_RULE = (
     "A framework is within float32 rounding at a layer when, fed its own inputs to that layer, "
@@ -222,14 +223,7 @@ def dumps(report: dict) -> str:
 
 def load_report(path: str | os.PathLike) -> dict:
     """Read a report.json; PortingError unless it is one (schema and version checked)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise PortingError(f"cannot read report: {err.strerror}", path) from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PortingError(f"not JSON: {err.msg}", path, f"line {err.lineno}") from None
+    obj = read_json(path, REPORT_LIMIT)
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
         raise PortingError(f"not a drift report (schema is not {SCHEMA!r})", path)
     if obj.get("schema_version") != SCHEMA_VERSION:

@@ -12,12 +12,12 @@ are not here: the arithmetic is ``porting.rounding``, each type's rule its layer
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
 from porting.errors import PortingError
+from porting.files import read_json
 # Transitional re-exports for porting.verify (see the end of this file).
 
 
@@ -131,13 +131,7 @@ def parse_tolerances(spec: str | os.PathLike | None, known_types=None,
         return base
     text = str(spec)
     if text.lower().endswith(".json") or (os.path.sep in text and "=" not in text):
-        try:
-            with open(text, encoding="utf-8") as f:
-                obj = json.load(f)
-        except OSError as err:
-            raise PortingError(f"cannot read tolerance file: {err.strerror}", text) from None
-        except json.JSONDecodeError as err:
-            raise PortingError(f"not JSON: {err.msg}", text, f"line {err.lineno}") from None
+        obj = read_json(text)
         if not isinstance(obj, dict):
             raise PortingError("expected a JSON object of layer type -> number", text)
         rules = obj.get("rules", obj) if isinstance(obj.get("rules"), dict) else obj

@@ -190,7 +190,7 @@ def test_json_input_convention(small, port, tmp_path, option):
     ('{"mean": [1, 2, NaN]}', "in.json: mean: expected a list of three numbers"),
     ('{"scale": 1}', "in.json: scale: unknown key"),
     ('[1]', "in.json: expected a JSON object"),
-    ('{"mean": ', "in.json: not JSON"),
+    ('{"mean": ', "in.json: line 1: not JSON"),
 ])
 def test_bad_json_input_convention_exit_2(small, port, tmp_path, capsys, content, expected):
     (tmp_path / "in.json").write_text(content)

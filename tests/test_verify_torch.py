@@ -240,7 +240,7 @@ def test_torchvision_convention_passes(small, port, tmp_path):
     ('{"conv1": ["0", 3]}', [], "map.json: conv1: 0 produced no tensor output 3 on call 0"),
     ('{"conv1": {"module": "0", "output": -1}}', [], "map.json: conv1: output and call must be integers >= 0"),
     ('["conv1"]', [], "map.json: expected a JSON object"),
-    ('{"conv1": ', [], "map.json: not JSON"),
+    ('{"conv1": ', [], "map.json: line 1: not JSON"),
     ('{}', ["--torch-mean", "1,2,3"], "--torch-mean, --torch-std and --caffe-mean are taken only with"),
     ('{}', ["--torch-input", "rgb01", "--torch-std", "1,0,1"], "--torch-std: expected three positive numbers"),
 ])

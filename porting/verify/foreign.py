@@ -39,6 +39,7 @@ import torch
 
 from porting.cli_verify import IMAGENET_MEAN_BGR  # the mean verify subtracts from images
 from porting.errors import PortingError, shown
+from porting.files import read_json
 from porting.verify.keys import NetValues, Value, blob_key
 
 LOOSE = 1e-2        # auto_map: values agree when max |a - b| <= LOOSE * max |Caffe's|
@@ -151,15 +152,7 @@ def read_convention(path) -> InputConvention:
     0-255, the mean Caffe's input has had subtracted (default 104, 117, 123)}. RGB in [0, 1]
     is ``rgb01``; anything else ``custom``. Any other key or value: PortingError, one line."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAP_LIMIT:
-            raise PortingError(f"{size} bytes; an input convention is at most {MAP_LIMIT}", path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PortingError(f"cannot read ({err.strerror or err})", path) from None
-    except (UnicodeDecodeError, ValueError) as err:
-        raise PortingError(f"not JSON ({shown(err, 120)})", path) from None
+    data = read_json(path, MAP_LIMIT)
     if not isinstance(data, dict):
         raise PortingError(f"expected a JSON object with keys among {', '.join(CONVENTION_KEYS)}", path)
     unknown = sorted(set(data) - set(CONVENTION_KEYS))
@@ -772,15 +765,7 @@ def auto_map(values: NetValues, caffe: Mapping, outputs: list[Output]) -> list[M
 def read_map(path) -> dict:
     """A --map file: JSON object, Caffe name -> "module.path" | [path, output] | {"module", "output", "call"}."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAP_LIMIT:
-            raise PortingError(f"{size} bytes; a map is at most {MAP_LIMIT}", path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PortingError(f"cannot read ({err.strerror or err})", path) from None
-    except (UnicodeDecodeError, ValueError) as err:
-        raise PortingError(f"not JSON ({shown(err, 120)})", path) from None
+    data = read_json(path, MAP_LIMIT)
     if not isinstance(data, dict):
         raise PortingError("expected a JSON object: Caffe blob or layer name -> module path and output", path)
     return data
