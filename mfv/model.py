@@ -1,7 +1,7 @@
 """Any torch module as MFV's net: ``--model`` and ``--preprocessing``.
 
 ``--model package.module:FACTORY`` or ``FILE.py:FACTORY`` names a callable returning an
-``nn.Module`` with its weights loaded (loaded by ``porting.verify.foreign.load_module``,
+``nn.Module`` with its weights loaded (loaded by ``porting.verify.recording.load_module``,
 as ``porting verify --torch`` loads one: it runs the user's own code, named by them).
 Its layers are submodule names (``--layer``; "" for the module's output).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from porting.errors import PortingError, shown
 from porting.files import read_json
-from porting.verify.foreign import parse_triple
+from porting.verify.convention import parse_triple
 
 from mfv.preprocess import Preprocessing
 
@@ -102,8 +102,8 @@ def read_preprocessing(path) -> Preprocessing:
 
 
 def load_model(spec: str, preprocessing: Preprocessing):
-    """``FACTORY()`` of ``spec`` (see ``porting.verify.foreign.load_module``) as a ``FacetNet``."""
-    from porting.verify.foreign import load_module
+    """``FACTORY()`` of ``spec`` (see ``porting.verify.recording.load_module``) as a ``FacetNet``."""
+    from porting.verify.recording import load_module
 
     from mfv.step import FacetNet
 

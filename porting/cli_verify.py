@@ -310,7 +310,9 @@ def _verify_command(args) -> int:
 
 def _foreign_from_args(args):
     """The --torch (or --onnx) module and its options (a porting.verify.foreign.Foreign), or None."""
-    from porting.verify.foreign import Foreign, convention_from_options, load_module, load_onnx, read_map
+    from porting.verify.convention import convention_from_options
+    from porting.verify.foreign import Foreign, read_map
+    from porting.verify.recording import load_module, load_onnx
 
     if args.torch is not None and args.onnx is not None:
         raise PortingError("--torch and --onnx: give one model to verify")

@@ -31,13 +31,13 @@ def assert_matches_caffe(module, golden, mapping=None, torch_input=None, torch_m
     ``module``: an ``nn.Module`` with its weights loaded (put in eval mode for the check,
     its modes restored after), or a file or spec as ``porting verify --torch`` takes it
     (``FILE.py:FACTORY``, ``package.module:FACTORY``, ``FILE.pt2``, a TorchScript file,
-    ``FILE.onnx``: porting.verify.foreign.load_module). ``golden``: a golden
+    ``FILE.onnx``: porting.verify.recording.load_module). ``golden``: a golden
     file of ``porting reference dump``. ``mapping``: Caffe layer or blob name -> module
     path, a dict or a map.json path as ``--map`` takes (None: found automatically).
     ``torch_input`` "bgr255" (Caffe's input, the default), a convention FILE.json, or "rgb01"
     with ``torch_mean``, ``torch_std`` (RGB, [0, 1] units) and ``caffe_mean`` (BGR, 0-255),
     each "a,b,c" or three numbers, as ``--torch-input``/``--torch-mean``/``--torch-std``/
-    ``--caffe-mean`` take them (porting.verify.foreign.convention_from_options).
+    ``--caffe-mean`` take them (porting.verify.convention.convention_from_options).
     ``prototxt``/``caffemodel``: the files the golden file was dumped from (default: the
     names it records, in its folder). ``tolerance``/``strict``: as verify's.
 
@@ -62,7 +62,8 @@ def verify_module(module, golden, mapping=None, torch_input=None, torch_mean=Non
     from porting.cli_verify import plan_from_golden
     from porting.layers import LAYERS
     from porting.tolerances import parse_tolerances
-    from porting.verify.foreign import Foreign, convention_from_options, read_map
+    from porting.verify.convention import convention_from_options
+    from porting.verify.foreign import Foreign, read_map
     from porting.verify.reference import read_golden
 
     if not isinstance(module, (str, os.PathLike, torch.nn.Module)):

@@ -26,7 +26,7 @@ import torch
 
 from porting.errors import PortingError
 from porting.testing import assert_matches_caffe, diagnosis_text, verify_module
-from porting.verify.foreign import load_module
+from porting.verify.recording import load_module
 from test_verify_torch import EXPECTED, FIXTURE, TORCHVISION, small  # noqa: F401 (small: the golden fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

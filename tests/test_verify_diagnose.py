@@ -271,7 +271,7 @@ def test_report_shows_the_diagnosis(diag, monkeypatch, tmp_path, capsys):
 def test_input_convention_found_and_its_options_pass(diag, plan, monkeypatch):
     """A torchvision-style port verified as if it took Caffe's input: the diagnosis fits a * x + b
     per channel and spells the --torch-input options; with them the same port passes."""
-    from porting.verify.foreign import convention_from_options
+    from porting.verify.convention import convention_from_options
 
     verification = _verification(diag, plan, monkeypatch, "torchvision")
     diagnosis = verification.diagnosis
@@ -315,7 +315,7 @@ def _saved(tmp_path, monkeypatch, weights, bug, fmt) -> tuple[str, Path]:
     into conv2, which would leave conv2 without a counterpart)."""
     import warnings
 
-    from porting.verify.foreign import load_module
+    from porting.verify.recording import load_module
 
     monkeypatch.setenv("FOREIGN_CAFFENET_WEIGHTS", str(weights))
     monkeypatch.setenv("FOREIGN_CAFFENET_BUG", bug)

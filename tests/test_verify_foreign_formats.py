@@ -35,7 +35,7 @@ ONNX_EXPECTED = {"conv1": "/0/Conv", "relu1": "/1/Relu", "pool1": "/2/MaxPool", 
 
 
 def _module(factory="caffenet"):
-    from porting.verify.foreign import load_module
+    from porting.verify.recording import load_module
 
     return load_module(f"{FIXTURE}:{factory}")
 

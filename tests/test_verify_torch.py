@@ -93,7 +93,7 @@ def _exported(tmp_path) -> Path:
     """The fixture's port (as the environment sets it) through torch.export, saved as .pt2."""
     import torch
 
-    from porting.verify.foreign import load_module
+    from porting.verify.recording import load_module
 
     module = load_module(f"{FIXTURE}:caffenet")
     path = tmp_path / "port.pt2"
