@@ -75,7 +75,7 @@ class Settings:
     variant: str = "mean"
     mode: str = "faithful"
     iterations: int | None = None     # stop each facet after N iterations (quick runs); None: the schedule
-    seed: int = 0                     # every facet's seed
+    seed: int = 1                     # every facet's seed (1: the authors' opt_from_mean.sh)
     snapshot_every: int = 0           # trace arrays every N iterations (0: none)
 
 
