@@ -72,8 +72,21 @@ def _load_net(args):
     return net
 
 
+def check_units(net, layer: str, units, place: str) -> None:
+    """PortingError (at ``place``) unless every unit is a channel of ``layer``'s output."""
+    import torch
+
+    height, width = net.preprocessing.input_size
+    with torch.no_grad():
+        count = net.layer_output(torch.zeros((1, 3, height, width), device=net.device), layer).shape[1]
+    bad = [u for u in units if not 0 <= u < count]
+    if bad:
+        raise PortingError(f"unit {bad[0]} is out of range: {layer} has {count} units", place=place)
+
+
 def _means(args) -> int:
-    from mfv.means import class_images, class_means, facet_means, list_classes, torch_device
+    from mfv.device import torch_device
+    from mfv.means import class_images, class_means, facet_means, list_classes
 
     device = torch_device(args.device)
     if args.classes_root is None:
@@ -147,15 +160,13 @@ def _facet(args) -> int:
 def _facets(args) -> int:
     import time
 
-    import torch
-
     from mfv import schedule
     from mfv.batch import load_means, parse_units, run_facets
+    from mfv.device import torch_device
     from mfv.loop import save_facet
 
     units = parse_units(args.units) if args.units is not None else [args.unit]
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise PortingError("no CUDA device is available to torch", place="--device cuda")
+    torch_device(args.device)
     if args.iterations is not None and args.iterations < 1:
         raise PortingError(f"--iterations must be at least 1, not {args.iterations}")
     if args.units_per_batch < 1:
@@ -170,12 +181,7 @@ def _facets(args) -> int:
             raise PortingError(f"mean image is {rgb.shape[1]}x{rgb.shape[0]}, smaller than the net's "
                                f"{width}x{height} input", path)
     net.module.to(args.device)
-    with torch.no_grad():
-        count = net.layer_output(torch.zeros((1, 3, height, width), device=net.device), args.layer).shape[1]
-    bad = [u for u in units if not 0 <= u < count]
-    if bad:
-        raise PortingError(f"unit {bad[0]} is out of range: {args.layer} has {count} units",
-                           place="--units" if args.units is not None else "--unit")
+    check_units(net, args.layer, units, "--units" if args.units is not None else "--unit")
     names = f"{means[0][0].name}..{means[-1][0].name}" if len(means) > 1 else means[0][0].name
     for first in range(0, len(units), args.units_per_batch):
         group = units[first:first + args.units_per_batch]

@@ -14,11 +14,10 @@ from porting.errors import PortingError
 def _sweep(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from mfv import schedule
-    from mfv.cli import _load_net
     from mfv.batch import parse_units
+    from mfv.cli import _load_net, check_units
+    from mfv.device import torch_device
     from mfv.sweep import Model, Settings, find_units, run_sweep
 
     if args.model is not None:
@@ -33,22 +32,11 @@ def _sweep(args) -> int:
     if args.gpus_per_task < 0 or args.cpus_per_task <= 0:
         raise PortingError("--gpus-per-task must be at least 0 and --cpus-per-task above 0")
     if args.gpus_per_task == 0:   # the net runs on --device, here or on CPU workers
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise PortingError(f"not a torch device: {args.device!r}", place="--device") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise PortingError("no CUDA device is available to torch", place=f"--device {args.device}")
+        torch_device(args.device)
     units = find_units(args.means_root, parse_units(args.units), args.facets, args.synsets)
     # the model is read here once, so a bad file is exit 2 before any worker starts
     args.octave_layers = sorted({o.layer for o in schedule.MEAN_OCTAVES if o.layer})
-    net = _load_net(args)
-    height, width = net.preprocessing.input_size
-    with torch.no_grad():
-        count = net.layer_output(torch.zeros((1, 3, height, width)), args.layer).shape[1]
-    bad = [u.unit for u in units if u.unit >= count]
-    if bad:
-        raise PortingError(f"unit {bad[0]} is out of range: {args.layer} has {count} units", place="--units")
+    check_units(_load_net(args), args.layer, [u.unit for u in units], "--units")
     device = "cuda" if args.gpus_per_task > 0 else args.device
     model = Model(str(Path(args.prototxt).resolve()),
                   str(Path(args.caffemodel).resolve()) if args.caffemodel else None, tuple(args.mean), device)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from porting.errors import PortingError
+
 THREAD_CAP = 16
 
 
@@ -30,6 +32,17 @@ def available_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, cores)
+
+
+def torch_device(device: str) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:1", ...) checked: a bad name or CUDA missing is an error."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise PortingError(f"not a torch device ({err})", place="--device") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise PortingError("no CUDA device is available to torch", place=f"--device {device}")
+    return where
 
 
 def default_threads() -> int:

@@ -548,14 +548,3 @@ def class_means(net: FacetNet, classes: list[tuple[ClassFolder, list[Path]]], ou
     finally:
         bar.close()
     return result
-
-
-def torch_device(device: str) -> torch.device:
-    """``device`` ("cpu", "cuda", "cuda:1", ...) checked: a bad name or CUDA missing is an error."""
-    try:
-        where = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise PortingError(f"not a torch device ({err})", place="--device") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise PortingError("no CUDA device is available to torch", place=f"--device {device}")
-    return where
