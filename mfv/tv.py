@@ -216,64 +216,103 @@ def denoise_tv_bregman_0131_numpy(image, weight, max_iter=100, eps=1e-3, padding
 
 
 def _padded_torch(images, padding):
-    """(rows+2, cols+2, K) from (rows, cols, K): image inside, the ring, zero corners."""
-    rows, cols, k = images.shape
-    u = images.new_zeros((rows + 2, cols + 2, k))
-    u[1:-1, 1:-1] = images
-    u[0, 1:-1] = images[1, :]
-    u[1:-1, 0] = images[:, 1]
+    """(..., rows+2, cols+2, K) from (..., rows, cols, K): image inside, the ring, zero corners."""
+    rows, cols, k = images.shape[-3:]
+    u = images.new_zeros(images.shape[:-3] + (rows + 2, cols + 2, k))
+    u[..., 1:-1, 1:-1, :] = images
+    u[..., 0, 1:-1, :] = images[..., 1, :, :]
+    u[..., 1:-1, 0, :] = images[..., :, 1, :]
     last = -2 if padding == "reflect" else -1
-    u[-1, 1:-1] = images[last, :]
-    u[1:-1, -1] = images[:, last]
+    u[..., -1, 1:-1, :] = images[..., last, :, :]
+    u[..., 1:-1, -1, :] = images[..., :, last, :]
     return u
 
 
-# One Gauss-Seidel sweep of 0.13.1's isotropic loop, written as its Cython is, with the
-# (image, channel) planes interleaved on the innermost axis so the compiler vectorises
-# across them. Compiled without contraction into fused multiply-add (-ffp-contract=off)
-# and without fast-math, every value is the Cython loop's own IEEE arithmetic (SIMD
-# sqrt and division are correctly rounded too): the sweep is bit for bit 0.13.1's.
+# 0.13.1's isotropic loop, whole (sweeps and stopping test), written as its Cython is, for
+# a group of images laid out as ``blocks`` x (rows+2) x (cols+2) x ``lanes``: the lanes
+# of a pixel are innermost so the compiler vectorises across them. Two layouts (chosen
+# by _denoise_fused): images as lanes and planes as blocks, or one block with every
+# (image, plane) as a lane. Compiled without contraction into fused multiply-add
+# (-ffp-contract=off) and without fast-math, every value is the Cython loop's own IEEE
+# arithmetic (SIMD sqrt and division are correctly rounded too): u is 0.13.1's bit for
+# bit. A lane's squared changes are summed in its own running sum, in the Cython loop's
+# order; an image's sum of a sweep is its lanes' sums added in plane order, so with
+# images as lanes (one lane an image, its planes one block after another) the sum is
+# 0.13.1's running sum itself, bit for bit, and so is its stopping test.
 _SWEEP_C = r"""
+#include <float.h>
 #include <math.h>
 #ifdef MFV_CLONES
 __attribute__((target_clones("avx2", "default")))   /* AVX2 where the CPU has it: 4 doubles a step */
 #endif
-void tv_sweep(double *restrict u, double *restrict dx, double *restrict dy,
-              double *restrict bx, double *restrict by, const double *restrict image,
-              const double *restrict lam, const double *restrict weight,
-              const double *restrict norm, const double *restrict keep,
-              double *restrict sq, long rows, long cols, long K, long k0, long k1)
+void tv_denoise(double *restrict u, double *restrict dx, double *restrict dy,
+                double *restrict bx, double *restrict by, const double *restrict image,
+                const double *restrict weight, const long *restrict owner, long images,
+                long blocks, long rows, long cols, long L, long total, long max_iter,
+                double eps, long *restrict sweeps)
 {
-    /* planes k0 <= k < k1 of K; u, dx, dy, bx, by: (rows+2) x (cols+2) x K; image:
-       rows x cols x K; keep[k] 1 (sweep) or 0 (u stays); sq[k]: sum of squared changes */
-    const long W = (cols + 2) * K;
-    for (long k = k0; k < k1; k++) sq[k] = 0.0;
-    for (long r = 1; r <= rows; r++) {
-        for (long c = 1; c <= cols; c++) {
-            const long i = r * W + c * K;
-            const double *img = image + ((r - 1) * cols + (c - 1)) * K;
+    /* u, dx, dy, bx, by: blocks x (rows+2) x (cols+2) x L, u's ring set by the caller and
+       the others zero; image: blocks x rows x cols x L; weight[g] > 0 and owner[g] (the
+       image of lane g, -1 for a padding lane) for L lanes; sweeps[j]: sweeps image j ran */
+    double lam[L], norm[L], keep[L], acc[L], rmse[images];
+    const long W = (cols + 2) * L, plane = (rows + 2) * W;
+    for (long g = 0; g < L; g++) {
+        lam[g] = 2 * weight[g];
+        norm[g] = weight[g] + 4 * lam[g];
+    }
+    for (long j = 0; j < images; j++) {
+        rmse[j] = DBL_MAX;
+        sweeps[j] = 0;
+    }
+    for (long i = 0; i < max_iter; i++) {
+        int any = 0;
+        for (long j = 0; j < images; j++) any |= rmse[j] > eps;
+        if (!any) break;
+        for (long g = 0; g < L; g++) {
+            keep[g] = owner[g] >= 0 && rmse[owner[g]] > eps ? 1.0 : 0.0;   /* 1: sweep, 0: u stays */
+            acc[g] = 0.0;
+        }
+        for (long b = 0; b < blocks; b++) {
+            double *restrict ub = u + b * plane, *restrict dxb = dx + b * plane, *restrict dyb = dy + b * plane;
+            double *restrict bxb = bx + b * plane, *restrict byb = by + b * plane;
+            const double *restrict imb = image + b * rows * cols * L;
+            for (long r = 1; r <= rows; r++) {
+                for (long c = 1; c <= cols; c++) {
+                    const long p = r * W + c * L;
+                    const double *img = imb + ((r - 1) * cols + (c - 1)) * L;
 #pragma GCC ivdep
-            for (long k = k0; k < k1; k++) {
-                const double uprev = u[i + k];
-                const double ux = u[i + K + k] - uprev;
-                const double uy = u[i + W + k] - uprev;
-                double unew = (lam[k] * (+u[i + W + k] + u[i - W + k] + u[i + K + k] + u[i - K + k]
-                                         + dx[i - K + k] - dx[i + k] + dy[i - W + k] - dy[i + k]
-                                         - bx[i - K + k] + bx[i + k] - by[i - W + k] + by[i + k])
-                               + weight[k] * img[k]) / norm[k];
-                unew = keep[k] * unew + (1 - keep[k]) * uprev;   /* exact either way */
-                u[i + k] = unew;
-                const double t = unew - uprev;
-                sq[k] += t * t;
-                const double tx = ux + bx[i + k], ty = uy + by[i + k];
-                const double s = sqrt(tx * tx + ty * ty);
-                const double dxx = s * lam[k] * tx / (s * lam[k] + 1);
-                const double dyy = s * lam[k] * ty / (s * lam[k] + 1);
-                dx[i + k] = dxx;
-                dy[i + k] = dyy;
-                bx[i + k] += ux - dxx;
-                by[i + k] += uy - dyy;
+                    for (long g = 0; g < L; g++) {
+                        const long q = p + g;
+                        const double uprev = ub[q];
+                        const double ux = ub[q + L] - uprev;
+                        const double uy = ub[q + W] - uprev;
+                        double unew = (lam[g] * (+ub[q + W] + ub[q - W] + ub[q + L] + ub[q - L]
+                                                 + dxb[q - L] - dxb[q] + dyb[q - W] - dyb[q]
+                                                 - bxb[q - L] + bxb[q] - byb[q - W] + byb[q])
+                                       + weight[g] * img[g]) / norm[g];
+                        unew = keep[g] * unew + (1 - keep[g]) * uprev;   /* exact either way */
+                        ub[q] = unew;
+                        const double t = unew - uprev;
+                        acc[g] += t * t;
+                        const double tx = ux + bxb[q], ty = uy + byb[q];
+                        const double s = sqrt(tx * tx + ty * ty);
+                        const double dxx = s * lam[g] * tx / (s * lam[g] + 1);
+                        const double dyy = s * lam[g] * ty / (s * lam[g] + 1);
+                        dxb[q] = dxx;
+                        dyb[q] = dyy;
+                        bxb[q] += ux - dxx;
+                        byb[q] += uy - dyy;
+                    }
+                }
             }
+        }
+        for (long j = 0; j < images; j++) {
+            if (!(rmse[j] > eps)) continue;
+            double sum = 0.0;
+            for (long g = 0; g < L; g++)
+                if (owner[g] == j) sum += acc[g];
+            rmse[j] = sqrt(sum / total);
+            sweeps[j]++;
         }
     }
 }
@@ -285,7 +324,8 @@ _sweep = []   # [the ctypes function, or None where no C compiler works], filled
 
 
 def fused_sweep():
-    """The compiled C sweep (a ctypes function), or None where it cannot be built.
+    """The compiled C loop (a ctypes function: 0.13.1's sweeps and stopping test for a
+    group of images), or None where it cannot be built.
 
     Built once per machine with ``$CC`` (default ``cc``) into ``$XDG_CACHE_HOME/mfv`` (or
     ``~/.cache/mfv``), named by a hash of source and flags; written under a temporary
@@ -308,17 +348,17 @@ def _build_sweep():
     for options in _SWEEP_OPTIONS:
         command = [cc] + _SWEEP_FLAGS + options
         key = hashlib.sha256((_SWEEP_C + " ".join(command)).encode("utf-8")).hexdigest()[:16]
-        target = os.path.join(cache, "tv_sweep_%s.so" % key)
+        target = os.path.join(cache, "tv_denoise_%s.so" % key)
         try:
             if not os.path.exists(target):
                 if not os.path.isdir(cache):
                     os.makedirs(cache)
                 work = tempfile.mkdtemp(dir=cache)
                 try:
-                    source = os.path.join(work, "tv_sweep.c")
+                    source = os.path.join(work, "tv_denoise.c")
                     with open(source, "w") as f:
                         f.write(_SWEEP_C)
-                    built = os.path.join(work, "tv_sweep.so")
+                    built = os.path.join(work, "tv_denoise.so")
                     subprocess.check_call(command + ["-o", built, source],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     os.replace(built, target)
@@ -326,59 +366,76 @@ def _build_sweep():
                     for name in os.listdir(work):
                         os.remove(os.path.join(work, name))
                     os.rmdir(work)
-            function = ctypes.CDLL(target).tv_sweep
+            function = ctypes.CDLL(target).tv_denoise
         except (OSError, subprocess.CalledProcessError):
             continue
-        function.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 5
+        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_double, ctypes.c_void_p]
         function.restype = None
         return function
     return None
 
 
-def _denoise_fused(flat, weight, n, dims, max_iter, eps, padding, sweep):
-    """The batch loop of ``denoise_tv_bregman_0131_batch`` on the C sweep: flat is the
-    (rows, cols, K) float64 CPU tensor of the N images' planes, weight (K,)."""
+LANES = 4   # doubles in an AVX2 vector: a group of at least this many images runs images as lanes
+
+
+def _denoise_group(images, weights, max_iter, eps, padding, loop):
+    """One group (M, rows, cols, dims) float64 CPU tensor, weights (M,), through the C
+    loop in its own arrays; returns (denoised, sweeps). At least ``LANES`` images: the
+    images are the lanes and the planes the blocks (0.13.1's running sum of squared
+    changes, bit for bit). Fewer: one block, the M * dims planes as lanes, padded to a
+    whole vector (each plane's sum in its order, then added over planes: the stopping
+    test parts from 0.13.1's only by the rounding of that sum, ~1e-16 relative)."""
+    import torch
+
+    m, rows, cols, dims = images.shape
+    if m >= LANES:
+        planes = images.permute(3, 1, 2, 0)                                 # (dims, rows, cols, M)
+        owner = torch.arange(m)
+        lane_weights = weights
+    else:
+        lanes = -(-m * dims // LANES) * LANES
+        planes = torch.nn.functional.pad(images.permute(1, 2, 0, 3).reshape(1, rows, cols, m * dims),
+                                         (0, lanes - m * dims))
+        owner = torch.nn.functional.pad(torch.arange(m).repeat_interleave(dims), (0, lanes - m * dims), value=-1)
+        lane_weights = torch.nn.functional.pad(weights.repeat_interleave(dims), (0, lanes - m * dims), value=1.0)
+    planes = planes.contiguous()
+    u = _padded_torch(planes, padding).contiguous()
+    dx, dy, bx, by = (torch.zeros_like(u) for _ in range(4))
+    owner = owner.to(torch.long).contiguous()
+    lane_weights = lane_weights.to(torch.float64).contiguous()
+    sweeps = torch.zeros(m, dtype=torch.long)
+    blocks, _, _, width = planes.shape
+    loop(u.data_ptr(), dx.data_ptr(), dy.data_ptr(), bx.data_ptr(), by.data_ptr(), planes.data_ptr(),
+         lane_weights.data_ptr(), owner.data_ptr(), m, blocks, rows, cols, width, rows * cols * dims,
+         max_iter, eps, sweeps.data_ptr())
+    core = u[:, 1:-1, 1:-1, :]
+    if m >= LANES:
+        return core.permute(3, 1, 2, 0), sweeps
+    return core[0, :, :, :m * dims].reshape(rows, cols, m, dims).permute(2, 0, 1, 3), sweeps
+
+
+def _denoise_fused(images, weights, max_iter, eps, padding, loop):
+    """The batch (N, rows, cols, dims) float64 CPU tensor on the C loop: split by whole
+    images into one group per torch intra-op thread, each group in arrays of its own
+    (threads sharing the lanes of one array fight over its cache lines) and run to its
+    end without returning to Python (ctypes lets go of the GIL during a call)."""
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
-    rows, cols, planes = flat.shape
-    # planes rounded up to a multiple of 4 (whole SIMD vectors, no scalar tail: one RGB
-    # image sweeps ~20 % faster); the extra planes hold zeros and stay zero (keep 0)
-    k = -(-planes // 4) * 4
-    flat = torch.nn.functional.pad(flat, (0, k - planes)).contiguous()
-    u = _padded_torch(flat, padding).contiguous()
-    dx, dy, bx, by = (torch.zeros_like(u) for _ in range(4))
-    weight = torch.nn.functional.pad(weight, (0, k - planes), value=1.0).contiguous()
-    lam = 2 * weight
-    norm = weight + 4 * lam
-    keep = torch.zeros(k, dtype=torch.float64)
-    sq = torch.zeros(k, dtype=torch.float64)
-    pointers = [t.data_ptr() for t in (u, dx, dy, bx, by, flat, lam, weight, norm, keep, sq)]
-    # whole images to each thread (ctypes lets go of the GIL during a call)
+    n = images.shape[0]
     parts = max(1, min(torch.get_num_threads(), n))
-    bounds = [(i * n // parts * dims, (i + 1) * n // parts * dims) for i in range(parts)]
-    bounds[-1] = (bounds[-1][0], k)
-    pool = ThreadPoolExecutor(parts) if parts > 1 else None
-    total = rows * cols * dims
-    rmse = torch.full((n,), float("inf"), dtype=torch.float64)
-    sweeps = torch.zeros(n, dtype=torch.int64)
-    try:
-        for _ in range(max_iter):
-            running = rmse > eps
-            if not bool(running.any()):
-                break
-            keep[:planes] = running.repeat_interleave(dims)
-            calls = [pointers + [rows, cols, k, lo, hi] for lo, hi in bounds]
-            if pool is None:
-                sweep(*calls[0])
-            else:
-                list(pool.map(lambda args: sweep(*args), calls))
-            rmse = torch.where(running, torch.sqrt(sq[:planes].reshape(n, dims).sum(dim=1) / total), rmse)
-            sweeps += running.to(torch.int64)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    return u[1:-1, 1:-1, :planes], sweeps
+    groups = [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+    def run(bounds):
+        lo, hi = bounds
+        return _denoise_group(images[lo:hi], weights[lo:hi], max_iter, eps, padding, loop)
+
+    if parts == 1:
+        results = [run(groups[0])]
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            results = list(pool.map(run, groups))
+    return torch.cat([out for out, _ in results]), torch.cat([sweeps for _, sweeps in results])
 
 
 def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, padding="reflect", fused=None):
@@ -433,8 +490,8 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
         raise ValueError("the fused sweep runs float64 on the CPU with a C compiler; "
                          "got %s on %s%s" % (dtype, device, "" if fused_sweep() else ", no compiler"))
     if sweep is not None:
-        out, sweeps = _denoise_fused(flat, weight, n, dims, max_iter, eps, padding, sweep)
-        return out.reshape(rows, cols, n, dims).permute(2, 0, 1, 3).contiguous(), sweeps
+        out, sweeps = _denoise_fused(images, weights.to(torch.float64), max_iter, eps, padding, sweep)
+        return out.contiguous(), sweeps
     lam = 2 * weight
     norm = weight + 4 * lam
     a = lam / norm                                         # 2/9 up to rounding, per image as in the reference

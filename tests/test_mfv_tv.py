@@ -18,6 +18,7 @@ from skimage.restoration import denoise_tv_bregman
 
 from mfv.tv import denoise, denoise_tv_bregman_0131, denoise_tv_bregman_0131_batch, denoise_tv_bregman_0131_numpy
 
+from mfv import tv
 from mfv.tv import fused_sweep
 
 
@@ -37,9 +38,12 @@ FUSED = [pytest.param(False, id="plain"), pytest.param(True, id="fused", marks=n
 ROUNDING = 2e-12
 
 
-def transcription_0131(image, weight, max_iter=100, eps=1e-3, padding="reflect"):
+def transcription_0131(image, weight, max_iter=100, eps=1e-3, padding="reflect", rmses=None):
     """skimage/restoration/_denoise_cy.pyx (0.13.1) ``_denoise_tv_bregman``, isotropic,
-    loop for loop; ``padding="edge"`` swaps in the ring later versions use."""
+    loop for loop; ``padding="edge"`` swaps in the ring later versions use. Each sweep's
+    rmse is appended to ``rmses`` when given. Squares are written as products: Cython
+    turns ``x**2`` on C doubles into ``pow(x, 2.0)``, which the C compiler folds into
+    ``x * x``, while Python's ``**`` calls pow at run time, which may land an ulp away."""
     image = np.atleast_3d(np.asarray(image, dtype=np.float64))
     rows, cols, dims = image.shape
     u = np.zeros((rows + 2, cols + 2, dims))
@@ -66,15 +70,17 @@ def transcription_0131(image, weight, max_iter=100, eps=1e-3, padding="reflect")
                                    - bx[r, c - 1, k] + bx[r, c, k] - by[r - 1, c, k] + by[r, c, k])
                             + weight * image[r - 1, c - 1, k]) / norm
                     u[r, c, k] = unew
-                    rmse += (unew - uprev) ** 2
+                    rmse += (unew - uprev) * (unew - uprev)
                     bxx, byy = bx[r, c, k], by[r, c, k]
-                    s = math.sqrt((ux + bxx) ** 2 + (uy + byy) ** 2)
+                    s = math.sqrt((ux + bxx) * (ux + bxx) + (uy + byy) * (uy + byy))
                     dxx = s * lam * (ux + bxx) / (s * lam + 1)
                     dyy = s * lam * (uy + byy) / (s * lam + 1)
                     dx[r, c, k], dy[r, c, k] = dxx, dyy
                     bx[r, c, k] += ux - dxx
                     by[r, c, k] += uy - dyy
         rmse = math.sqrt(rmse / total)
+        if rmses is not None:
+            rmses.append(rmse)
         i += 1
     return np.squeeze(u[1:-1, 1:-1])
 
@@ -185,6 +191,32 @@ def test_batch_equals_single_runs(shape, weights, fused):
             np.testing.assert_allclose(out, alone[0].numpy(), rtol=0, atol=1e-12)
         reference = denoise_tv_bregman_0131_numpy(image, weight).reshape(out.shape)   # it squeezes
         np.testing.assert_allclose(out, reference, rtol=0, atol=ROUNDING)
+
+
+@needs_compiler
+@pytest.mark.parametrize("count", [1, 3, 4, 6])
+def test_fused_groups_equal_the_transcription_bit_for_bit(count):
+    """The C loop on one group in each layout (fewer than LANES images: every (image,
+    plane) a lane; LANES or more: images as lanes, planes as blocks): every value equal
+    to the loop-for-loop transcription, which is 0.13.1's IEEE arithmetic. With images as
+    lanes the sum of squared changes is 0.13.1's running sum itself, so its stopping test
+    is too: eps set to exactly the transcription's rmse after sweep 3 of the first image
+    stops that image after 3 sweeps (0.13.1 tests rmse > eps), where a sum in another
+    order may land an ulp above and sweep on (measured: the first three images of the
+    4-image group, planes as lanes, sweep a 4th time; over seeds 0-19, 7 do)."""
+    images = torch.from_numpy(np.random.RandomState(count).uniform(0, 255, (count, 9, 13, 3)))
+    weights = torch.tensor([0.05, 0.3, 2.0, 0.01, 0.5, 1.0][:count], dtype=torch.float64)
+    rmses = []
+    transcription_0131(images[0].numpy(), float(weights[0]), max_iter=3, eps=0.0, rmses=rmses)
+    exact_eps = rmses[-1] if count >= tv.LANES else 0.0
+    got, sweeps = tv._denoise_group(images, weights, 8, exact_eps, "reflect", fused_sweep())
+    for image, weight, out, count_ in zip(images.numpy(), weights.tolist(), got.numpy(), sweeps.tolist()):
+        rmses = []
+        expected = transcription_0131(image, weight, max_iter=8, eps=exact_eps, rmses=rmses)
+        assert count_ == len(rmses)
+        np.testing.assert_array_equal(out, expected)
+    if count >= tv.LANES:
+        assert sweeps.tolist()[0] == 3
 
 
 def test_float32_within_its_rounding_of_float64():
