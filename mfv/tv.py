@@ -34,11 +34,13 @@ CUDA and float32.
 
 The fused sweep. On the CPU in float64 a batch runs by default on a small C function
 (``fused_sweep``, compiled once with the machine's C compiler, loaded with ctypes):
-0.13.1's loop as its Cython reads, pixel by pixel, the planes of the batch innermost so
-the compiler vectorises across them, without fused multiply-add. Its values are
-0.13.1's bit for bit (the tests check against the real 0.13.1), and it is 3-4 times
-faster per image than the NumPy sweep (benchmarks/bench_tv.py). Without a compiler the
-torch sweep runs instead.
+0.13.1's whole loop, sweeps and stopping test, as its Cython reads, pixel by pixel,
+with several images (or planes) innermost so the compiler vectorises across them,
+without fused multiply-add. The batch is split into one group of whole images per
+thread, each in arrays of its own. Its values are 0.13.1's bit for bit (the tests
+check against the real 0.13.1), and so is the stopping test where a group holds at
+least ``LANES`` images (images as lanes: the sum of squared changes is 0.13.1's running
+sum). Speed: benchmarks/bench_tv.py. Without a compiler the torch sweep runs instead.
 
 Importable by Python 2.7 with numpy 1.11 (no annotations, no f-strings).
 """
@@ -456,12 +458,15 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
     anti-diagonal layout, so every operation of a sweep serves the whole batch and a
     sweep costs ~20 whole-array operations plus 2 per anti-diagonal whatever N is.
 
-    fused: None (default) runs float64 CPU batches on the compiled C sweep
-    (``fused_sweep``: 0.13.1's loop itself, bit for bit, several times faster) when it
-    can be built, else on the torch sweep; True insists on the C sweep (ValueError where
-    it cannot run); False always runs the torch sweep, the plain version (the one for
-    CUDA and float32). The stopping test sums squared changes per channel, then over
-    channels: it can part from 0.13.1's single running sum only by rounding.
+    fused: None (default) runs float64 CPU batches on the compiled C loop
+    (``fused_sweep``: 0.13.1's loop itself, values bit for bit, several times faster;
+    split by whole images between torch's intra-op threads) when it can be built, else
+    on the torch sweep; True insists on the C loop (ValueError where it cannot run);
+    False always runs the torch sweep, the plain version (the one for CUDA and float32).
+    The stopping test: on the C loop, 0.13.1's own running sum where a thread's group
+    holds at least ``LANES`` images, else each plane's sum added over planes; on the
+    torch sweep, per-plane sums added over planes. The latter two part from 0.13.1's
+    single running sum only by rounding (~1e-16 relative).
     """
     import torch
 
