@@ -16,8 +16,8 @@ start, fc8 unit 1, ``--iterations`` iterations per measurement (medians):
 * faithful single:     ``mfv.loop.run_facet``, faithful mode, one facet; per 10 facets
                        10 x 370 x its median iteration.
 * faithful batched 10: ``mfv.batch.run_facets``, 10 facets (seeds 0-9) as one batch; its
-                       iteration advances all 10, so per 10 facets = 370 x its median.
-                       "n/a" while mfv.batch is missing.
+                       iteration advances all 10, so per 10 facets = 370 x its median;
+                       with ``--full``, the whole schedule run and timed for real.
 * modern batched 10:   the same in modern mode.
 * limit (FLOPs/peak):  the net's share at this CPU's float32 peak: FLOPs of CaffeNet's
                        forward to fc8 and backward to the input, counted from the layer
@@ -152,8 +152,9 @@ def caffenet(weights: str | None):
     return FacetNet.from_caffe(net)
 
 
-def run_child(variant: str, weights: str | None, iterations: int, threads: int) -> dict:
-    """One torch row in this process: its per-iteration seconds and peak RSS."""
+def run_child(variant: str, weights: str | None, iterations: int | None, threads: int) -> dict:
+    """One torch row in this process: its per-iteration seconds and peak RSS; with
+    ``iterations`` None the whole schedule, and its wall seconds ("full")."""
     from mfv import schedule
     from mfv.device import configure
 
@@ -182,14 +183,18 @@ def run_child(variant: str, weights: str | None, iterations: int, threads: int) 
         batch.run_facets(net, tasks, schedule.MEAN_OCTAVES, mode=mode, progress=False, snapshot_every=0,
                          iterations=iterations, observe=observe)
     seconds = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+    row = {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "threads": torch.get_num_threads()}
+    if iterations is None:
+        row["full"] = stamps[-1] - stamps[0]
+    return row
 
 
-def child(variant: str, weights: str | None, iterations: int, threads: int) -> dict:
-    """``run_child`` in a fresh process (alone on the CPU, its own peak RSS)."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--iterations", str(iterations),
-            "--threads", str(threads)] + (["--weights", weights] if weights else [])
+def child(variant: str, weights: str | None, iterations: int | None, threads: int) -> dict:
+    """``run_child`` in a fresh process (alone on the CPU, its own peak RSS); iterations
+    None: the whole schedule."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--threads", str(threads)] \
+        + (["--iterations", str(iterations)] if iterations else ["--full"]) + (["--weights", weights] if weights else [])
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"missing": f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"}
@@ -331,7 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=10, help="iterations per measurement (default 10)")
     parser.add_argument("--threads", type=int, help="torch threads and the worker's OpenBLAS threads "
                                                     "(default: mfv.device's, the cores available)")
-    parser.add_argument("--full", action="store_true", help="run the Caffe side's 10 facets for real (slow)")
+    parser.add_argument("--full", action="store_true", help="run the Caffe side's 10 facets for real (slow), and "
+                                                           "the batched faithful row's whole schedule")
     parser.add_argument("--no-caffe", action="store_true", help="leave the Caffe side out")
     parser.add_argument("--investigate", action="store_true",
                         help="time torch's step alone, beside an idle worker and beside a busy one")
@@ -343,7 +349,7 @@ def main(argv=None) -> int:
 
     threads = args.threads or default_threads()
     if args.child:
-        print(json.dumps(run_child(args.child, args.weights, args.iterations, threads)))
+        print(json.dumps(run_child(args.child, args.weights, None if args.full else args.iterations, threads)))
         return 0
     if args.investigate:
         investigate(threads, args.repeats)
@@ -364,7 +370,8 @@ def main(argv=None) -> int:
             caffe["blas"] = blas
         elif not args.no_caffe:
             print("bench_mfv: the legacy stack is not built: no Caffe row (porting env status)", file=sys.stderr)
-        rows = {variant: child(variant, str(weights) if weights else None, args.iterations, threads)
+        rows = {variant: child(variant, str(weights) if weights else None,
+                               None if args.full and variant == "batched-faithful" else args.iterations, threads)
                 for variant in ("single", "batched-faithful", "batched-modern")}
     forward, backward = caffenet_flops()
     peak = matmul_peak()
@@ -387,7 +394,10 @@ def main(argv=None) -> int:
     for variant, name in (("batched-faithful", "torch faithful, 10 facets batched"),
                           ("batched-modern", "torch modern, 10 facets batched")):
         row = rows[variant]
-        if "seconds" in row:
+        if "full" in row:
+            per = statistics.median(row["seconds"])
+            table.append((name, per / FACETS, row["full"], "measured (the whole schedule)", row["rss_mb"]))
+        elif "seconds" in row:
             per = statistics.median(row["seconds"])
             table.append((name, per / FACETS, n_schedule * per, f"estimate: {n_schedule} x median batch iteration",
                           row["rss_mb"]))
