@@ -104,7 +104,7 @@ def test_set_paths():
         set_conv_path(both, "winograd")
     with pytest.raises(ValueError, match="one of torch, blocked"):
         set_inner_product_path(both, "im2col")
-    assert CONV_PATHS == ("torch", "im2col") and INNER_PRODUCT_PATHS == ("torch", "blocked")
+    assert CONV_PATHS == ("torch", "im2col", "phases") and INNER_PRODUCT_PATHS == ("torch", "blocked")
 
 
 def test_3d_convolution_keeps_torch():

@@ -4,7 +4,9 @@ Caffe's im2col + GEMM convolution is the cross-correlation that ``torch.nn.funct
 computes, with the same weight layout, symmetric zero padding, dilation, groups and floor
 output size; Deconvolution is Caffe's convolution backward-data, i.e. ``conv_transpose*d``
 with output_padding 0. Both are verified against float64 NumPy loops in
-tests/test_layers_conv.py. Bottoms are (N..., C, spatial...) with the channel axis at
+tests/test_layers_conv.py. ``set_conv_path`` chooses how they multiply: torch's kernels,
+Caffe's im2col + GEMM, or ("phases") a strided Convolution's input gradient as one stride-1
+convolution by output phase (tests/test_conv_phases.py). Bottoms are (N..., C, spatial...) with the channel axis at
 ``convolution_param.axis`` (default 1); axes before it are batch axes.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from porting.rounding import ETA, gamma, magnitude, magnitude_vjp
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-CONV_PATHS = ("torch", "im2col")
+CONV_PATHS = ("torch", "im2col", "phases")
 
 
 def conv_geometry(cp, num_spatial: int) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -84,10 +86,24 @@ def set_conv_path(module, path: str):
       the top's gradient times W_g). 1-D and 2-D; a 3-D layer keeps the "torch" path. The
       columns of every image of the batch are held at once, and autograd keeps them for the
       weights' gradient (CaffeNet: 18 MB per image).
+    * "phases": a 2-D Convolution with a stride > 1 (dilation 1) computes its forward as
+      "torch" (``F.conv2d``) and its input gradient by output phase (``phase_input_grad``):
+      one stride-1 ``F.conv2d`` of the top's gradient with the kernel's taps regrouped per
+      phase, interleaved into the image, instead of torch's strided backward-data. The
+      weights' and bias's gradients, when they require grad, are torch's own
+      (``aten.convolution_backward``), bit for bit the "torch" path's. Double backward works
+      (autograd-able ops; float64 equal to "torch"'s to rounding). Every other layer (stride
+      1, dilated, 1-D, 3-D, Deconvolution) keeps the "torch" path. The custom autograd
+      Function is for eager runs: to export (TorchScript, ONNX) use "torch".
 
-    Both compute the same sums of the same products (a top: C/g K products and the bias; a
+    All compute the same sums of the same products (a top: C/g K products and the bias; a
     bottom gradient: at most O/g K products), only in another order, so each layer's
-    ``forward_bound`` and ``backward_bound`` (any order) hold for both. What differs is how
+    ``forward_bound`` and ``backward_bound`` (any order) hold for all. "phases" adds products
+    of 0 (a tap past the kernel padded to ceil(k/s) s, or a row of zeros around the top's
+    gradient): each is exactly +-0 for finite operands, and adding +-0 is exact, so the
+    bound for the real terms holds; at most the sign of a zero result differs (-0 == +0).
+    With an inf or NaN among the weights or the top's gradient, 0 * inf = NaN can reach
+    input pixels whose real products are finite or inf (Caffe never forms those products). What differs is how
     far from the exact sums they typically land, and the time (benchmarks/bench_conv_accuracy.py,
     CaffeNet on CPU: "im2col" is Caffe's accuracy layer by layer, conv1's input gradient half
     the "torch" path's distance from float64, the others alike; forward and backward 1.17x
@@ -99,6 +115,72 @@ def set_conv_path(module, path: str):
         if isinstance(layer, _ConvBase):
             layer.path = path
     return module
+
+
+def phase_input_grad(dy, weight, size, stride, pad, group):
+    """The input gradient of a 2-D convolution (dilation 1) as ONE stride-1 convolution of
+    ``dy``, by output phase. ``dy`` (N, O, OH, OW), ``weight`` (O, C/g, kh, kw), ``size`` the
+    input's (H, W), ``stride`` and ``pad`` per axis; returns (N, C, H, W).
+
+    Along one axis (stride s, pad p, kernel k; h' = h + p the row in the padded input), tap
+    t' of output row i reaches h' = s i + t'. So the rows of phase a = h' mod s, h' = s m + a,
+    receive only the taps t' = a + s t: dx_pad[s m + a] = sum_t W[a + s t] dy[m - t] over
+    t = 0..T-1, T = ceil(k / s), taps past the kernel weighing 0, dy 0 outside its rows: a
+    stride-1 correlation of dy padded by T - 1 rows before with the sub-kernel flipped. Phases
+    a >= k receive nothing (a kernel smaller than the stride), so only A = min(k, s) phases
+    are computed, rows m = 0..M-1, M = ceil((p + H) / s) (dy padded after, or cut where its
+    last rows reach only the padding past the input). The A_h A_w phases of every group are
+    the output channels (group, a, b, c) of ONE grouped conv2d, interleaved into the padded
+    image (row s m + a; rows of phases >= k stay 0), then the padding is cropped. Each
+    element sums the products W dy of Caffe's col2im(W^T dy), plus products with a padded
+    weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only, so its own
+    derivative (double backward) is torch's."""
+    n, o = dy.shape[:2]
+    c = weight.shape[1] * group
+    kernel = weight.shape[2:]
+    taps = [-(-kernel[i] // stride[i]) for i in range(2)]     # T per axis
+    phases = [min(kernel[i], stride[i]) for i in range(2)]    # A per axis
+    rows = [-(-(size[i] + pad[i]) // stride[i]) for i in range(2)]  # M per axis
+    # (O, C/g, kh, kw) -> zero taps up to T s -> tap t s + a as (t, a) -> phases < A, t flipped
+    w = F.pad(weight, (0, taps[1] * stride[1] - kernel[1], 0, taps[0] * stride[0] - kernel[0]))
+    w = w.reshape(o, c // group, taps[0], stride[0], taps[1], stride[1])[:, :, :, :phases[0], :, :phases[1]]
+    w = w.flip(2, 4).reshape(group, o // group, c // group, taps[0], phases[0], taps[1], phases[1])
+    w = w.permute(0, 4, 6, 2, 1, 3, 5).reshape(group * phases[0] * phases[1] * (c // group), o // group, *taps)
+    d = F.pad(dy, (taps[1] - 1, rows[1] - dy.shape[3], taps[0] - 1, rows[0] - dy.shape[2]))
+    out = F.conv2d(d, w, groups=group)  # (N, g A_h A_w C/g, M_h, M_w)
+    out = out.reshape(n, group, phases[0], phases[1], c // group, rows[0], rows[1]).permute(0, 1, 4, 5, 2, 6, 3)
+    if phases != list(stride):  # kernel smaller than the stride: the other phases get 0
+        full = out.new_zeros(n, group, c // group, rows[0], stride[0], rows[1], stride[1])
+        full[:, :, :, :, :phases[0], :, :phases[1]] = out
+        out = full
+    out = out.reshape(n, c, rows[0] * stride[0], rows[1] * stride[1])
+    return out[:, :, pad[0]:pad[0] + size[0], pad[1]:pad[1] + size[1]]
+
+
+class _PhaseConv2d(torch.autograd.Function):
+    """F.conv2d forward; input gradient by ``phase_input_grad``; weight and bias gradients by
+    torch's own ``aten.convolution_backward`` (what the "torch" path's autograd calls)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, pad, group):
+        ctx.geometry = (list(stride), list(pad), group, None if bias is None else [bias.shape[0]])
+        keep = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        ctx.save_for_backward(x if keep else None, weight)  # x only for the parameters' gradient
+        ctx.size = x.shape[2:]
+        return F.conv2d(x, weight, bias, stride=stride, padding=pad, groups=group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        stride, pad, group, bias_sizes = ctx.geometry
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = phase_input_grad(dy, weight, ctx.size, stride, pad, group)
+        need_w, need_b = ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]
+        if need_w or need_b:
+            _, dw, db = torch.ops.aten.convolution_backward(
+                dy, x, weight, bias_sizes, stride, pad, [1, 1], False, [0, 0], group, [False, need_w, need_b])
+        return dx, dw, db, None, None, None
 
 
 def _planar(x, kernel, stride, pad, dilation):
@@ -294,6 +376,9 @@ class Convolution(_ConvBase):
         short = [max(0, self._extent(i) - x.shape[2 + i] - 2 * self.pad[i]) for i in range(self.num_spatial)]
         if any(short):
             x = F.pad(x, [v for n in reversed(short) for v in (0, n)])
+        if (self.path == "phases" and self.num_spatial == 2 and any(s > 1 for s in stride)
+                and all(d == 1 for d in self.dilation)):
+            return _PhaseConv2d.apply(x, weight, bias, stride, self.pad, self.group)
         if self.path == "im2col" and self.num_spatial <= 2:
             return im2col_conv(x, weight, bias, self.kernel, stride, self.pad, self.dilation, self.group)
         return _CONV[self.num_spatial](x, weight, bias, stride=stride, padding=self.pad,
