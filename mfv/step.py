@@ -9,11 +9,13 @@ float32, channels first, in the net's preprocessing (``mfv.preprocess``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from mfv.preprocess import CAFFENET, Preprocessing
 
@@ -133,65 +135,102 @@ def _pairwise_plan(n: int) -> tuple[tuple, tuple]:
     return tuple(leaves), tuple(program)
 
 
-def _leaf_sums(values: np.ndarray, leaves) -> np.ndarray:
-    """Each leaf's sum as numpy's loop forms it, vectorised over leaves of equal length (float32)."""
-    sums = np.empty(len(leaves), np.float32)
+def _leaf_sums(rows: np.ndarray, leaves) -> np.ndarray:
+    """Each leaf's sum in each row as numpy's loop forms it: (M, n) float32 -> (M, leaves)
+    float32, vectorised over rows and over the leaves of equal length."""
+    sums = np.empty((rows.shape[0], len(leaves)), np.float32)
     by_length: dict[int, list[int]] = {}
     for k, (_, length) in enumerate(leaves):
         by_length.setdefault(length, []).append(k)
     for length, ks in by_length.items():
-        starts = np.array([leaves[k][0] for k in ks])
-        block = values[starts[:, None] + np.arange(length)]
+        starts = [leaves[k][0] for k in ks]
+        block = sliding_window_view(rows, length, axis=1)[:, starts]    # M x leaves x length
         if length < 8:
-            res = np.zeros(len(ks), np.float32)
+            res = np.zeros(block.shape[:2], np.float32)
             for j in range(length):
-                res = res + block[:, j]
+                res = res + block[..., j]
         else:
             whole = length - length % 8
-            r = block[:, :8].copy()
+            r = block[..., :8].copy()
             for j in range(8, whole, 8):
-                r += block[:, j:j + 8]
-            res = ((r[:, 0] + r[:, 1]) + (r[:, 2] + r[:, 3])) + ((r[:, 4] + r[:, 5]) + (r[:, 6] + r[:, 7]))
+                r += block[..., j:j + 8]
+            res = (((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3]))
+                   + ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7])))
             for j in range(whole, length):
-                res = res + block[:, j]
-        sums[ks] = res
+                res = res + block[..., j]
+        sums[:, ks] = res
     return sums
 
 
-def pairwise_sum_float32(values: np.ndarray) -> np.float32:
-    """numpy's pairwise sum of a 1-D float32 array, in float32 (the algorithm of numpy 1.11
-    and today's, written out so the chunking around it can be chosen)."""
-    leaves, program = _pairwise_plan(len(values))
-    sums = _leaf_sums(values, leaves)
-    stack: list[np.float32] = []
+def pairwise_sums_float32(rows: np.ndarray) -> np.ndarray:
+    """numpy's pairwise sum of each row of an (M, n) float32 array, in float32: (M,) float32
+    (the algorithm of numpy 1.11 and today's, written out so the chunking around it can be
+    chosen). Every addition is a float32 one, done for all rows at once."""
+    leaves, program = _pairwise_plan(rows.shape[1])
+    sums = _leaf_sums(rows, leaves)
+    stack: list[np.ndarray] = []
     for op in program:
         if op >= 0:
-            stack.append(sums[op])
+            stack.append(sums[:, op])
         else:
             right, left = stack.pop(), stack.pop()
-            stack.append(np.float32(left + right))
-    return stack[0] if stack else np.float32(0)
+            stack.append(left + right)
+    return stack[0]
+
+
+def means_numpy_1_11(values: np.ndarray) -> np.ndarray:
+    """``values[k].mean()`` of each sample of an (N, ...) float32 array exactly as numpy 1.11
+    computed it: (N,) float32.
+
+    numpy 1.11 reduced through its 8192-element buffer: the flat (C-order) sample is summed
+    chunk by chunk, each chunk pairwise, the chunk sums added in order to a float32 total,
+    which is then divided by the count in float64. Today's numpy sums the whole array
+    pairwise in one go, so the two means differ in the last bit for about half of MFV's
+    gradients (measured on CaffeNet gradients, mean_0 start; the chunked sum equals numpy
+    1.11.0's in the legacy stack). Written out here because that bit moves the 2016 step.
+    All samples' full chunks are summed in one pass (N x chunks rows), their tail chunks in
+    another; an empty sample's mean is NaN.
+    """
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n, size = len(values), math.prod(values.shape[1:])
+    flat = values.reshape(n, size)
+    if size == 0:
+        return np.full(n, np.nan, np.float32)
+    whole = size // NUMPY_1_11_BUFSIZE
+    chunk_sums = []
+    if whole:
+        full = flat[:, :whole * NUMPY_1_11_BUFSIZE].reshape(n * whole, NUMPY_1_11_BUFSIZE)
+        chunk_sums += list(pairwise_sums_float32(full).reshape(n, whole).T)
+    if size % NUMPY_1_11_BUFSIZE:
+        chunk_sums.append(pairwise_sums_float32(flat[:, whole * NUMPY_1_11_BUFSIZE:]))
+    total = np.zeros(n, np.float32)
+    for chunk_sum in chunk_sums:            # in order, float32
+        total = total + chunk_sum
+    return (total.astype(np.float64) / size).astype(np.float32)
 
 
 def mean_numpy_1_11(values: np.ndarray) -> np.float32:
-    """``values.mean()`` of a float32 array exactly as numpy 1.11 computed it.
+    """``values.mean()`` of a float32 array exactly as numpy 1.11 computed it (the one-sample
+    case of ``means_numpy_1_11``)."""
+    return means_numpy_1_11(np.asarray(values)[None])[0]
 
-    numpy 1.11 reduced through its 8192-element buffer: the flat (C-order) array is summed
-    chunk by chunk, each chunk pairwise, the chunk sums added in order to a float32 total,
-    which is then divided by the count. Today's numpy sums the whole array pairwise in one
-    go, so the two means differ in the last bit for about half of MFV's gradients
-    (measured on CaffeNet gradients, mean_0 start; the chunked sum equals numpy 1.11.0's
-    in the legacy stack). Written out here because that bit moves the 2016 step.
-    """
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    total = np.float32(0)
-    for begin in range(0, flat.size, NUMPY_1_11_BUFSIZE):
-        total = np.float32(total + pairwise_sum_float32(flat[begin:begin + NUMPY_1_11_BUFSIZE]))
-    return np.float32(np.float64(total) / flat.size) if flat.size else np.float32(np.nan)
+
+def mean_abs_gradients(gs: np.ndarray, scale: np.ndarray | None = None, mode: str = "faithful") -> np.ndarray:
+    """mean(|k g|) of each of N gradients (N x 3 x H x W float32): ``apply_step``'s normaliser,
+    (N,) float32. ``scale`` is k (``Preprocessing.pixel_scale()``, None for 1), so k g is the
+    gradient per grey level. "faithful": numpy 1.11's mean (``means_numpy_1_11``), all
+    samples at once; "modern": today's ``np.abs(k g).mean()``, sample by sample."""
+    if mode not in ("faithful", "modern"):
+        raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
+    grey = np.abs(gs * scale if scale is not None else gs)
+    if mode == "faithful":
+        return means_numpy_1_11(grey)
+    return np.array([sample.mean() for sample in grey])
 
 
 def apply_step(x: np.ndarray, g: np.ndarray, step_size, lo: np.ndarray, hi: np.ndarray,
-               mode: str = "faithful", scale: np.ndarray | None = None) -> tuple[np.ndarray, np.float32]:
+               mode: str = "faithful", scale: np.ndarray | None = None,
+               mean_abs: np.float32 | None = None) -> tuple[np.ndarray, np.float32]:
     """``clip(x + step / mean(|g|) * g, lo, hi)`` on float32 arrays; returns it and mean(|g|).
 
     Units: ``step_size`` is in grey levels of RGB 0-255 pixels (the 2016 code's net input
@@ -208,14 +247,16 @@ def apply_step(x: np.ndarray, g: np.ndarray, step_size, lo: np.ndarray, hi: np.n
     then rounded to float32 for the float32 product); "modern" writes the same expression
     under today's numpy (its own mean; Python numbers are weak: float32 division). A zero
     gradient (a dead unit) makes no step, where the 2016 code would have produced NaNs.
+
+    ``mean_abs``, when given, is that mean already taken (``mean_abs_gradients`` of a batch
+    holding ``g``, same ``scale`` and ``mode``: ``gradient_steps`` takes all its samples'
+    at once); it is used as it is and returned.
     """
     if mode not in ("faithful", "modern"):
         raise ValueError(f"mode must be 'faithful' or 'modern', not {mode!r}")
-    direction = g
-    if scale is not None:
-        g = g * scale             # per grey level
-        direction = g * scale     # back in net units
-    mean_abs = mean_numpy_1_11(np.abs(g)) if mode == "faithful" else np.abs(g).mean()
+    if mean_abs is None:
+        mean_abs = mean_abs_gradients(g[None], scale, mode)[0]
+    direction = g if scale is None else g * scale * scale    # per grey level, back in net units
     if mean_abs == 0:
         stepped = x.copy()
     elif mode == "faithful":
@@ -253,7 +294,8 @@ def gradient_steps(net: FacetNet, xs: np.ndarray, layer: str, units, step_sizes,
     batched convolution blocks its GEMMs differently: per-sample gradients then differ
     from a batch of one by rounding; measured on CaffeNet, this CPU: up to 6e-12 on
     gradients of 5e-6, i.e. ~1e-6 relative). Each sample is then masked and stepped by
-    ``apply_step`` as ``gradient_step`` does (faithful: numpy 1.11's mean per sample). The
+    ``apply_step`` as ``gradient_step`` does (faithful: numpy 1.11's mean per sample, all
+    samples' taken in one call of ``mean_abs_gradients``). The
     forward and backward run on ``net.device``; the step itself in NumPy on the CPU.
     """
     xs = np.asarray(xs)
@@ -277,10 +319,13 @@ def gradient_steps(net: FacetNet, xs: np.ndarray, layer: str, units, step_sizes,
     values = objectives.detach().cpu().tolist()
     lo, hi = net.preprocessing.bounds()
     scale = net.preprocessing.pixel_scale()
+    gs = np.stack([grads[k] * central_mask(grads[k].shape, margins[k]) if margins[k] != 0 else grads[k]
+                   for k in range(n)])
+    means = mean_abs_gradients(gs, scale, mode)
     results = []
     for k in range(n):
-        g = grads[k] * central_mask(grads[k].shape, margins[k]) if margins[k] != 0 else grads[k].copy()
-        stepped, mean_abs = apply_step(xs[k], g, step_sizes[k], lo, hi, mode, scale)
+        g = gs[k]
+        stepped, mean_abs = apply_step(xs[k], g, step_sizes[k], lo, hi, mode, scale, means[k])
         results.append(StepResult(stepped, g, values[k], best_units[k], float(acts[k, best_units[k]]),
                                   float(mean_abs)))
     return results

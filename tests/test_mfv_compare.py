@@ -34,7 +34,7 @@ from mfv.compare import (GRADIENT_AGREES, IMAGE_TOLERANCE, OBJECTIVE_TOLERANCE, 
 from mfv.loop import Swap, run_facet
 from mfv.preprocess import Preprocessing
 from mfv.schedule import Octave
-from mfv.step import FacetNet, mean_numpy_1_11
+from mfv.step import FacetNet, mean_numpy_1_11, means_numpy_1_11
 
 REFERENCE_DATA = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 MEAN_0 = REFERENCE_DATA / "mfv-original" / "mean_images" / "n03032252" / "mean_0.jpg"
@@ -195,6 +195,9 @@ def test_mean_is_numpy_1_11s(caffe_backend, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     legacy = {k: float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
     assert {k: float(mean_numpy_1_11(a)) for k, a in arrays.items()} == legacy
+    # the batched form on a stack of the twelve gradient-shaped ones, sample by sample
+    stacked = [f"a{k}" for k in range(12)]
+    assert means_numpy_1_11(np.stack([arrays[k] for k in stacked])).tolist() == [legacy[k] for k in stacked]
     # today's numpy differs on some of them, so the emulation is needed (measured: 7 of 16,
     # the 3x227x227 ones and the 8193-element one, which spans two of numpy 1.11's buffers)
     assert sum(float(a.mean()) != legacy[k] for k, a in arrays.items()) >= 1

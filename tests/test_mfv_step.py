@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from mfv.preprocess import CAFFENET, Preprocessing
-from mfv.step import FacetNet, central_mask, gradient_step
+from mfv.step import (FacetNet, apply_step, central_mask, gradient_step, gradient_steps, mean_abs_gradients,
+                      mean_numpy_1_11, means_numpy_1_11)
 from mfv_nets import SMALL
 
 SIZE = 12
@@ -75,6 +76,90 @@ def test_zero_gradient_makes_no_step():
     x = np.zeros((3, SIZE, SIZE), np.float32)
     result = gradient_step(net, x, "", 0, 1.0)
     np.testing.assert_array_equal(result.x, x)
+
+
+def numpy_pairwise_sum(a: np.ndarray) -> np.float32:
+    """numpy's pairwise_sum (umath/loops.c.src, 1.11 as today) transcribed as it reads, float32."""
+    n = len(a)
+    if n < 8:
+        res = np.float32(0)
+        for value in a:
+            res = np.float32(res + value)
+        return res
+    if n <= 128:
+        r = a[:8].copy()
+        i = 8
+        while i < n - n % 8:
+            r += a[i:i + 8]
+            i += 8
+        res = np.float32(np.float32(np.float32(r[0] + r[1]) + np.float32(r[2] + r[3]))
+                         + np.float32(np.float32(r[4] + r[5]) + np.float32(r[6] + r[7])))
+        for value in a[i:]:
+            res = np.float32(res + value)
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return np.float32(numpy_pairwise_sum(a[:n2]) + numpy_pairwise_sum(a[n2:]))
+
+
+def numpy_1_11_mean(a: np.ndarray) -> np.float32:
+    """numpy 1.11's float32 mean: the sum through its 8192-element buffer, a pairwise sum per
+    buffer added to a float32 total in order, divided in float64."""
+    flat = a.reshape(-1)
+    total = np.float32(0)
+    for begin in range(0, flat.size, 8192):
+        total = np.float32(total + numpy_pairwise_sum(flat[begin:begin + 8192]))
+    return np.float32(np.float64(total) / flat.size)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (2, 8), (3, 9), (2, 127), (2, 128), (3, 129), (1, 1000),
+                                   (2, 8191), (1, 8192), (2, 8193), (3, 2, 8192), (4, 3, 50, 50),
+                                   (2, 3, 130, 64), (1, 3, 227, 227), (10, 3, 227, 227)])
+def test_means_are_numpy_1_11s_chunked_pairwise_sums(shape):
+    """Bit for bit the transcribed algorithm, on sizes around 8, 128 and 8192 and on
+    gradient-like values (|Cauchy| times 1e-8..1e-1, so the sums span many magnitudes)."""
+    rng = np.random.RandomState(sum(shape))
+    values = (np.abs(rng.standard_cauchy(shape)) * 10.0 ** rng.uniform(-8, -1, shape)).astype(np.float32)
+    means = means_numpy_1_11(values)
+    expected = np.array([numpy_1_11_mean(sample) for sample in values])
+    assert means.dtype == expected.dtype == np.float32 and means.shape == (shape[0],)
+    np.testing.assert_array_equal(means.view(np.uint32), expected.view(np.uint32))
+    for sample, mean in zip(values, means):
+        single = mean_numpy_1_11(sample)
+        assert single.dtype == np.float32 and single.view(np.uint32) == mean.view(np.uint32)
+
+
+def test_mean_of_nothing_is_nan():
+    assert np.isnan(mean_numpy_1_11(np.zeros(0, np.float32)))
+    assert means_numpy_1_11(np.zeros((0, 3, 4), np.float32)).shape == (0,)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "modern"])
+def test_batched_steps_take_each_samples_own_mean(mode):
+    """gradient_steps takes all means in one call: each step and mean is bit for bit
+    apply_step's on that sample alone, on a net whose input is scaled (k != 1)."""
+    module, _ = linear_net(seed=1)
+    prep = Preprocessing("RGB", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), value_range=1.0,
+                         input_size=(SIZE, SIZE))
+    net = FacetNet(module, prep)
+    rng = np.random.RandomState(6)
+    xs = np.stack([prep.to_net(rng.uniform(0, 255, (SIZE, SIZE, 3))) for _ in range(4)])
+    steps = [1.0, 6.0, 2.5, 11.0]
+    results = gradient_steps(net, xs, "", [0, 3, 3, 4], steps, [0, 2, 3, 0], mode=mode)
+    lo, hi = prep.bounds()
+    scale = prep.pixel_scale()
+    for x, step, result in zip(xs, steps, results):
+        alone, mean_abs = apply_step(x, result.gradient, step, lo, hi, mode, scale)
+        np.testing.assert_array_equal(result.x, alone)
+        assert result.mean_abs_gradient == float(mean_abs)
+        if mode == "faithful":
+            assert mean_abs == numpy_1_11_mean(np.abs(result.gradient * scale))
+        else:
+            assert mean_abs == np.abs(result.gradient * scale).mean()
+    means = mean_abs_gradients(np.stack([r.gradient for r in results]), scale, mode)
+    assert [float(m) for m in means] == [r.mean_abs_gradient for r in results]
+    with pytest.raises(ValueError, match="mode"):
+        mean_abs_gradients(xs, scale, "fast")
 
 
 TINY = """
