@@ -11,6 +11,7 @@ convolution by output phase (tests/test_conv_phases.py). Bottoms are (N..., C, s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -126,28 +127,30 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     t' of output row i reaches h' = s i + t'. So the rows of phase a = h' mod s, h' = s m + a,
     receive only the taps t' = a + s t: dx_pad[s m + a] = sum_t W[a + s t] dy[m - t] over
     t = 0..T-1, T = ceil(k / s), taps past the kernel weighing 0, dy 0 outside its rows: a
-    stride-1 correlation of dy padded by T - 1 rows before with the sub-kernel flipped. Phases
+    stride-1 correlation of dy padded by T - 1 rows with the sub-kernel flipped. Phases
     a >= k receive nothing (a kernel smaller than the stride), so only A = min(k, s) phases
-    are computed, rows m = 0..M-1, M = ceil((p + H) / s) (dy padded after, or cut where its
-    last rows reach only the padding past the input). The A_h A_w phases of every group are
-    the output channels (group, a, b, c) of ONE grouped conv2d, interleaved into the padded
-    image (row s m + a; rows of phases >= k stay 0), then the padding is cropped. Each
+    are computed, rows m = 0..M-1, M = ceil((p + H) / s) (rows of zeros appended to dy where
+    M is more than its OH + T - 1; rows from M on, which reach only the padding past the
+    input, dropped). The A_h A_w phases of every group are the output channels (group, a, b,
+    c) of ONE grouped conv2d (its weight gathered from the kernel by ``_phase_taps``),
+    interleaved into the padded image (row s m + a; rows of phases >= k stay 0), then the
+    padding is cropped. Each
     element sums the products W dy of Caffe's col2im(W^T dy), plus products with a padded
     weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only, so its own
     derivative (double backward) is torch's."""
     n, o = dy.shape[:2]
     c = weight.shape[1] * group
-    kernel = weight.shape[2:]
+    kernel = tuple(weight.shape[2:])
     taps = [-(-kernel[i] // stride[i]) for i in range(2)]     # T per axis
     phases = [min(kernel[i], stride[i]) for i in range(2)]    # A per axis
     rows = [-(-(size[i] + pad[i]) // stride[i]) for i in range(2)]  # M per axis
-    # (O, C/g, kh, kw) -> zero taps up to T s -> tap t s + a as (t, a) -> phases < A, t flipped
-    w = F.pad(weight, (0, taps[1] * stride[1] - kernel[1], 0, taps[0] * stride[0] - kernel[0]))
-    w = w.reshape(o, c // group, taps[0], stride[0], taps[1], stride[1])[:, :, :, :phases[0], :, :phases[1]]
-    w = w.flip(2, 4).reshape(group, o // group, c // group, taps[0], phases[0], taps[1], phases[1])
-    w = w.permute(0, 4, 6, 2, 1, 3, 5).reshape(group * phases[0] * phases[1] * (c // group), o // group, *taps)
-    d = F.pad(dy, (taps[1] - 1, rows[1] - dy.shape[3], taps[0] - 1, rows[0] - dy.shape[2]))
-    out = F.conv2d(d, w, groups=group)  # (N, g A_h A_w C/g, M_h, M_w)
+    index = _phase_taps(o, c // group, kernel, tuple(stride), group).to(weight.device)
+    w = torch.take(F.pad(weight.reshape(-1), (0, 1)), index)  # the last entry: a 0 for taps past the kernel
+    # dy padded by T - 1 on both sides gives rows 0..OH + T - 2; rows from M on reach past the input
+    extra = [max(0, rows[i] - (dy.shape[2 + i] + taps[i] - 1)) for i in range(2)]
+    if any(extra):
+        dy = F.pad(dy, (0, extra[1], 0, extra[0]))
+    out = F.conv2d(dy, w, padding=[t - 1 for t in taps], groups=group)[:, :, :rows[0], :rows[1]]
     out = out.reshape(n, group, phases[0], phases[1], c // group, rows[0], rows[1]).permute(0, 1, 4, 5, 2, 6, 3)
     if phases != list(stride):  # kernel smaller than the stride: the other phases get 0
         full = out.new_zeros(n, group, c // group, rows[0], stride[0], rows[1], stride[1])
@@ -155,6 +158,22 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
         out = full
     out = out.reshape(n, c, rows[0] * stride[0], rows[1] * stride[1])
     return out[:, :, pad[0]:pad[0] + size[0], pad[1]:pad[1] + size[1]]
+
+
+@functools.lru_cache(maxsize=64)
+def _phase_taps(o: int, cg: int, kernel: tuple, stride: tuple, group: int) -> torch.Tensor:
+    """Where ``phase_input_grad``'s weight takes each entry from: indices into the weight
+    (O, C/g, kh, kw) flattened, O C/g kh kw standing for a 0. Laid out as the phases' conv2d
+    weight (g A_h A_w C/g, O/g, T_h, T_w): output channel (group, a, b, c), input channel o
+    of the group, entry (t, u) the tap (a + s_h (T_h - 1 - t), b + s_w (T_w - 1 - u))."""
+    taps = [-(-kernel[i] // stride[i]) for i in range(2)]
+    phases = [min(kernel[i], stride[i]) for i in range(2)]
+    gi, a, b, cl, ol, t, u = np.ix_(range(group), range(phases[0]), range(phases[1]), range(cg), range(o // group),
+                                    range(taps[0]), range(taps[1]))
+    p, q = a + stride[0] * (taps[0] - 1 - t), b + stride[1] * (taps[1] - 1 - u)
+    flat = (((gi * (o // group) + ol) * cg + cl) * kernel[0] + p) * kernel[1] + q
+    flat = np.where((p < kernel[0]) & (q < kernel[1]), flat, o * cg * kernel[0] * kernel[1])
+    return torch.from_numpy(flat.reshape(-1, o // group, *taps).astype(np.int64))
 
 
 class _PhaseConv2d(torch.autograd.Function):
