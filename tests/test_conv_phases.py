@@ -7,8 +7,8 @@ conv1 and odd geometries (sizes not a multiple of the stride, a kernel smaller t
 stride, asymmetric strides, groups, a window past the input, batch axes before the channel
 axis); so do real Caffe's and the phases path's on the same layers. The forward, the
 weights' and the bias's gradients are the "torch" path's bit for bit (the same calls);
-stride-1, dilated, 1-D and 3-D layers keep the "torch" path; double backward is torch's
-derivative of the phase ops (float64 against the "torch" path's).
+stride-1, dilated, 1-D and 3-D layers keep the "torch" path; the weights' gradient is
+computed only when asked for; no double backward (a clear error).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _uses_phases(tensor) -> bool:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__ == "_PhaseConv2dBackward":
+        if type(fn).__name__ == "_PhaseInputGradBackward":
             return True
         todo.extend(f for f, _ in fn.next_functions)
     return False
@@ -170,25 +170,49 @@ def test_deconvolution_keeps_torch():
     assert not phased and torch.equal(top, top_t) and torch.equal(grad, grad_t)
 
 
-def test_double_backward_is_torchs():
-    """d/d dy and d/dW of |dx|^2 + <dx, v> (dx the input gradient, kept in the graph), float64:
-    the phases path's equals the "torch" path's to float64 rounding."""
-    shape = (2, 4, 9, 8)
-    param = "num_output: 4 kernel_h: 3 kernel_w: 4 stride_h: 2 stride_w: 3 pad: 1 group: 2"
-    x = torch.tensor(wide(shape, 11, -1, 1)).double()
-    out = {}
-    for path in ("phases", "torch"):
-        layer = _layer(param, shape, path).double()
+def _node(tensor, name):
+    """The first node called ``name`` in the autograd graph of ``tensor``."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == name:
+            return fn
+        todo.extend(f for f, _ in fn.next_functions)
+    raise AssertionError(f"no {name} in the graph")
+
+
+def test_parameter_gradients_only_when_asked():
+    """The weights' node (torch's ConvolutionBackward0 of the input detached) runs only for a
+    backward that asks for them: not for the input's gradient alone (MFV)."""
+    layer = _layer("num_output: 4 kernel_size: 3 stride: 2 pad: 1", (1, 2, 9, 8), "phases")
+    x = torch.tensor(wide((1, 2, 9, 8), 14, -1, 1)).requires_grad_(True)
+    ran = []
+    for wrt in ([x], [x, layer.blobs[0]], [layer.blobs[1]]):
+        (top,) = layer(x)
+        _node(top, "ConvolutionBackward0").register_hook(lambda *_: ran.append(len(wrt)))
+        torch.autograd.grad(top.sum(), wrt)
+    assert ran == [2, 1]
+
+
+def test_in_place_after_and_no_double_backward():
+    """The top is a tensor of its own (not a view): an in-place ReLU after it gives the
+    out-of-place ReLU's gradient bit for bit; create_graph raises a clear error."""
+    shape, param = (2, 4, 9, 8), "num_output: 4 kernel_h: 3 kernel_w: 4 stride_h: 2 stride_w: 3 pad: 1 group: 2"
+    layer = _layer(param, shape, "phases")
+    x = torch.tensor(wide(shape, 11, -1, 1))
+    dy = torch.tensor(wide(layer.top_shapes[0], 12, -1, 1))
+    grads = []
+    for relu in (torch.relu_, torch.relu):
         xs = x.clone().requires_grad_(True)
         (top,) = layer(xs)
-        dy = torch.tensor(wide(tuple(top.shape), 12, -1, 1)).double().requires_grad_(True)
-        (dx,) = torch.autograd.grad(top, xs, dy, create_graph=True)
-        loss = (dx ** 2).sum() + (dx * torch.tensor(wide(shape, 13, -1, 1)).double()).sum()
-        out[path] = torch.autograd.grad(loss, [dy, *layer.blobs], allow_unused=True)
-        assert _uses_phases(top) == (path == "phases")
-    assert out["phases"][2] is None and out["torch"][2] is None  # dx does not depend on the bias
-    for a, b in zip(out["phases"][:2], out["torch"][:2]):  # d/d dy, d/dW
-        assert ref.rel_err(a.numpy(), b.numpy()) <= 1e-12
+        grads.append(torch.autograd.grad(relu(top), xs, dy)[0])
+        assert _uses_phases(top)
+    assert torch.equal(*grads) and grads[0].abs().max() > 0
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(layer(x.clone().requires_grad_(True))[0].sum(), layer.blobs[0], create_graph=True)
 
 
 # ------------------------------------------------------------------------------------------

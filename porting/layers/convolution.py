@@ -91,11 +91,12 @@ def set_conv_path(module, path: str):
       "torch" (``F.conv2d``) and its input gradient by output phase (``phase_input_grad``):
       one stride-1 ``F.conv2d`` of the top's gradient with the kernel's taps regrouped per
       phase, interleaved into the image, instead of torch's strided backward-data. The
-      weights' and bias's gradients, when they require grad, are torch's own
-      (``aten.convolution_backward``), bit for bit the "torch" path's. Double backward works
-      (autograd-able ops; float64 equal to "torch"'s to rounding). Every other layer (stride
-      1, dilated, 1-D, 3-D, Deconvolution) keeps the "torch" path. The custom autograd
-      Function is for eager runs: to export (TorchScript, ONNX) use "torch".
+      weights' and bias's gradients come from torch's own convolution node (of the input
+      detached), bit for bit the "torch" path's, and only when a backward asks for them
+      (MFV's gradient to the input alone skips them, as on "torch"). No double backward
+      (create_graph raises: use "torch"). Every other layer (stride 1, dilated, 1-D, 3-D,
+      Deconvolution) keeps the "torch" path, and so does a forward without autograd. The
+      custom autograd Function is for eager runs: to export (TorchScript, ONNX) use "torch".
 
     All compute the same sums of the same products (a top: C/g K products and the bias; a
     bottom gradient: at most O/g K products), only in another order, so each layer's
@@ -136,8 +137,8 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     interleaved into the padded image (row s m + a; rows of phases >= k stay 0), then the
     padding is cropped. Each
     element sums the products W dy of Caffe's col2im(W^T dy), plus products with a padded
-    weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only, so its own
-    derivative (double backward) is torch's."""
+    weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only (differentiable
+    in ``dy`` and ``weight``)."""
     n, o = dy.shape[:2]
     c = weight.shape[1] * group
     kernel = tuple(weight.shape[2:])
@@ -176,30 +177,36 @@ def _phase_taps(o: int, cg: int, kernel: tuple, stride: tuple, group: int) -> to
     return torch.from_numpy(flat.reshape(-1, o // group, *taps).astype(np.int64))
 
 
-class _PhaseConv2d(torch.autograd.Function):
-    """F.conv2d forward; input gradient by ``phase_input_grad``; weight and bias gradients by
-    torch's own ``aten.convolution_backward`` (what the "torch" path's autograd calls)."""
+def phase_conv2d(x, weight, bias, stride, pad, group):
+    """``F.conv2d`` (dilation 1) whose gradient with respect to ``x`` is ``phase_input_grad``'s.
+    The top is torch's convolution of ``x`` detached, so the weight's and bias's gradients are
+    torch's own node's (computed only when a backward asks for them); ``_PhaseInputGrad``
+    takes that top over in place and adds the input's gradient."""
+    y = F.conv2d(x.detach(), weight, bias, stride=stride, padding=pad, groups=group)
+    return _PhaseInputGrad.apply(x, weight, y, stride, pad, group)
+
+
+class _PhaseInputGrad(torch.autograd.Function):
+    """Returns the top ``y`` of ``x`` (marked dirty: the same tensor, not a view, so later
+    in-place ops on it are allowed); backward: the top's gradient on to ``y``'s own node
+    (the parameters), and ``phase_input_grad`` to ``x``. No double backward: that node's
+    gradients would miss their derivative with respect to ``x``, so create_graph raises."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, pad, group):
-        ctx.geometry = (list(stride), list(pad), group, None if bias is None else [bias.shape[0]])
-        keep = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        ctx.save_for_backward(x if keep else None, weight)  # x only for the parameters' gradient
-        ctx.size = x.shape[2:]
-        return F.conv2d(x, weight, bias, stride=stride, padding=pad, groups=group)
+    def forward(ctx, x, weight, y, stride, pad, group):
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(weight)
+        ctx.geometry = (tuple(x.shape[2:]), list(stride), list(pad), group)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        stride, pad, group, bias_sizes = ctx.geometry
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = phase_input_grad(dy, weight, ctx.size, stride, pad, group)
-        need_w, need_b = ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]
-        if need_w or need_b:
-            _, dw, db = torch.ops.aten.convolution_backward(
-                dy, x, weight, bias_sizes, stride, pad, [1, 1], False, [0, 0], group, [False, need_w, need_b])
-        return dx, dw, db, None, None, None
+        if torch.is_grad_enabled():  # create_graph: the parameters' node got x detached
+            raise RuntimeError('the "phases" convolution path has no double backward (create_graph=True); '
+                               'use set_conv_path(module, "torch") for it')
+        (weight,) = ctx.saved_tensors
+        dx = phase_input_grad(dy, weight, *ctx.geometry) if ctx.needs_input_grad[0] else None
+        return dx, None, dy if ctx.needs_input_grad[2] else None, None, None, None
 
 
 def _planar(x, kernel, stride, pad, dilation):
@@ -396,8 +403,8 @@ class Convolution(_ConvBase):
         if any(short):
             x = F.pad(x, [v for n in reversed(short) for v in (0, n)])
         if (self.path == "phases" and self.num_spatial == 2 and any(s > 1 for s in stride)
-                and all(d == 1 for d in self.dilation)):
-            return _PhaseConv2d.apply(x, weight, bias, stride, self.pad, self.group)
+                and all(d == 1 for d in self.dilation) and x.requires_grad and torch.is_grad_enabled()):
+            return phase_conv2d(x, weight, bias, stride, self.pad, self.group)
         if self.path == "im2col" and self.num_spatial <= 2:
             return im2col_conv(x, weight, bias, self.kernel, stride, self.pad, self.dilation, self.group)
         return _CONV[self.num_spatial](x, weight, bias, stride=stride, padding=self.pad,
