@@ -16,14 +16,20 @@ otherwise than in float64. Paths:
 * blocked-ip:     InnerProduct's input gradient summed 128 outputs at a time
                   (``porting.layers.inner_product.set_inner_product_path``)
 * im2col+blocked: both
+* phases:         strided Convolutions' input gradient as one stride-1 convolution by output
+                  phase (``set_conv_path(net, "phases")``; conv1 here, the others have stride 1)
+* phases+blocked: phases and blocked-ip (MFV's inner products)
 * caffe:          real Caffe 1.0 (OpenBLAS) through the worker: its data diff
 
 and the seconds of one forward + backward (``--batch`` images, medians of ``--repeats``, the paths
-interleaved so that a loaded machine slows all alike). ``--layers`` adds, for one crop, each
+interleaved so that a loaded machine slows all alike). ``--conv1 [BATCH ...]`` adds conv1's own
+input gradient on the "torch", "im2col" and "phases" conv paths: the backward alone, timed at
+each batch size (default 1 and 10), and its relative L2 from the float64 layer's. ``--layers`` adds, for one crop, each
 weighted layer's own backward error (Caffe's top diff through the float64 layer, against
 each framework's bottom diff).
 
     python benchmarks/bench_conv_accuracy.py [--crops 5] [--steps 5] [--repeats 5] [--threads 1]
+        [--batch 1] [--conv1 1 10]
 
 Measured here (2 shared cores under load, torch 2.13 CPU with MKL, 1 thread; Caffe 1.0 with
 OpenBLAS in the legacy stack; 10 crops: mean_0-4 of n03032252, each at 0 and 5 steps):
@@ -50,6 +56,19 @@ not the convolutions; no convolution path alone closes it. The forward stays fur
 float64 than Caffe's (fc8 9.3e-7 against 6.2e-7: fc6's forward 6.7e-7 against Caffe's
 2.9e-7); summing its 9216 terms in blocks too measured 1.5e-7 but cost 2-3x on fc6/fc7
 (column slices of the weights, or MKL's blocked sgemm at 4 rows or more).
+
+The "phases" conv path (measured on the same shared machine at load 1-3, 1 torch thread,
+medians of 5-7 per run, three runs; 2 threads there were dominated by the other load, each
+small parallel op costing milliseconds, so not quoted): conv1's input gradient alone
+(``--conv1``), torch 0.011 s at batch 1 and 0.109 s at batch 10; im2col 0.43-0.52x and
+0.65-0.71x; phases 0.29-0.35x and 0.24-0.27x. The whole forward + backward at batch 10
+(``--no-caffe --batch 10``): torch 0.42-0.45 s, phases 0.82x, phases+blocked 0.81-0.83x; at
+batch 1, phases 0.86x, phases+blocked 0.89x. Distances from float64: conv1's own gradient
+(seeded normal input and top gradient) torch 4.9e-7, im2col 1.9e-7, phases 2.1e-7; on Caffe's
+top diff (``--layers``, mean_0) phases+blocked 9.3e-8 against Caffe's 9.4e-8 and torch's
+1.9e-7; the net's input gradient, median over crops, phases 1.17-1.20e-6 (torch 1.19-1.21e-6),
+phases+blocked 4.0-4.2e-7 (im2col+blocked 4.1-4.3e-7, Caffe 4.9e-7). The forward is torch's,
+so its flips and fc8 distance are torch's.
 """
 from __future__ import annotations
 
@@ -67,7 +86,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "porting" / "models" / "caffenet.prototxt"
 MEANS = ROOT.parent / "shared" / "reference-data" / "mfv-original" / "mean_images" / "n03032252"
-PATHS = ("torch", "im2col", "conv-float64", "blocked-ip", "im2col+blocked")
+PATHS = ("torch", "im2col", "conv-float64", "blocked-ip", "im2col+blocked", "phases", "phases+blocked")
+CONV1_PATHS = ("torch", "im2col", "phases")
 
 
 def xavier(net, seed: int = 0) -> None:
@@ -87,7 +107,7 @@ def arithmetic(net, path: str):
     from porting.layers.convolution import Convolution, set_conv_path
     from porting.layers.inner_product import set_inner_product_path
 
-    set_conv_path(net, "im2col" if "im2col" in path else "torch")
+    set_conv_path(net, next((p for p in ("im2col", "phases") if p in path), "torch"))
     set_inner_product_path(net, "blocked" if "blocked" in path else "torch")
     wrapped = []
     if path == "conv-float64":
@@ -205,12 +225,51 @@ def local_errors(net, net64, caffe: dict, unit: int, x: np.ndarray) -> list[str]
         xd = bottom.double().requires_grad_(True)
         (exact,) = torch.autograd.grad(spec.module(xd)[0], xd, top_diff.double())
         row = [f"{spec.name:6s} caffe {rel_l2(torch.tensor(caffe[f'top/{source}/0/diff']).double(), exact):.2e}"]
-        for path in ("torch", "im2col+blocked"):
+        for path in ("torch", "im2col+blocked", "phases+blocked"):
             with arithmetic(copy.deepcopy(modules32[spec.name]), path) as layer:
                 xf = bottom.clone().requires_grad_(True)
                 (grad,) = torch.autograd.grad(layer(xf)[0], xf, top_diff)
             row.append(f"{path} {rel_l2(grad.double(), exact):.2e}")
         lines.append("  ".join(row))
+    return lines
+
+
+def conv1_table(net, batches, repeats: int, seed: int = 0) -> list[str]:
+    """conv1's own input gradient on each of ``CONV1_PATHS``: seconds of the backward alone
+    (autograd.grad of a kept forward graph; medians of ``repeats``, the paths interleaved) at
+    each batch size, and the relative L2 distance from the float64 layer's gradient (one seeded
+    normal input and top gradient at the first batch size)."""
+    from porting.layers.convolution import set_conv_path
+
+    conv1 = next(s.module for s in net.graph.layers if s.name == "conv1")
+    layer64 = copy.deepcopy(conv1).double()
+    generator = torch.Generator().manual_seed(seed)
+    rows = {p: [] for p in CONV1_PATHS}
+    errors = {}
+    for n in batches:
+        x = torch.randn((n,) + tuple(conv1.bottom_shapes[0][1:]), generator=generator).requires_grad_(True)
+        dy = torch.randn((n,) + tuple(conv1.top_shapes[0][1:]), generator=generator)
+        layers = {p: set_conv_path(copy.deepcopy(conv1), p) for p in CONV1_PATHS}
+        tops = {p: layer(x)[0] for p, layer in layers.items()}
+        if not errors:
+            x64 = x.detach().double().requires_grad_(True)
+            (exact,) = torch.autograd.grad(layer64(x64)[0], x64, dy.double())
+            for p, top in tops.items():
+                (grad,) = torch.autograd.grad(top, x, dy, retain_graph=True)
+                errors[p] = rel_l2(grad.double(), exact)
+        seconds = {p: [] for p in CONV1_PATHS}
+        for _ in range(repeats):
+            for p, top in tops.items():
+                start = time.perf_counter()
+                torch.autograd.grad(top, x, dy, retain_graph=True)
+                seconds[p].append(time.perf_counter() - start)
+        for p in CONV1_PATHS:
+            rows[p].append(statistics.median(seconds[p]))
+    head = f"{'path':8s} {'vs float64':>10s} " + " ".join(f"{f's batch {n}':>11s} {'x torch':>7s}" for n in batches)
+    lines = [head]
+    for p in CONV1_PATHS:
+        cells = " ".join(f"{t:11.4f} {t / rows['torch'][i]:7.2f}" for i, t in enumerate(rows[p]))
+        lines.append(f"{p:8s} {errors[p]:10.2e} {cells}")
     return lines
 
 
@@ -225,6 +284,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--no-caffe", action="store_true", help="skip real Caffe (torch-drawn Xavier weights)")
     parser.add_argument("--layers", action="store_true", help="each weighted layer's own error on the first crop")
+    parser.add_argument("--conv1", type=int, nargs="*", metavar="BATCH",
+                        help="also time conv1's own input gradient per conv path at these batch sizes (default 1 10)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,6 +354,11 @@ def main(argv=None) -> None:
                       if path in seconds else f"{'-':>9s} {'-':>7s}")
             print(f"{path:16s} {statistics.median(errors[path]):15.2e} {max(errors[path]):9.2e} "
                   f"{statistics.median(forward[path]):10.2e} {sum(flipped[path]):6d} {timing}")
+        if args.conv1 is not None:
+            batches = args.conv1 or [1, 10]
+            print(f"\nconv1's input gradient alone (backward only, medians of {args.repeats}; "
+                  f"relative L2 to float64 at batch {batches[0]}), torch threads {torch.get_num_threads()}:")
+            print("\n".join(conv1_table(net, batches, args.repeats)))
         if args.layers and worker:
             print("\neach layer's own input gradient, " + inputs[0][0] + " (relative L2 to float64):")
             print("\n".join(layers))
