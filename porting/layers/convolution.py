@@ -6,8 +6,9 @@ output size; Deconvolution is Caffe's convolution backward-data, i.e. ``conv_tra
 with output_padding 0. Both are verified against float64 NumPy loops in
 tests/test_layers_conv.py. ``set_conv_path`` chooses how they multiply: torch's kernels,
 Caffe's im2col + GEMM, or ("phases") a strided Convolution's input gradient as one stride-1
-convolution by output phase (tests/test_conv_phases.py). Bottoms are (N..., C, spatial...) with the channel axis at
-``convolution_param.axis`` (default 1); axes before it are batch axes.
+convolution by output phase (tests/test_conv_phases.py). Bottoms are (N..., C, spatial...)
+with the channel axis at ``convolution_param.axis`` (default 1); axes before it are batch
+axes.
 """
 from __future__ import annotations
 
@@ -105,11 +106,11 @@ def set_conv_path(module, path: str):
     gradient): each is exactly +-0 for finite operands, and adding +-0 is exact, so the
     bound for the real terms holds; at most the sign of a zero result differs (-0 == +0).
     With an inf or NaN among the weights or the top's gradient, 0 * inf = NaN can reach
-    input pixels whose real products are finite or inf (Caffe never forms those products). What differs is how
-    far from the exact sums they typically land, and the time (benchmarks/bench_conv_accuracy.py,
-    CaffeNet on CPU: "im2col" is Caffe's accuracy layer by layer, conv1's input gradient half
-    the "torch" path's distance from float64, the others alike; forward and backward 1.17x
-    "torch"'s time at batch 1, 1.5-2x at batch 10). "phases" (conv1 is CaffeNet's only strided
+    input pixels whose real products are finite or inf (Caffe never forms those products).
+    What differs is how far from the exact sums they typically land, and the time
+    (benchmarks/bench_conv_accuracy.py, CaffeNet on CPU: "im2col" is Caffe's accuracy layer
+    by layer, conv1's input gradient half the "torch" path's distance from float64, the others
+    alike; forward and backward 1.17x "torch"'s time at batch 1, 1.5-2x at batch 10). "phases" (conv1 is CaffeNet's only strided
     convolution; measured on a shared 2-core machine under load, 1 torch thread, medians):
     conv1's input gradient alone 0.29-0.35x "torch"'s time at batch 1 (torch 0.011 s) and
     0.24-0.27x at batch 10 (torch 0.109 s; "im2col" 0.43-0.52x and 0.65-0.71x); the whole
@@ -141,9 +142,8 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     input, dropped). The A_h A_w phases of every group are the output channels (group, a, b,
     c) of ONE grouped conv2d (its weight gathered from the kernel by ``_phase_taps``),
     interleaved into the padded image (row s m + a; rows of phases >= k stay 0), then the
-    padding is cropped. Each
-    element sums the products W dy of Caffe's col2im(W^T dy), plus products with a padded
-    weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only (differentiable
+    padding is cropped. Each element sums the products W dy of Caffe's col2im(W^T dy), plus
+    products with a padded weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only (differentiable
     in ``dy`` and ``weight``)."""
     n, o = dy.shape[:2]
     c = weight.shape[1] * group
