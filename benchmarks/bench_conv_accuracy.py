@@ -57,18 +57,19 @@ float64 than Caffe's (fc8 9.3e-7 against 6.2e-7: fc6's forward 6.7e-7 against Ca
 2.9e-7); summing its 9216 terms in blocks too measured 1.5e-7 but cost 2-3x on fc6/fc7
 (column slices of the weights, or MKL's blocked sgemm at 4 rows or more).
 
-The "phases" conv path (measured on the same shared machine at load 1-3, 1 torch thread,
-medians of 5-7 per run, three runs; 2 threads there were dominated by the other load, each
-small parallel op costing milliseconds, so not quoted): conv1's input gradient alone
-(``--conv1``), torch 0.011 s at batch 1 and 0.109 s at batch 10; im2col 0.43-0.52x and
-0.65-0.71x; phases 0.29-0.35x and 0.24-0.27x. The whole forward + backward at batch 10
-(``--no-caffe --batch 10``): torch 0.42-0.45 s, phases 0.82x, phases+blocked 0.81-0.83x; at
-batch 1, phases 0.86x, phases+blocked 0.89x. Distances from float64: conv1's own gradient
-(seeded normal input and top gradient) torch 4.9e-7, im2col 1.9e-7, phases 2.1e-7; on Caffe's
-top diff (``--layers``, mean_0) phases+blocked 9.3e-8 against Caffe's 9.4e-8 and torch's
-1.9e-7; the net's input gradient, median over crops, phases 1.17-1.20e-6 (torch 1.19-1.21e-6),
-phases+blocked 4.0-4.2e-7 (im2col+blocked 4.1-4.3e-7, Caffe 4.9e-7). The forward is torch's,
-so its flips and fc8 distance are torch's.
+The "phases" conv path, on the same shared machine, medians of 9, two runs each. 2 threads
+at load 1-2: conv1's input gradient alone (``--conv1``) torch 0.006-0.011 s at batch 1 and
+0.058 s at batch 10, im2col 0.49-0.55x and 0.92-1.06x, phases 0.31-0.35x and 0.26-0.28x; the
+whole forward + backward (``--no-caffe``) at batch 10 torch 0.27 s, phases 0.89x,
+phases+blocked 0.73-0.75x (blocked-ip 0.86-0.87x), at batch 1 (one run) torch 0.049 s, phases 0.91x,
+phases+blocked 0.75x. 1 thread at load 1-3: conv1 torch 0.011 s and 0.109 s, phases
+0.29-0.35x and 0.24-0.27x; whole net at batch 10 phases 0.82x. (2 threads at load 3 were
+dominated by the other load, each small parallel op costing milliseconds: not quoted.)
+Distances from float64: conv1's own gradient (seeded normal input and top gradient) torch
+4.9e-7, im2col 1.9e-7, phases 2.1e-7; on Caffe's top diff (``--layers``, mean_0)
+phases+blocked 9.3e-8 against Caffe's 9.4e-8 and torch's 1.9e-7; the net's input gradient,
+median over crops, phases 1.17-1.20e-6 (torch 1.19-1.21e-6), phases+blocked 4.0-4.2e-7
+(im2col+blocked 4.1-4.3e-7, Caffe 4.9e-7). The forward is torch's, so its flips and fc8 distance are torch's.
 """
 from __future__ import annotations
 

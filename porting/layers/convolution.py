@@ -110,13 +110,15 @@ def set_conv_path(module, path: str):
     What differs is how far from the exact sums they typically land, and the time
     (benchmarks/bench_conv_accuracy.py, CaffeNet on CPU: "im2col" is Caffe's accuracy layer
     by layer, conv1's input gradient half the "torch" path's distance from float64, the others
-    alike; forward and backward 1.17x "torch"'s time at batch 1, 1.5-2x at batch 10). "phases" (conv1 is CaffeNet's only strided
-    convolution; measured on a shared 2-core machine under load, 1 torch thread, medians):
-    conv1's input gradient alone 0.29-0.35x "torch"'s time at batch 1 (torch 0.011 s) and
-    0.24-0.27x at batch 10 (torch 0.109 s; "im2col" 0.43-0.52x and 0.65-0.71x); the whole
-    forward and backward to the input 0.86x at batch 1 and 0.82x at batch 10 (torch 0.42 s).
-    Its conv1 gradient is 2.1e-7 from float64 (relative L2; "torch" 4.9e-7, "im2col" 1.9e-7),
-    on Caffe's own top diff 9.3e-8 (Caffe 9.4e-8).
+    alike; forward and backward 1.17x "torch"'s time at batch 1, 1.5-2x at batch 10). "phases"
+    (conv1 is CaffeNet's only strided convolution; a shared 2-core machine at load 1-2, 2 torch
+    threads, medians of 9, two runs): conv1's input gradient alone 0.31-0.35x "torch"'s time
+    at batch 1 and 0.26-0.28x at batch 10 (torch 0.058 s, "im2col" 0.92-1.06x); the whole
+    forward and backward to the input at batch 10 0.89x (torch 0.27 s), with the blocked
+    inner products 0.73-0.75x (blocked alone 0.86-0.87x), at batch 1 (one run) 0.91x and
+    0.75x. One thread: conv1 0.29-0.35x at batch 1, 0.24-0.27x at batch 10 (torch 0.109 s).
+    Its conv1 gradient is 2.1e-7 from float64 (relative L2; "torch" 4.9e-7, "im2col"
+    1.9e-7), on Caffe's own top diff 9.3e-8 (Caffe 9.4e-8).
     """
     if path not in CONV_PATHS:
         raise ValueError(f"convolution path must be one of {', '.join(CONV_PATHS)}, not {path!r}")
