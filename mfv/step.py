@@ -29,18 +29,27 @@ class FacetNet:
         self._is_caffe = getattr(module, "graph", None) is not None
 
     @classmethod
-    def from_caffe(cls, net, mean=(104.0, 117.0, 123.0), blocked_inner_products: bool = True) -> "FacetNet":
+    def from_caffe(cls, net, mean=(104.0, 117.0, 123.0), blocked_inner_products: bool = True,
+                   conv_phases: bool = True) -> "FacetNet":
         """A porting CaffeNet with BGR 0-255 minus ``mean`` input; size from its input blob.
         ``blocked_inner_products`` sets its InnerProducts' input gradient to block sums
         (``porting.layers.inner_product.set_inner_product_path(net, "blocked")``): the input
         gradient as close to float64 as Caffe's (median relative L2 4.4e-7 against Caffe's
-        4.9e-7 and 1.2e-6 without; same cost; benchmarks/bench_conv_accuracy.py); False leaves
-        the net's paths as they are. Convolutions keep torch's kernels: Caffe's im2col
-        ("im2col", ``set_conv_path``) adds little here and cost 1.5-2x at a batch of 10."""
-        if blocked_inner_products:
-            from porting.layers.inner_product import set_inner_product_path
+        4.9e-7 and 1.2e-6 without; same cost; benchmarks/bench_conv_accuracy.py).
+        ``conv_phases`` sets its Convolutions to the "phases" path
+        (``porting.layers.convolution.set_conv_path(net, "phases")``): a strided layer's input
+        gradient as one stride-1 convolution by output phase, CaffeNet conv1's in about a
+        quarter of oneDNN's time at a batch of 10 and half its distance from float64; the
+        forward and every stride-1 layer stay torch's. False leaves the net's paths as they
+        are. (Caffe's im2col, "im2col", adds little accuracy here and cost 1.5-2x at a batch
+        of 10.)"""
+        from porting.layers.convolution import set_conv_path
+        from porting.layers.inner_product import set_inner_product_path
 
+        if blocked_inner_products:
             set_inner_product_path(net, "blocked")
+        if conv_phases:
+            set_conv_path(net, "phases")
         shape = next(iter(net.inputs.values()))
         return cls(net, Preprocessing("BGR", tuple(float(m) for m in mean), input_size=tuple(shape[-2:])))
 
