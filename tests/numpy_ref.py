@@ -23,6 +23,15 @@ FLT_MAX = float(np.finfo(np.float32).max)
 # ---------------------------------------------------------------------------------------
 # Convolution / Deconvolution (im2col + GEMM in Caffe: a grouped cross-correlation)
 # ---------------------------------------------------------------------------------------
+def wide_range(shape, seed, low, high) -> np.ndarray:
+    """A test input with a large dynamic range: N(0, 1) times 10**U(low, high) from
+    ``default_rng(seed)``, 5 % of the entries exactly 0, as float32."""
+    r = np.random.default_rng(seed)
+    x = r.normal(size=shape) * 10.0 ** r.uniform(low, high, size=shape)
+    x[r.random(shape) < 0.05] = 0
+    return x.astype(np.float32)
+
+
 def seeded_normal(shape, seed, scale=1.0, zeros=0.0) -> np.ndarray:
     """A test input: N(0, scale**2) from ``default_rng(seed)``, a fraction ``zeros`` of the
     entries set to exactly 0 (ReLU kinks, ties), as float32."""

@@ -18,16 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+import numpy_ref as ref
 from porting.layers import LAYERS, build_layer
 from porting.write import write_caffemodel
 
 
 def wide(shape, seed, low=-6, high=6):
-    """Normal values times 10**U(low, high): a large dynamic range, with some exact zeros."""
-    r = np.random.default_rng(seed)
-    x = r.normal(size=shape) * 10.0 ** r.uniform(low, high, size=shape)
-    x[r.random(shape) < 0.05] = 0
-    return x.astype(np.float32)
+    return ref.wide_range(shape, seed, low, high)
 
 
 def near(shape, seed, at=0.0, scale=1.0):

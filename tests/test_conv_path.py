@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import numpy_ref as ref
 from porting import load_caffe
 from porting.layers import build_layer
 from porting.layers.convolution import CONV_PATHS, set_conv_path
@@ -30,15 +31,11 @@ PATHS = [("torch", "torch"), ("im2col", "blocked")]
 
 
 def wide(shape, seed, low=-4, high=4):
-    """Normal values times 10**U(low, high), some exact zeros: a large dynamic range."""
-    r = np.random.default_rng(seed)
-    x = r.normal(size=shape) * 10.0 ** r.uniform(low, high, size=shape)
-    x[r.random(shape) < 0.05] = 0
-    return x.astype(np.float32)
+    return ref.wide_range(shape, seed, low, high)
 
 
 def _w(shape, seed):
-    return (np.random.default_rng(seed).normal(size=shape) * 0.5).astype(np.float32)
+    return ref.seeded_normal(shape, seed, 0.5)
 
 
 # id, layer text, bottom shape, blob shapes
@@ -199,14 +196,16 @@ def test_caffenet_with_caffe_paths_verifies(caffe_worker, caffe_weights, paths):
     assert verification.passed, verification.summary
 
 
-def test_mfv_blocks_inner_products():
-    """MFV's FacetNet.from_caffe puts a port's inner products on the blocked path unless told
-    not to; its convolutions stay on torch's kernels."""
+def test_mfv_blocks_inner_products_and_phases_convolutions():
+    """MFV's FacetNet.from_caffe puts a port's inner products on the blocked path and its
+    convolutions on the phases path unless told not to."""
     from mfv.step import FacetNet
 
     prototxt = Path(__file__).resolve().parents[1] / "porting" / "models" / "caffenet.prototxt"
     kinds = lambda net: {(type(m).__name__, m.path) for m in net.modules() if hasattr(m, "path")}  # noqa: E731
-    assert kinds(FacetNet.from_caffe(load_caffe(prototxt)).module) == {("Convolution", "torch"),
+    assert kinds(FacetNet.from_caffe(load_caffe(prototxt)).module) == {("Convolution", "phases"),
                                                                        ("InnerProduct", "blocked")}
     assert kinds(FacetNet.from_caffe(load_caffe(prototxt), blocked_inner_products=False).module) == {
-        ("Convolution", "torch"), ("InnerProduct", "torch")}
+        ("Convolution", "phases"), ("InnerProduct", "torch")}
+    assert kinds(FacetNet.from_caffe(load_caffe(prototxt), conv_phases=False).module) == {
+        ("Convolution", "torch"), ("InnerProduct", "blocked")}
