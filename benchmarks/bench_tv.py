@@ -10,19 +10,20 @@ Times, in one run on one machine, scikit-image 0.13.1's algorithm (faithful padd
 * torch batch:    the same on a batch of ``--batch`` images (seconds per image)
 * torch float32:  the batch in float32, torch sweep (what modern mode may run; not faithful)
 
-The fused sweep splits a batch between torch's intra-op threads by whole images.
+The fused sweep (the C loop, sweeps and stopping test) splits a batch between torch's
+intra-op threads by whole images, each thread's group in arrays of its own.
 
 The variants run round-robin, ``--repeats`` rounds, so a busy machine slows them alike;
 the table gives each one's median seconds per image and its ratio to the NumPy median.
 
     python benchmarks/bench_tv.py [--repeats 5] [--batch 10] [--threads N] [--device cpu]
 
-Measured on 2 cores shared with other work (load average 4-5, so medians of 7 rounds
-move by ~30 % from run to run), ``--threads 1``, seconds per image and x NumPy: NumPy
-0.48 (1.00); fused C sweep, one image 0.19 (2.6x), batch of 10 0.10 (4.8x); torch
-sweep, one image 0.73 (0.66x), batch of 10 0.57 (0.84x); torch float32 batch of 10
-0.30 (1.6x). With torch's 2 threads on that busy machine every torch variant was
-slower (the torch sweep 3-10x: its small operations wait on the other thread).
+Measured on 2 quiet cores, ``--threads 2``, seconds per image (99-100 sweeps) and x NumPy:
+NumPy 0.378 (1.00); fused C loop, one image 0.099 (3.8x), batch of 10 0.048 (7.9x); torch
+sweep, one image 0.50 (0.76x), batch of 10 0.30 (1.3x); torch float32 batch of 10 0.14
+(2.7x). The same run on the C sweep as it was before (one shared array, the two threads on
+interleaved lanes of its cache lines, Python between sweeps): one image 0.122, batch of 10
+0.113 (3.2x).
 """
 from __future__ import annotations
 
