@@ -396,7 +396,8 @@ class _ConvBase(CaffeLayer):
 @register("Convolution", v1="CONVOLUTION")
 class Convolution(_ConvBase):
     """Weights (num_output, C/group, k...), bias (num_output,); out = (in + 2p - ext) // s + 1."""
-    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_conv.py")
+    verified_by = ("tests/test_layers_caffe.py", "tests/test_bounds.py", "tests/test_layers_conv.py",
+                   "tests/test_conv_phases.py")
 
     def _out_size(self, i, size):
         return conv_out_size(size, self.kernel[i], self.stride[i], self.pad[i], self.dilation[i])
