@@ -12,7 +12,6 @@ axes.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -142,7 +141,7 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     are computed, rows m = 0..M-1, M = ceil((p + H) / s) (rows of zeros appended to dy where
     M is more than its OH + T - 1; rows from M on, which reach only the padding past the
     input, dropped). The A_h A_w phases of every group are the output channels (group, a, b,
-    c) of ONE grouped conv2d (its weight gathered from the kernel by ``_phase_taps``),
+    c) of ONE grouped conv2d (its weight regrouped from the kernel by ``_phase_weight``),
     interleaved into the padded image (row s m + a; rows of phases >= k stay 0), then the
     padding is cropped. Each element sums the products W dy of Caffe's col2im(W^T dy), plus
     products with a padded weight or a padded dy of 0 (see set_conv_path). Autograd-able ops only (differentiable
@@ -153,8 +152,7 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     taps = [-(-kernel[i] // stride[i]) for i in range(2)]     # T per axis
     phases = [min(kernel[i], stride[i]) for i in range(2)]    # A per axis
     rows = [-(-(size[i] + pad[i]) // stride[i]) for i in range(2)]  # M per axis
-    index = _phase_taps(o, c // group, kernel, tuple(stride), group).to(weight.device)
-    w = torch.take(F.pad(weight.reshape(-1), (0, 1)), index)  # the last entry: a 0 for taps past the kernel
+    w = _phase_weight(weight, stride, group)
     # dy padded by T - 1 on both sides gives rows 0..OH + T - 2; rows from M on reach past the input
     extra = [max(0, rows[i] - (dy.shape[2 + i] + taps[i] - 1)) for i in range(2)]
     if any(extra):
@@ -169,20 +167,19 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     return out[:, :, pad[0]:pad[0] + size[0], pad[1]:pad[1] + size[1]]
 
 
-@functools.lru_cache(maxsize=64)
-def _phase_taps(o: int, cg: int, kernel: tuple, stride: tuple, group: int) -> torch.Tensor:
-    """Where ``phase_input_grad``'s weight takes each entry from: indices into the weight
-    (O, C/g, kh, kw) flattened, O C/g kh kw standing for a 0. Laid out as the phases' conv2d
-    weight (g A_h A_w C/g, O/g, T_h, T_w): output channel (group, a, b, c), input channel o
-    of the group, entry (t, u) the tap (a + s_h (T_h - 1 - t), b + s_w (T_w - 1 - u))."""
-    taps = [-(-kernel[i] // stride[i]) for i in range(2)]
-    phases = [min(kernel[i], stride[i]) for i in range(2)]
-    gi, a, b, cl, ol, t, u = np.ix_(range(group), range(phases[0]), range(phases[1]), range(cg), range(o // group),
-                                    range(taps[0]), range(taps[1]))
-    p, q = a + stride[0] * (taps[0] - 1 - t), b + stride[1] * (taps[1] - 1 - u)
-    flat = (((gi * (o // group) + ol) * cg + cl) * kernel[0] + p) * kernel[1] + q
-    flat = np.where((p < kernel[0]) & (q < kernel[1]), flat, o * cg * kernel[0] * kernel[1])
-    return torch.from_numpy(flat.reshape(-1, o // group, *taps).astype(np.int64))
+def _phase_weight(weight, stride, group):
+    """``phase_input_grad``'s conv2d weight (g A_h A_w C/g, O/g, T_h, T_w) from the kernel
+    (O, C/g, kh, kw): output channel (group, a, b, c), input channel o of the group, entry
+    (t, u) the tap (a + s_h (T_h - 1 - t), b + s_w (T_w - 1 - u)), 0 past the kernel. The
+    kernel padded with zeros to A T along each axis (at most 2k - 1 < 2k where s <= k; k
+    itself where s > k, A = k and T = 1), so the taps a + s t are its rows t A + a: a
+    reshape, a flip of t and a permute. No larger than 4 times the kernel."""
+    o, cg, kh, kw = weight.shape
+    taps = [-(-k // st) for k, st in zip((kh, kw), stride)]
+    phases = [min(k, st) for k, st in zip((kh, kw), stride)]
+    w = F.pad(weight, (0, phases[1] * taps[1] - kw, 0, phases[0] * taps[0] - kh))
+    w = w.reshape(group, o // group, cg, taps[0], phases[0], taps[1], phases[1]).flip(3, 5)
+    return w.permute(0, 4, 6, 2, 1, 3, 5).reshape(group * phases[0] * phases[1] * cg, o // group, *taps)
 
 
 def phase_conv2d(x, weight, bias, stride, pad, group):
