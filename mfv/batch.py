@@ -30,9 +30,8 @@ Fidelity against ``run_facet`` of the same task (same unit, seed, start):
 * the step is ``apply_step`` on the facet's own gradient, and on the CPU the TV call is
   bit for bit a batch of one per image (the C loop's per-plane arithmetic does not
   depend on the planes beside it; the plain torch sweep, used on a GPU or without a C
-  compiler, within 1e-12 grey levels), its stopping test too unless an image's rmse lies
-  within rounding of eps (~1e-16 relative): a thread's group of 4 or more images sums
-  squared changes as 0.13.1 does, a batch of one per plane (``mfv.tv``);
+  compiler, within 1e-12 grey levels), its stopping test too (0.13.1's own running sum
+  either way, ``mfv.tv``);
 * the gradient is not bit for bit a batch of one: a batched convolution blocks its
   float32 sums differently (measured here on CaffeNet: per-sample gradients up to 1e-9
   apart on gradients of 2.5e-3 with Xavier-like weights and mean-image crops, 6e-12 on

@@ -38,9 +38,9 @@ The fused sweep. On the CPU in float64 a batch runs by default on a small C func
 with several images (or planes) innermost so the compiler vectorises across them,
 without fused multiply-add. The batch is split into one group of whole images per
 thread, each in arrays of its own. Its values are 0.13.1's bit for bit (the tests
-check against the real 0.13.1), and so is the stopping test where a group holds at
-least ``LANES`` images (images as lanes: the sum of squared changes is 0.13.1's running
-sum). Speed: benchmarks/bench_tv.py. Without a compiler the torch sweep runs instead.
+check against the real 0.13.1), and so is its stopping test (the sum of squared changes
+is 0.13.1's running sum, added in its order). Speed: benchmarks/bench_tv.py. Without a
+compiler the torch sweep runs instead.
 
 Importable by Python 2.7 with numpy 1.11 (no annotations, no f-strings).
 """
@@ -237,10 +237,12 @@ def _padded_torch(images, padding):
 # (image, plane) as a lane. Compiled without contraction into fused multiply-add
 # (-ffp-contract=off) and without fast-math, every value is the Cython loop's own IEEE
 # arithmetic (SIMD sqrt and division are correctly rounded too): u is 0.13.1's bit for
-# bit. A lane's squared changes are summed in its own running sum, in the Cython loop's
-# order; an image's sum of a sweep is its lanes' sums added in plane order, so with
-# images as lanes (one lane an image, its planes one block after another) the sum is
-# 0.13.1's running sum itself, bit for bit, and so is its stopping test.
+# bit. So is the stopping test: 0.13.1 adds an image's squared changes to one running sum,
+# plane after plane, each plane row-major. A lane's running sum follows its plane(s) in
+# that order, so with images as lanes (planes one block after another) it is the image's
+# sum itself; with an image's planes as lanes, the first plane's lane gives the sum's
+# start and the other planes' squared changes, kept in ``chain`` during the sweep, are
+# added to it after the sweep, plane after plane.
 _SWEEP_C = r"""
 #include <float.h>
 #include <math.h>
@@ -251,11 +253,13 @@ void tv_denoise(double *restrict u, double *restrict dx, double *restrict dy,
                 double *restrict bx, double *restrict by, const double *restrict image,
                 const double *restrict weight, const long *restrict owner, long images,
                 long blocks, long rows, long cols, long L, long total, long max_iter,
-                double eps, long *restrict sweeps)
+                double eps, long *restrict sweeps, double *restrict chain)
 {
     /* u, dx, dy, bx, by: blocks x (rows+2) x (cols+2) x L, u's ring set by the caller and
        the others zero; image: blocks x rows x cols x L; weight[g] > 0 and owner[g] (the
-       image of lane g, -1 for a padding lane) for L lanes; sweeps[j]: sweeps image j ran */
+       image of lane g, -1 for a padding lane; an image's lanes are its planes in order)
+       for L lanes; sweeps[j]: sweeps image j ran; chain: rows x cols x L scratch where an
+       image has several lanes (one block), else NULL */
     double lam[L], norm[L], keep[L], acc[L], rmse[images];
     const long W = (cols + 2) * L, plane = (rows + 2) * W;
     for (long g = 0; g < L; g++) {
@@ -296,6 +300,7 @@ void tv_denoise(double *restrict u, double *restrict dx, double *restrict dy,
                         ub[q] = unew;
                         const double t = unew - uprev;
                         acc[g] += t * t;
+                        if (chain) chain[((r - 1) * cols + (c - 1)) * L + g] = t * t;
                         const double tx = ux + bxb[q], ty = uy + byb[q];
                         const double s = sqrt(tx * tx + ty * ty);
                         const double dxx = s * lam[g] * tx / (s * lam[g] + 1);
@@ -311,8 +316,14 @@ void tv_denoise(double *restrict u, double *restrict dx, double *restrict dy,
         for (long j = 0; j < images; j++) {
             if (!(rmse[j] > eps)) continue;
             double sum = 0.0;
-            for (long g = 0; g < L; g++)
-                if (owner[g] == j) sum += acc[g];
+            int first = 1;
+            for (long g = 0; g < L; g++) {
+                if (owner[g] != j) continue;
+                if (first) sum = acc[g];   /* the running sum through the first plane */
+                else
+                    for (long k = 0; k < rows * cols; k++) sum += chain[k * L + g];
+                first = 0;
+            }
             rmse[j] = sqrt(sum / total);
             sweeps[j]++;
         }
@@ -371,7 +382,7 @@ def _build_sweep():
             function = ctypes.CDLL(target).tv_denoise
         except (OSError, subprocess.CalledProcessError):
             continue
-        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_double, ctypes.c_void_p]
+        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_double] + [ctypes.c_void_p] * 2
         function.restype = None
         return function
     return None
@@ -383,10 +394,10 @@ LANES = 4   # doubles in an AVX2 vector: a group of at least this many images ru
 def _denoise_group(images, weights, max_iter, eps, padding, loop):
     """One group (M, rows, cols, dims) float64 CPU tensor, weights (M,), through the C
     loop in its own arrays; returns (denoised, sweeps). At least ``LANES`` images: the
-    images are the lanes and the planes the blocks (0.13.1's running sum of squared
-    changes, bit for bit). Fewer: one block, the M * dims planes as lanes, padded to a
-    whole vector (each plane's sum in its order, then added over planes: the stopping
-    test parts from 0.13.1's only by the rounding of that sum, ~1e-16 relative)."""
+    images are the lanes and the planes the blocks. Fewer: one block, the M * dims planes
+    as lanes, padded to a whole vector (a scratch of one more array keeps the squared
+    changes of every plane after the first for the running sum). Either way values and
+    stopping test are 0.13.1's bit for bit."""
     import torch
 
     m, rows, cols, dims = images.shape
@@ -407,9 +418,10 @@ def _denoise_group(images, weights, max_iter, eps, padding, loop):
     lane_weights = lane_weights.to(torch.float64).contiguous()
     sweeps = torch.zeros(m, dtype=torch.long)
     blocks, _, _, width = planes.shape
+    chain = torch.empty(rows * cols * width if m < LANES and dims > 1 else 0, dtype=torch.float64)
     loop(u.data_ptr(), dx.data_ptr(), dy.data_ptr(), bx.data_ptr(), by.data_ptr(), planes.data_ptr(),
          lane_weights.data_ptr(), owner.data_ptr(), m, blocks, rows, cols, width, rows * cols * dims,
-         max_iter, eps, sweeps.data_ptr())
+         max_iter, eps, sweeps.data_ptr(), chain.data_ptr() if chain.numel() else None)
     core = u[:, 1:-1, 1:-1, :]
     if m >= LANES:
         return core.permute(3, 1, 2, 0), sweeps
@@ -463,10 +475,9 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
     split by whole images between torch's intra-op threads) when it can be built, else
     on the torch sweep; True insists on the C loop (ValueError where it cannot run);
     False always runs the torch sweep, the plain version (the one for CUDA and float32).
-    The stopping test: on the C loop, 0.13.1's own running sum where a thread's group
-    holds at least ``LANES`` images, else each plane's sum added over planes; on the
-    torch sweep, per-plane sums added over planes. The latter two part from 0.13.1's
-    single running sum only by rounding (~1e-16 relative).
+    The stopping test: on the C loop, 0.13.1's own running sum, bit for bit; on the torch
+    sweep, per-plane sums added over planes, which part from 0.13.1's single running sum
+    only by rounding (~1e-16 relative).
     """
     import torch
 
