@@ -18,12 +18,13 @@ the table gives each one's median seconds per image and its ratio to the NumPy m
 
     python benchmarks/bench_tv.py [--repeats 5] [--batch 10] [--threads N] [--device cpu]
 
-Measured on 2 quiet cores, ``--threads 2``, seconds per image (99-100 sweeps) and x NumPy:
-NumPy 0.378 (1.00); fused C loop, one image 0.099 (3.8x), batch of 10 0.048 (7.9x); torch
-sweep, one image 0.50 (0.76x), batch of 10 0.30 (1.3x); torch float32 batch of 10 0.14
-(2.7x). The same run on the C sweep as it was before (one shared array, the two threads on
-interleaved lanes of its cache lines, Python between sweeps): one image 0.122, batch of 10
-0.113 (3.2x).
+Measured on 2 quiet cores, ``--threads 2``, seconds per image (99-100 sweeps) and x NumPy,
+two runs: NumPy 0.32-0.38 (1.00); fused C loop, one image 0.099-0.106, batch of 10
+0.044-0.048; torch sweep, one image 0.39-0.50, batch of 10 0.25-0.30; torch float32 batch of
+10 0.12-0.14. The C sweep as it was before (one shared array, the two threads on interleaved
+lanes of its cache lines, Python between sweeps), in the first run's conditions: one image
+0.122, batch of 10 0.113. (The second run has the exact stopping test for one image, its
+later planes' squared changes kept and added after each sweep: 0.106 against 0.099.)
 """
 from __future__ import annotations
 
