@@ -392,7 +392,7 @@ LANES = 4   # doubles in an AVX2 vector: a group of at least this many images ru
 
 
 def _denoise_group(images, weights, max_iter, eps, padding, loop):
-    """One group (M, rows, cols, dims) float64 CPU tensor, weights (M,), through the C
+    """One group (M, rows, cols, dims) float64 CPU tensor, float64 weights (M,), through the C
     loop in its own arrays; returns (denoised, sweeps). At least ``LANES`` images: the
     images are the lanes and the planes the blocks. Fewer: one block, the M * dims planes
     as lanes, padded to a whole vector (a scratch of one more array keeps the squared
@@ -414,8 +414,8 @@ def _denoise_group(images, weights, max_iter, eps, padding, loop):
     planes = planes.contiguous()
     u = _padded_torch(planes, padding).contiguous()
     dx, dy, bx, by = (torch.zeros_like(u) for _ in range(4))
-    owner = owner.to(torch.long).contiguous()
-    lane_weights = lane_weights.to(torch.float64).contiguous()
+    owner = owner.contiguous()
+    lane_weights = lane_weights.contiguous()
     sweeps = torch.zeros(m, dtype=torch.long)
     blocks, _, _, width = planes.shape
     chain = torch.empty(rows * cols * width if m < LANES and dims > 1 else 0, dtype=torch.float64)
@@ -496,9 +496,6 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
         raise ValueError("one weight per image: %d images, %d weights" % (n, weights.numel()))
     if not bool((weights > 0).all()):
         raise ValueError("weights must be positive (0.13.1 divides by them)")
-    k = n * dims
-    weight = weights.repeat_interleave(dims).to(dtype)     # (K,), channel j of image i at i * dims + j
-    flat = images.permute(1, 2, 0, 3).reshape(rows, cols, k)
     sweep = None
     if fused is not False and device.type == "cpu" and dtype == torch.float64:
         sweep = fused_sweep()
@@ -506,8 +503,11 @@ def denoise_tv_bregman_0131_batch(images, weights, max_iter=100, eps=1e-3, paddi
         raise ValueError("the fused sweep runs float64 on the CPU with a C compiler; "
                          "got %s on %s%s" % (dtype, device, "" if fused_sweep() else ", no compiler"))
     if sweep is not None:
-        out, sweeps = _denoise_fused(images, weights.to(torch.float64), max_iter, eps, padding, sweep)
+        out, sweeps = _denoise_fused(images, weights, max_iter, eps, padding, sweep)
         return out.contiguous(), sweeps
+    k = n * dims
+    weight = weights.repeat_interleave(dims).to(dtype)     # (K,), channel j of image i at i * dims + j
+    flat = images.permute(1, 2, 0, 3).reshape(rows, cols, k)
     lam = 2 * weight
     norm = weight + 4 * lam
     a = lam / norm                                         # 2/9 up to rounding, per image as in the reference

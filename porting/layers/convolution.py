@@ -148,9 +148,7 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     in ``dy`` and ``weight``)."""
     n, o = dy.shape[:2]
     c = weight.shape[1] * group
-    kernel = tuple(weight.shape[2:])
-    taps = [-(-kernel[i] // stride[i]) for i in range(2)]     # T per axis
-    phases = [min(kernel[i], stride[i]) for i in range(2)]    # A per axis
+    taps, phases = _phase_geometry(weight.shape[2:], stride)
     rows = [-(-(size[i] + pad[i]) // stride[i]) for i in range(2)]  # M per axis
     w = _phase_weight(weight, stride, group)
     # dy padded by T - 1 on both sides gives rows 0..OH + T - 2; rows from M on reach past the input
@@ -167,6 +165,12 @@ def phase_input_grad(dy, weight, size, stride, pad, group):
     return out[:, :, pad[0]:pad[0] + size[0], pad[1]:pad[1] + size[1]]
 
 
+def _phase_geometry(kernel, stride) -> tuple[list[int], list[int]]:
+    """(T, A) per axis for ``phase_input_grad``: T = ceil(k / s) taps a phase, A = min(k, s)
+    phases that receive any."""
+    return [-(-k // st) for k, st in zip(kernel, stride)], [min(k, st) for k, st in zip(kernel, stride)]
+
+
 def _phase_weight(weight, stride, group):
     """``phase_input_grad``'s conv2d weight (g A_h A_w C/g, O/g, T_h, T_w) from the kernel
     (O, C/g, kh, kw): output channel (group, a, b, c), input channel o of the group, entry
@@ -175,8 +179,7 @@ def _phase_weight(weight, stride, group):
     itself where s > k, A = k and T = 1), so the taps a + s t are its rows t A + a: a
     reshape, a flip of t and a permute. No larger than 4 times the kernel."""
     o, cg, kh, kw = weight.shape
-    taps = [-(-k // st) for k, st in zip((kh, kw), stride)]
-    phases = [min(k, st) for k, st in zip((kh, kw), stride)]
+    taps, phases = _phase_geometry((kh, kw), stride)
     w = F.pad(weight, (0, phases[1] * taps[1] - kw, 0, phases[0] * taps[0] - kh))
     w = w.reshape(group, o // group, cg, taps[0], phases[0], taps[1], phases[1]).flip(3, 5)
     return w.permute(0, 4, 6, 2, 1, 3, 5).reshape(group * phases[0] * phases[1] * cg, o // group, *taps)
